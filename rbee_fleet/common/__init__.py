@@ -1,0 +1,1 @@
+"""Code shared by the four programs: errors, SSE, jobs, HTTP plumbing, paths, inventory."""

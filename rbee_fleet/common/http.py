@@ -1,0 +1,140 @@
+"""HTTP plumbing shared by the three daemons: error envelope, bearer auth, JSON bodies, serving."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+from aiohttp import web
+
+from rbee_fleet.common.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized, error_body
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: ApiError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure in OpenAI's error shape; one bad request never takes the server down."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            return error_response(PayloadTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes"))
+        message = {
+            404: f"no route for {request.method} {request.path}",
+            405: f"method {request.method} is not allowed on {request.path}",
+        }.get(exc.status, exc.reason)
+        body = error_body(message, type="invalid_request_error", code=_HTTP_CODES.get(exc.status))
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return web.json_response(body, status=exc.status, headers=headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:  # noqa: BLE001
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        body = error_body("internal server error", type="server_error", code="internal_error")
+        return web.json_response(body, status=500)
+
+
+def presented_secret(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    key = request.headers.get("x-api-key")
+    return key.strip() if key else None
+
+
+def secret_matches(presented: str | None, accepted: Collection[str]) -> bool:
+    if presented is None:
+        return False
+    # Compare against every accepted secret so the time taken does not tell which one nearly matched.
+    matched = False
+    for secret in accepted:
+        matched |= hmac.compare_digest(presented.encode(), secret.encode())
+    return matched
+
+
+def bearer_auth(accepted_for: Callable[[web.Request], Collection[str]]) -> Any:
+    """Require ``Authorization: Bearer`` (or ``x-api-key``) where ``accepted_for`` names secrets."""
+
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        accepted = accepted_for(request)
+        if accepted and not secret_matches(presented_secret(request), accepted):
+            if presented_secret(request) is None:
+                raise Unauthorized("missing credentials: send 'Authorization: Bearer <key>'")
+            raise Unauthorized("the key sent is not valid here")
+        return await handler(request)
+
+    return auth_middleware
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("the request body is empty; a JSON object was expected")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"malformed JSON in the request body: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def new_app(middlewares: list[Any] | None = None) -> web.Application:
+    return web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, *(middlewares or [])]
+    )
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    before_shutdown: Callable[[web.Application], Awaitable[None]] | None = None,
+) -> None:
+    """Run ``app`` until SIGINT or SIGTERM, then shut down cleanly (cleanup contexts included)."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready()
+    try:
+        await stop.wait()
+        if before_shutdown is not None:
+            await before_shutdown(app)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,1 @@
+"""Wire models shared by every program. No I/O, and nothing else of ours is imported here."""

@@ -1,0 +1,246 @@
+"""Fleet wire models: operations, job events, heartbeats and the status views built from them.
+
+Every program imports these; none defines its own copy of a payload.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+class GpuInfo(BaseModel):
+    index: int
+    name: str
+    uuid: str = ""
+    vram_total_mb: int
+    vram_free_mb: int
+    compute_capability: str = ""
+    driver: str = ""
+
+
+class CpuInfo(BaseModel):
+    model: str = ""
+    cores: int
+    threads: int
+    ram_total_mb: int
+    ram_available_mb: int
+
+
+class DeviceInfo(BaseModel):
+    cpu: CpuInfo
+    gpus: list[GpuInfo] = []
+    gpu_error: str | None = None  # why GPU detection found nothing, when a driver is half there
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers and hives
+
+
+class WorkerState(str, Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class WorkerHeartbeat(BaseModel):
+    """Sent by each worker straight to the queen, and on every state change."""
+
+    worker_id: str
+    hive_id: str
+    model: str
+    backend: str
+    device: str
+    url: str
+    state: WorkerState
+    slots_busy: int = 0
+    slots_total: int = 1
+    queue_depth: int = 0
+    queue_capacity: int = 0
+    tokens_per_second: float = 0.0
+    tokens_generated_total: int = 0
+    requests_total: int = 0
+    context_length: int = 0
+    pid: int = 0
+    version: str = ""
+    started_at: float = 0.0
+    # GPU backends fill these in.
+    cache_tokens_total: int | None = None
+    cache_tokens_free: int | None = None
+    vram_used_mb: int | None = None
+
+
+class HeartbeatAck(BaseModel):
+    ok: bool = True
+    heartbeat_interval_s: float
+
+
+class SupervisedWorker(BaseModel):
+    """The hive's view of a worker process it runs."""
+
+    worker_id: str
+    model: str
+    backend: str
+    device: str
+    port: int
+    url: str
+    pid: int | None
+    state: str  # starting | running | restarting | stopping | stopped | failed
+    restarts: int = 0
+    last_exit: str | None = None
+    log_path: str = ""
+
+
+class ModelEntry(BaseModel):
+    """One model in a hive's catalog."""
+
+    id: str
+    format: Literal["gguf", "exl2", "safetensors", "unknown"]
+    path: str
+    size_bytes: int
+    source: str
+    builtin: bool = False
+
+
+class HiveHeartbeat(BaseModel):
+    hive_id: str
+    url: str
+    version: str
+    embedded: bool = False
+    devices: DeviceInfo
+    workers: list[SupervisedWorker] = []
+    started_at: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations (the payload of POST /v1/jobs)
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hive: str = "localhost"
+
+
+class WorkerSpawnOp(_Op):
+    kind: Literal["worker_spawn"] = "worker_spawn"
+    model: str
+    backend: Literal["auto", "llamacpp", "exllamav2"] = "auto"
+    device: str = "cpu"
+    worker_id: str | None = None
+    ctx_size: int | None = Field(default=None, ge=128)
+    threads: int | None = Field(default=None, ge=1)
+    max_queue: int | None = Field(default=None, ge=0)
+    options: dict[str, Any] = {}
+
+
+class WorkerStopOp(_Op):
+    kind: Literal["worker_stop"] = "worker_stop"
+    worker_id: str
+
+
+class ModelDownloadOp(_Op):
+    kind: Literal["model_download"] = "model_download"
+    source: str  # an alias, a local path, an http(s) URL or hf:owner/repo[:file][@revision]
+    name: str | None = None
+
+
+class ModelDeleteOp(_Op):
+    kind: Literal["model_delete"] = "model_delete"
+    model: str
+
+
+Operation = Annotated[
+    WorkerSpawnOp | WorkerStopOp | ModelDownloadOp | ModelDeleteOp,
+    Field(discriminator="kind"),
+]
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    operation: Operation
+
+
+class JobCreated(BaseModel):
+    job_id: str
+
+
+class JobState(str, Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Progress(BaseModel):
+    current: float
+    total: float | None = None
+    unit: str = ""
+
+
+class JobEvent(BaseModel):
+    """One line of a job's SSE stream."""
+
+    job_id: str
+    seq: int
+    type: Literal["started", "progress", "log", "result", "error", "cancelled"]
+    message: str = ""
+    progress: Progress | None = None
+    data: dict[str, Any] | None = None
+    ts: float
+
+
+class JobInfo(BaseModel):
+    job_id: str
+    operation: dict[str, Any]
+    state: JobState
+    created_at: float
+    finished_at: float | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the queen reports
+
+
+class WorkerView(BaseModel):
+    """A worker as the queen sees it: its last heartbeat plus the queen's own counters."""
+
+    heartbeat: WorkerHeartbeat
+    in_flight: int
+    live: bool
+    last_seen_s: float  # seconds since the last heartbeat
+
+
+class HiveView(BaseModel):
+    hive_id: str
+    url: str
+    version: str
+    embedded: bool
+    live: bool
+    last_seen_s: float
+    devices: DeviceInfo
+    workers: list[SupervisedWorker]
+
+
+class QueenView(BaseModel):
+    version: str
+    url: str
+    started_at: float
+    uptime_s: float
+    requests_total: int
+    in_flight: int
+
+
+class FleetStatus(BaseModel):
+    queen: QueenView
+    hives: list[HiveView]
+    workers: list[WorkerView]
+    models: list[str]

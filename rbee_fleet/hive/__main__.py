@@ -1,0 +1,3 @@
+from rbee_fleet.hive.main import main
+
+main()

@@ -1,0 +1,3 @@
+from rbee_fleet.keeper.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from rbee_fleet.queen.main import main
+
+main()

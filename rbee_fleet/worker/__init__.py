@@ -1,0 +1,1 @@
+"""llm-worker-rbee: one process, one model, an OpenAI-compatible streaming server."""

@@ -1,0 +1,3 @@
+from rbee_fleet.worker.main import main
+
+main()

@@ -1,0 +1,50 @@
+"""Inference backends, registered by name and imported only when used (a CPU host never touches CUDA)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from rbee_fleet.worker.backends.base import Backend, BackendError, WorkerSpec
+
+# name -> (module, class, the distribution that provides the library)
+_BACKENDS: dict[str, tuple[str, str, str]] = {
+    "llamacpp": ("rbee_fleet.worker.backends.llamacpp", "LlamaCppBackend", "llama_cpp"),
+    "exllamav2": ("rbee_fleet.worker.backends.exllamav2", "ExLlamaV2Backend", "exllamav2"),
+}
+
+
+def backend_names() -> list[str]:
+    return list(_BACKENDS)
+
+
+def available_backends() -> list[str]:
+    """Backends whose library is installed here (found without importing it)."""
+    return [name for name, (_, _, lib) in _BACKENDS.items() if importlib.util.find_spec(lib) is not None]
+
+
+def choose_backend(requested: str, device: str, model_format: str) -> str:
+    """Resolve ``auto`` from the device and the model's format."""
+    if requested != "auto":
+        if requested not in _BACKENDS:
+            raise BackendError(f"unknown backend {requested!r}; known: {', '.join(_BACKENDS)}")
+        return requested
+    if model_format == "gguf":
+        return "llamacpp"
+    if device.startswith("cuda"):
+        return "exllamav2"
+    raise BackendError(f"no backend runs a {model_format} model on {device}")
+
+
+def load_backend(spec: WorkerSpec) -> Backend:
+    """Import the backend and load the model (blocking; run it off the event loop)."""
+    try:
+        module_name, class_name, _ = _BACKENDS[spec.backend]
+    except KeyError:
+        raise BackendError(f"unknown backend {spec.backend!r}; known: {', '.join(_BACKENDS)}") from None
+    module = importlib.import_module(module_name)
+    cls: type[Backend] = getattr(module, class_name)
+    return cls(spec)
+
+
+__all__ = ["Backend", "BackendError", "WorkerSpec", "available_backends", "backend_names", "choose_backend", "load_backend"]

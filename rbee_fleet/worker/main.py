@@ -1,0 +1,98 @@
+"""llm-worker-rbee: load one model and serve it (usually started by a hive, usable on its own)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+
+from rbee_fleet import __version__
+from rbee_fleet.common.http import serve
+from rbee_fleet.common.logs import setup_logging
+from rbee_fleet.common.secrets import read_secret
+from rbee_fleet.worker.app import create_app, drain
+from rbee_fleet.worker.backends import backend_names
+from rbee_fleet.worker.backends.base import WorkerSpec
+from rbee_fleet.worker.runtime import WorkerSettings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llm-worker-rbee", description=__doc__)
+    p.add_argument("--model-path", required=True, help="model file (GGUF) or directory (EXL2)")
+    p.add_argument("--model-id", required=True, help="the name clients use in 'model'")
+    p.add_argument("--backend", choices=backend_names(), default="llamacpp")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda:N[,M] for GPU backends")
+    p.add_argument("--ctx-size", type=int, default=2048, help="context length in tokens")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests that may wait for a slot")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option (JSON value)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=9300)
+    p.add_argument("--advertise-url", help="URL the queen uses to reach this worker (default: from host and port)")
+    p.add_argument("--queen-url", help="queen to send heartbeats to (none: standalone)")
+    p.add_argument("--worker-id", help="default: HOSTNAME-MODEL-PORT")
+    p.add_argument("--hive-id", default="standalone")
+    p.add_argument("--token-file", help="cluster token (mode 0600): required from callers, sent to the queen")
+    p.add_argument("--heartbeat-interval", type=float, default=5.0)
+    p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits")
+    p.add_argument("--log-level", default=None)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p.parse_args(argv)
+
+
+def _options(pairs: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def settings_from(args: argparse.Namespace) -> WorkerSettings:
+    spec = WorkerSpec(
+        model_id=args.model_id,
+        model_path=args.model_path,
+        backend=args.backend,
+        device=args.device,
+        ctx_size=args.ctx_size,
+        threads=args.threads,
+        max_queue=args.max_queue,
+        options=_options(args.option),
+    )
+    host_for_url = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
+    advertise = args.advertise_url or f"http://{host_for_url}:{args.port}"
+    token = read_secret(args.token_file) if args.token_file else None
+    return WorkerSettings(
+        spec=spec,
+        worker_id=args.worker_id or f"{socket.gethostname()}-{args.model_id}-{args.port}",
+        hive_id=args.hive_id,
+        host=args.host,
+        port=args.port,
+        advertise_url=advertise,
+        queen_url=args.queen_url,
+        token=token,
+        heartbeat_interval_s=args.heartbeat_interval,
+        exit_with_parent=args.exit_with_parent,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging("worker", args.log_level)
+    try:
+        settings = settings_from(args)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"llm-worker-rbee: {exc}")
+    app = create_app(settings)
+    asyncio.run(serve(app, settings.host, settings.port, before_shutdown=drain))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The worker's OpenAI endpoints: validate, admit, generate, and stream chunks as they come."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from rbee_fleet.common import sse
+from rbee_fleet.common.errors import BadRequest, ContextOverflow
+from rbee_fleet.common.http import read_json
+from rbee_fleet.common.validation import validate
+from rbee_fleet.contracts.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    chat_completion_body,
+    completion_body,
+    usage_of,
+)
+from rbee_fleet.worker.admission import Admission
+from rbee_fleet.worker.backends.base import Backend, Finish, Piece, SamplingParams
+from rbee_fleet.worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+RUNTIME = web.AppKey("runtime", Runtime)
+USAGE_COMMENT = "usage "  # ": usage {...}" closes every stream; clients ignore it, the queen counts it
+
+
+class ChunkEncoder:
+    """Pre-renders everything but the text, so each token costs one ``json.dumps`` of a short string."""
+
+    def __init__(self, *, chat: bool, id: str, created: int, model: str) -> None:
+        self.chat = chat
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": id, "object": obj, "created": created, "model": model}
+        self._head = json.dumps(head, separators=(",", ":"))[:-1].encode()
+        if chat:
+            self._pre = self._head + b',"choices":[{"index":0,"delta":{"content":'
+            self._post = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        else:
+            self._pre = self._head + b',"choices":[{"index":0,"text":'
+            self._post = b',"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def text(self, text: str) -> bytes:
+        return b"data: " + self._pre + json.dumps(text).encode() + self._post
+
+    def role(self) -> bytes:
+        return b"data: " + self._head + (
+            b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+            b'"logprobs":null,"finish_reason":null}]}\n\n'
+        )
+
+    def finish(self, reason: str) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+        if self.chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        return b"data: " + self._head + b',"choices":' + json.dumps([choice]).encode() + b"}\n\n"
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return b"data: " + self._head + b',"choices":[],"usage":' + json.dumps(usage).encode() + b"}\n\n"
+
+
+def sampling_params(req: SamplingFields, prompt_tokens: int, backend: Backend) -> SamplingParams:
+    """Check the request against the model's context, before anything is queued or streamed."""
+    ctx = backend.context_length
+    if prompt_tokens >= ctx:
+        raise ContextOverflow(
+            f"the prompt is {prompt_tokens} tokens, more than this model's context of {ctx} tokens",
+            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+        )
+    room = ctx - prompt_tokens
+    if req.max_tokens is not None and req.max_tokens > room:
+        raise ContextOverflow(
+            f"max_tokens is {req.max_tokens}, but the prompt ({prompt_tokens} tokens) leaves room for "
+            f"{room} in this model's context of {ctx} tokens",
+            param="max_tokens",
+        )
+    max_tokens = req.max_tokens if req.max_tokens is not None else room
+    backend.check_budget(prompt_tokens, max_tokens)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=tuple(req.stop_list()),
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+    )
+
+
+def _log_unknown(req: SamplingFields) -> None:
+    unknown = req.unknown_fields()
+    if unknown:
+        log.debug("ignoring unknown request fields: %s", ", ".join(unknown))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    runtime = request.app[RUNTIME]
+    req = validate(ChatCompletionRequest, await read_json(request))
+    _log_unknown(req)
+    backend, admission = runtime.serving(req.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    prompt = backend.tokenize(backend.render_chat(messages), templated=True)
+    params = sampling_params(req, len(prompt), backend)
+    encoder = ChunkEncoder(chat=True, id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model)
+    return await _generate(request, runtime, backend, admission, req, prompt, params, encoder)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    runtime = request.app[RUNTIME]
+    req = validate(CompletionRequest, await read_json(request))
+    _log_unknown(req)
+    if req.echo:
+        raise BadRequest("echo is not supported", param="echo")
+    backend, admission = runtime.serving(req.model)
+    prompt = backend.tokenize(req.prompt_text(), templated=False)
+    if not prompt:
+        raise BadRequest("the prompt is empty", param="prompt")
+    params = sampling_params(req, len(prompt), backend)
+    encoder = ChunkEncoder(chat=False, id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model)
+    return await _generate(request, runtime, backend, admission, req, prompt, params, encoder)
+
+
+async def _generate(
+    request: web.Request,
+    runtime: Runtime,
+    backend: Backend,
+    admission: Admission,
+    req: SamplingFields,
+    prompt: list[int],
+    params: SamplingParams,
+    encoder: ChunkEncoder,
+) -> web.StreamResponse:
+    async with admission.slot():
+        runtime.requests_total += 1
+        stream = backend.stream(prompt, params)
+        try:
+            if req.stream:
+                return await _stream_out(request, runtime, stream, encoder, len(prompt), req.include_usage())
+            return await _collect(runtime, stream, encoder, len(prompt), req.model)
+        finally:
+            await stream.aclose()
+
+
+async def _collect(runtime: Runtime, stream: Any, encoder: ChunkEncoder, prompt_tokens: int, model: str) -> web.Response:
+    parts: list[str] = []
+    finish = Finish("stop", 0)
+    async for item in stream:
+        if isinstance(item, Piece):
+            parts.append(item.text)
+            runtime.meter.add(item.tokens)
+        else:
+            finish = item
+    usage = usage_of(prompt_tokens, finish.completion_tokens)
+    build = chat_completion_body if encoder.chat else completion_body
+    id_ = f"{'chatcmpl' if encoder.chat else 'cmpl'}-{uuid.uuid4().hex}"
+    body = build(id=id_, created=int(time.time()), model=model, text="".join(parts),
+                 finish_reason=finish.reason, usage=usage)
+    return web.json_response(body)
+
+
+async def _stream_out(
+    request: web.Request,
+    runtime: Runtime,
+    stream: Any,
+    encoder: ChunkEncoder,
+    prompt_tokens: int,
+    include_usage: bool,
+) -> web.StreamResponse:
+    # Wait for the first piece before sending headers, so that a failure up to here is a plain
+    # HTTP error and the first byte the client sees is the first token.
+    meter = runtime.meter
+    first = await stream.__anext__()
+    response = await sse.start_stream(request)
+    head = encoder.role() if encoder.chat else b""
+    finish: Finish | None = None
+    item: Piece | Finish = first
+    while True:
+        if isinstance(item, Finish):
+            finish = item
+            break
+        meter.add(item.tokens)
+        if item.text:
+            await response.write(head + encoder.text(item.text))
+            head = b""
+        item = await stream.__anext__()
+    if head:
+        await response.write(head)
+    usage = usage_of(prompt_tokens, finish.completion_tokens)
+    tail = encoder.finish(finish.reason)
+    if include_usage:
+        tail += encoder.usage(usage)
+    tail += sse.comment(USAGE_COMMENT + json.dumps(usage, separators=(",", ":"))) + sse.DONE
+    await response.write(tail)
+    await response.write_eof()
+    return response
