@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -17,6 +19,7 @@ from rbee_fleet.common.errors import ApiError, BadRequest, PayloadTooLarge, Unau
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+EXIT_PORT_IN_USE = 98  # a daemon that cannot bind its port exits with this, so a supervisor can pick another
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,7 +94,10 @@ def bearer_auth(accepted_for: Callable[[web.Request], Collection[str]]) -> Any:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    raw = await request.read()
+    return parse_json(await request.read())
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise BadRequest("the request body is empty; a JSON object was expected")
     try:
@@ -125,7 +131,8 @@ async def serve(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        print(f"cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(EXIT_PORT_IN_USE if exc.errno == errno.EADDRINUSE else 1) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -23,19 +23,6 @@ def available_backends() -> list[str]:
     return [name for name, (_, _, lib) in _BACKENDS.items() if importlib.util.find_spec(lib) is not None]
 
 
-def choose_backend(requested: str, device: str, model_format: str) -> str:
-    """Resolve ``auto`` from the device and the model's format."""
-    if requested != "auto":
-        if requested not in _BACKENDS:
-            raise BackendError(f"unknown backend {requested!r}; known: {', '.join(_BACKENDS)}")
-        return requested
-    if model_format == "gguf":
-        return "llamacpp"
-    if device.startswith("cuda"):
-        return "exllamav2"
-    raise BackendError(f"no backend runs a {model_format} model on {device}")
-
-
 def load_backend(spec: WorkerSpec) -> Backend:
     """Import the backend and load the model (blocking; run it off the event loop)."""
     try:
@@ -47,4 +34,4 @@ def load_backend(spec: WorkerSpec) -> Backend:
     return cls(spec)
 
 
-__all__ = ["Backend", "BackendError", "WorkerSpec", "available_backends", "backend_names", "choose_backend", "load_backend"]
+__all__ = ["Backend", "BackendError", "WorkerSpec", "available_backends", "backend_names", "load_backend"]

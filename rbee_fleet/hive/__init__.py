@@ -1,0 +1,1 @@
+"""rbee-hive: one per machine. Worker processes, the model catalog, device detection."""

@@ -1,0 +1,160 @@
+"""The hive's operations, callable in-process (embedded in the queen) or through the hive's HTTP app."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from rbee_fleet import __version__
+from rbee_fleet.common.backends import BackendChoiceError, choose_backend
+from rbee_fleet.common.errors import ApiError, OperationFailed
+from rbee_fleet.common.jobs import Emitter
+from rbee_fleet.common.paths import Layout
+from rbee_fleet.contracts.fleet import (
+    DeviceInfo,
+    HiveHeartbeat,
+    ModelDeleteOp,
+    ModelDownloadOp,
+    ModelEntry,
+    WorkerSpawnOp,
+    WorkerStopOp,
+)
+from rbee_fleet.hive import devices
+from rbee_fleet.hive.catalog import Catalog
+from rbee_fleet.hive.supervisor import LaunchSpec, Supervisor, SupervisorSettings
+
+DEVICE_REFRESH_S = 5.0
+
+
+@dataclass(frozen=True)
+class HiveSettings:
+    hive_id: str
+    layout: Layout
+    bind_host: str = "127.0.0.1"
+    port: int = 9000
+    advertise_host: str = "127.0.0.1"
+    queen_url: str | None = None
+    token: str | None = None
+    token_file: str | None = None
+    embedded: bool = False
+    heartbeat_interval_s: float = 5.0
+    worker_port_base: int = 9300
+    default_ctx_size: int = 2048
+    default_max_queue: int = 8
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.advertise_host}:{self.port}"
+
+
+class HiveService:
+    def __init__(self, settings: HiveSettings, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        settings.layout.ensure()
+        self.catalog = Catalog(settings.layout.models)
+        self.supervisor = Supervisor(
+            SupervisorSettings(
+                hive_id=settings.hive_id,
+                logs_dir=settings.layout.logs,
+                bind_host=settings.bind_host,
+                advertise_host=settings.advertise_host,
+                queen_url=settings.queen_url,
+                token=settings.token,
+                token_file=settings.token_file,
+                port_base=settings.worker_port_base,
+                heartbeat_interval_s=settings.heartbeat_interval_s,
+            ),
+            session,
+        )
+        self._devices: DeviceInfo | None = None
+        self._devices_at = 0.0
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def devices(self) -> DeviceInfo:
+        now = time.monotonic()
+        if self._devices is None or now - self._devices_at > DEVICE_REFRESH_S:
+            self._devices = devices.detect()
+            self._devices_at = now
+        return self._devices
+
+    def status(self) -> HiveHeartbeat:
+        return HiveHeartbeat(
+            hive_id=self.settings.hive_id,
+            url=self.settings.url,
+            version=__version__,
+            embedded=self.settings.embedded,
+            devices=self.devices(),
+            workers=self.supervisor.list(),
+            started_at=self.started_at,
+        )
+
+    def models(self) -> list[ModelEntry]:
+        return self.catalog.list()
+
+    # -- operations ------------------------------------------------------------------------------
+
+    async def run(self, op: Any, emit: Emitter) -> dict[str, Any]:
+        try:
+            if isinstance(op, WorkerSpawnOp):
+                return await self.spawn_worker(op, emit)
+            if isinstance(op, WorkerStopOp):
+                worker = await self.supervisor.stop(op.worker_id, emit)
+                return {"worker": worker.model_dump(mode="json"), "changed": True}
+            if isinstance(op, ModelDownloadOp):
+                entry, changed = await self.catalog.download(op.source, op.name, emit)
+                return {"model": entry.model_dump(mode="json"), "changed": changed}
+            if isinstance(op, ModelDeleteOp):
+                return self.delete_model(op.model, emit)
+        except ApiError as exc:
+            raise OperationFailed(exc.message) from None
+        raise OperationFailed(f"the hive cannot run {type(op).__name__}")
+
+    async def spawn_worker(self, op: WorkerSpawnOp, emit: Emitter) -> dict[str, Any]:
+        entry = self.catalog.get(op.model)
+        try:
+            backend = choose_backend(op.backend, op.device, entry.format)
+        except BackendChoiceError as exc:
+            raise OperationFailed(str(exc)) from None
+        env: dict[str, str] = dict(self.settings.extra_env)
+        if op.device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = op.device.split(":", 1)[1]
+        spec = LaunchSpec(
+            worker_id=op.worker_id or self._next_worker_id(op.model),
+            model_id=entry.id,
+            model_path=entry.path,
+            backend=backend,
+            device=op.device,
+            ctx_size=op.ctx_size or self.settings.default_ctx_size,
+            threads=op.threads,
+            max_queue=op.max_queue if op.max_queue is not None else self.settings.default_max_queue,
+            options=tuple(sorted((k, str(v)) for k, v in op.options.items())),
+            env=tuple(sorted(env.items())),
+        )
+        emit.progress(f"spawning {spec.worker_id}: {entry.id} ({entry.format}) with {backend} on {op.device}")
+        worker, changed = await self.supervisor.spawn(spec, emit)
+        emit.progress(f"worker {worker.worker_id} is ready at {worker.url}")
+        return {"worker": worker.model_dump(mode="json"), "changed": changed}
+
+    def _next_worker_id(self, model: str) -> str:
+        base = f"{self.settings.hive_id}-{model}"
+        n = 0
+        while self.supervisor.get(f"{base}-{n}") is not None:
+            n += 1
+        return f"{base}-{n}"
+
+    def delete_model(self, model: str, emit: Emitter) -> dict[str, Any]:
+        users = self.supervisor.models_in_use().get(model)
+        if users:
+            raise OperationFailed(f"{model} is in use by {', '.join(users)}; stop those workers first")
+        entry = self.catalog.delete(model)
+        emit.log(f"deleted {model} ({entry.size_bytes} bytes)")
+        return {"model": entry.model_dump(mode="json"), "changed": True}
+
+    async def close(self) -> None:
+        await self.supervisor.close()

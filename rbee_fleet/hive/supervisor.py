@@ -1,0 +1,346 @@
+"""Worker processes: spawn on a free port, wait until ready, stop gracefully, restart on crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from rbee_fleet.common.errors import OperationFailed
+from rbee_fleet.common.http import EXIT_PORT_IN_USE
+from rbee_fleet.common.jobs import Emitter
+from rbee_fleet.contracts.fleet import SupervisedWorker
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to (re)start one worker process."""
+
+    worker_id: str
+    model_id: str
+    model_path: str
+    backend: str
+    device: str
+    ctx_size: int
+    threads: int | None
+    max_queue: int
+    options: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    hive_id: str
+    logs_dir: Path
+    bind_host: str = "127.0.0.1"
+    advertise_host: str = "127.0.0.1"
+    queen_url: str | None = None
+    token_file: str | None = None
+    token: str | None = None
+    port_base: int = 9300
+    heartbeat_interval_s: float = 5.0
+    ready_timeout_s: float = 600.0
+    stop_grace_s: float = 15.0
+    restart_backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+    stable_after_s: float = 60.0  # a worker up this long has its backoff reset
+
+
+@dataclass
+class Managed:
+    spec: LaunchSpec
+    port: int
+    log_path: Path
+    state: str = "starting"  # starting | running | restarting | stopping | stopped | failed
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    last_exit: str | None = None
+    started_at: float = 0.0
+    stopping: bool = False
+    monitor: asyncio.Task[None] | None = None
+    ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Supervisor:
+    def __init__(self, settings: SupervisorSettings, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self._session = session
+        self._workers: dict[str, Managed] = {}
+        self._port_lock = asyncio.Lock()
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def get(self, worker_id: str) -> Managed | None:
+        return self._workers.get(worker_id)
+
+    def list(self) -> list[SupervisedWorker]:
+        return [self.view(m) for m in self._workers.values()]
+
+    def view(self, m: Managed) -> SupervisedWorker:
+        return SupervisedWorker(
+            worker_id=m.spec.worker_id,
+            model=m.spec.model_id,
+            backend=m.spec.backend,
+            device=m.spec.device,
+            port=m.port,
+            url=self._url(m.port),
+            pid=m.process.pid if m.process and m.process.returncode is None else None,
+            state=m.state,
+            restarts=m.restarts,
+            last_exit=m.last_exit,
+            log_path=str(m.log_path),
+        )
+
+    def models_in_use(self) -> dict[str, list[str]]:
+        used: dict[str, list[str]] = {}
+        for m in self._workers.values():
+            if m.state not in ("stopped", "failed"):
+                used.setdefault(m.spec.model_id, []).append(m.spec.worker_id)
+        return used
+
+    def _url(self, port: int) -> str:
+        return f"http://{self.settings.advertise_host}:{port}"
+
+    # -- spawning --------------------------------------------------------------------------------
+
+    async def spawn(self, spec: LaunchSpec, emit: Emitter) -> tuple[SupervisedWorker, bool]:
+        """Start ``spec`` and wait until it is ready; idempotent by worker id."""
+        existing = self._workers.get(spec.worker_id)
+        if existing is not None and existing.state not in ("stopped", "failed"):
+            if existing.spec != spec:
+                raise OperationFailed(
+                    f"worker {spec.worker_id} already runs {existing.spec.model_id} with other settings; stop it first"
+                )
+            emit.log(f"worker {spec.worker_id} is already {existing.state} on port {existing.port}")
+            await self._await_ready(existing, emit)
+            return self.view(existing), False
+        async with self._port_lock:
+            port = self._free_port(existing.port if existing else None)
+            m = Managed(spec=spec, port=port, log_path=self.settings.logs_dir / f"worker-{spec.worker_id}.log")
+            self._workers[spec.worker_id] = m
+            await self._start(m)
+        emit.progress(f"worker {spec.worker_id}: process {m.process.pid if m.process else '?'} on port {port}, loading {spec.model_id}")
+        m.monitor = asyncio.create_task(self._monitor(m), name=f"monitor-{spec.worker_id}")
+        await self._await_ready(m, emit)
+        return self.view(m), True
+
+    def _free_port(self, preferred: int | None) -> int:
+        taken = {m.port for m in self._workers.values() if m.state not in ("stopped", "failed")}
+        candidates = ([preferred] if preferred else []) + list(range(self.settings.port_base, self.settings.port_base + 1000))
+        for port in candidates:
+            if port not in taken and _port_free(self.settings.bind_host, port):
+                return port
+        raise OperationFailed(f"no free port from {self.settings.port_base} on {self.settings.bind_host}")
+
+    def _command(self, m: Managed) -> list[str]:
+        s, spec = self.settings, m.spec
+        cmd = [
+            sys.executable, "-m", "rbee_fleet.worker",
+            "--model-path", spec.model_path, "--model-id", spec.model_id,
+            "--backend", spec.backend, "--device", spec.device,
+            "--ctx-size", str(spec.ctx_size), "--max-queue", str(spec.max_queue),
+            "--host", s.bind_host, "--port", str(m.port), "--advertise-url", self._url(m.port),
+            "--worker-id", spec.worker_id, "--hive-id", s.hive_id,
+            "--heartbeat-interval", str(s.heartbeat_interval_s), "--exit-with-parent",
+        ]
+        if spec.threads:
+            cmd += ["--threads", str(spec.threads)]
+        if s.queen_url:
+            cmd += ["--queen-url", s.queen_url]
+        if s.token_file:
+            cmd += ["--token-file", s.token_file]
+        for key, value in spec.options:
+            cmd += ["--option", f"{key}={value}"]
+        return cmd
+
+    async def _start(self, m: Managed) -> None:
+        m.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **dict(m.spec.env)}
+        with open(m.log_path, "ab") as logfile:
+            logfile.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting on port {m.port}\n".encode())
+            logfile.flush()
+            m.process = await asyncio.create_subprocess_exec(
+                *self._command(m),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # terminal signals go to the hive, which stops workers itself
+            )
+        m.started_at = time.monotonic()
+        m.state = "starting" if m.restarts == 0 else "restarting"
+        if m.ready.done():
+            m.ready = asyncio.get_running_loop().create_future()
+        log.info("worker %s started (pid %d, port %d)", m.spec.worker_id, m.process.pid, m.port)
+
+    async def _await_ready(self, m: Managed, emit: Emitter | None) -> None:
+        """Poll the worker's health until it is ready, failed, or gone."""
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        headers = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
+        url = f"http://{_connect_host(self.settings.bind_host)}:{m.port}/health"
+        last_note = time.monotonic()
+        while True:
+            if m.ready.done():
+                return m.ready.result()
+            if m.process is None or m.process.returncode is not None:
+                await asyncio.sleep(0.05)
+                if m.ready.done():
+                    return m.ready.result()
+                if m.stopping:
+                    raise OperationFailed(f"worker {m.spec.worker_id} was stopped while starting")
+                continue
+            try:
+                async with self._session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    body = await resp.json() if resp.status == 200 else {}
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                body = {}
+            state = body.get("state")
+            if state == "ready":
+                m.state = "running"
+                if not m.ready.done():
+                    m.ready.set_result(None)
+                return None
+            if state == "failed":
+                error = body.get("error") or "unknown error"
+                await self._give_up(m, f"the model failed to load: {error}")
+                return m.ready.result()
+            now = time.monotonic()
+            if now > deadline:
+                await self._give_up(m, f"not ready after {self.settings.ready_timeout_s:.0f} s")
+                return m.ready.result()
+            if emit is not None and now - last_note >= 2.0:
+                emit.progress(f"worker {m.spec.worker_id}: {state or 'starting'} ({now - m.started_at:.0f} s)")
+                last_note = now
+            await asyncio.sleep(0.1)
+
+    async def _give_up(self, m: Managed, reason: str) -> None:
+        m.stopping = True
+        await self._terminate(m)
+        m.state = "failed"
+        message = f"worker {m.spec.worker_id}: {reason}{_log_tail(m.log_path)}"
+        if not m.ready.done():
+            m.ready.set_exception(OperationFailed(message))
+            m.ready.exception()  # retrieved here; callers get it from result()
+
+    async def _monitor(self, m: Managed) -> None:
+        """Restart the worker when it exits without being asked to, with backoff."""
+        failures = 0
+        while True:
+            assert m.process is not None
+            code = await m.process.wait()
+            m.last_exit = _describe_exit(code)
+            if m.stopping:
+                m.state = "stopped" if m.state != "failed" else "failed"
+                return
+            if not m.ready.done():
+                if code == EXIT_PORT_IN_USE:
+                    async with self._port_lock:
+                        m.port = self._free_port(None)
+                        await self._start(m)
+                    continue
+                m.state = "failed"
+                m.ready.set_exception(OperationFailed(
+                    f"worker {m.spec.worker_id} exited while loading ({m.last_exit}){_log_tail(m.log_path)}"
+                ))
+                m.ready.exception()
+                return
+            lived = time.monotonic() - m.started_at
+            failures = 0 if lived >= self.settings.stable_after_s else failures + 1
+            delay = self.settings.restart_backoff_s[min(failures, len(self.settings.restart_backoff_s) - 1)]
+            m.state = "restarting"
+            m.restarts += 1
+            log.warning("worker %s %s; restarting in %.0f s", m.spec.worker_id, m.last_exit, delay)
+            await asyncio.sleep(delay)
+            if m.stopping:
+                m.state = "stopped"
+                return
+            async with self._port_lock:
+                if not _port_free(self.settings.bind_host, m.port):
+                    m.port = self._free_port(None)
+                await self._start(m)
+            asyncio.create_task(self._watch_restart(m))
+
+    async def _watch_restart(self, m: Managed) -> None:
+        with contextlib.suppress(Exception):
+            await self._await_ready(m, None)
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    async def stop(self, worker_id: str, emit: Emitter | None = None) -> SupervisedWorker:
+        m = self._workers.get(worker_id)
+        if m is None:
+            raise OperationFailed(f"no worker {worker_id!r} on hive {self.settings.hive_id}")
+        if m.state in ("stopped", "failed") and (m.process is None or m.process.returncode is not None):
+            del self._workers[worker_id]
+            return self.view(m)
+        m.stopping = True
+        m.state = "stopping"
+        if emit is not None:
+            emit.progress(f"stopping worker {worker_id} (pid {m.process.pid if m.process else '?'})")
+        await self._terminate(m)
+        if m.monitor is not None:
+            await asyncio.gather(m.monitor, return_exceptions=True)
+        m.state = "stopped"
+        del self._workers[worker_id]
+        return self.view(m)
+
+    async def _terminate(self, m: Managed) -> None:
+        """SIGTERM, then SIGKILL after the grace period."""
+        proc = m.process
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.settings.stop_grace_s)
+        except asyncio.TimeoutError:
+            log.warning("worker %s ignored SIGTERM for %.0f s; killing it", m.spec.worker_id, self.settings.stop_grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(wid) for wid in list(self._workers)), return_exceptions=True)
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _connect_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "") else ("::1" if bind_host == "::" else bind_host)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _log_tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return ("\n  log " + str(path) + ":\n    " + "\n    ".join(text)) if text else ""

@@ -1,0 +1,1 @@
+"""rbee-keeper: the operator's tool (CLI and TUI) over one service layer."""

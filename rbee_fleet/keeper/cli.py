@@ -1,0 +1,120 @@
+"""rbee-keeper (alias rbee): bring up, inspect and operate an rbee fleet.
+
+Exit codes: 0 success, 1 an operation failed, 2 bad usage or a bad inventory, 3 the queen is not running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+
+from rbee_fleet import __version__
+from rbee_fleet.keeper import commands
+
+EXIT_FAILED, EXIT_USAGE, EXIT_NO_QUEEN = 1, 2, 3
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-i", "--inventory", default=argparse.SUPPRESS,
+                        help="inventory TOML (default: $RBEE_INVENTORY, ./inventory/localhost.toml, or built in)")
+    return common
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="rbee-keeper", description=__doc__, parents=[common],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cmd(name: str, help: str, fn: Callable[[argparse.Namespace], Awaitable[int]], parent=sub) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=fn)
+        return p
+
+    p = cmd("up", "start the queen and the inventory's local workers, wait until ready", commands.up)
+    p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the fleet")
+    _json_flag(p)
+    p = cmd("down", "stop the local queen and its workers", commands.down)
+    _json_flag(p)
+    p = cmd("status", "show the queen, hives and workers", commands.status)
+    _json_flag(p)
+    p = cmd("demo", "bring up the local fleet, stream one chat answer, show the fleet", commands.demo)
+    p.add_argument("--prompt", default="In two sentences, what is a bee hive?")
+    p.add_argument("--max-tokens", type=int, default=80)
+
+    p = cmd("infer", "send one prompt through the queen and stream the answer", commands.infer)
+    p.add_argument("prompt")
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int)
+    _json_flag(p)
+
+    worker = sub.add_parser("worker", help="spawn, list and stop workers", parents=[common])
+    wsub = worker.add_subparsers(dest="worker_command", metavar="ACTION", required=True)
+    p = cmd("spawn", "start a worker for a model on a hive", commands.worker_spawn, wsub)
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--hive", help="hive alias (default: the local hive)")
+    p.add_argument("--backend", default="auto", choices=["auto", "llamacpp", "exllamav2"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--id", dest="worker_id", help="worker id (default: HIVE-MODEL-N)")
+    p.add_argument("--ctx-size", type=int)
+    p.add_argument("--threads", type=int)
+    _json_flag(p)
+    p = cmd("list", "list workers known to the queen", commands.worker_list, wsub)
+    _json_flag(p)
+    p = cmd("stop", "stop a worker", commands.worker_stop, wsub)
+    p.add_argument("worker_id")
+    p.add_argument("--hive", help="hive alias (default: the worker's own hive)")
+    _json_flag(p)
+
+    model = sub.add_parser("model", help="list, download and delete models on a hive", parents=[common])
+    msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    p = cmd("list", "list the models in a hive's catalog", commands.model_list, msub)
+    p.add_argument("--hive")
+    _json_flag(p)
+    p = cmd("download", "fetch a model into a hive's catalog", commands.model_download, msub)
+    p.add_argument("source", help="alias (smollm2), local path, http(s) URL, or hf:OWNER/REPO[/FILE][@REVISION]")
+    p.add_argument("--name", help="name in the catalog (default: from the source)")
+    p.add_argument("--hive")
+    _json_flag(p)
+    p = cmd("delete", "delete a model from a hive's catalog", commands.model_delete, msub)
+    p.add_argument("model")
+    p.add_argument("--hive")
+    _json_flag(p)
+
+    jobs = sub.add_parser("jobs", help="list, follow and cancel jobs", parents=[common])
+    jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    p = cmd("list", "list recent jobs", commands.jobs_list, jsub)
+    _json_flag(p)
+    p = cmd("watch", "follow a job's events", commands.jobs_watch, jsub)
+    p.add_argument("job_id")
+    p = cmd("cancel", "cancel a running job", commands.jobs_cancel, jsub)
+    p.add_argument("job_id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        sys.exit(EXIT_USAGE)
+    try:
+        code = asyncio.run(commands.run(args))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

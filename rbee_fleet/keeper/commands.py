@@ -1,0 +1,316 @@
+"""The keeper's commands. Each returns an exit code; output goes to stdout, progress to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import time
+from typing import Any
+
+from rich.console import Console
+
+from rbee_fleet.common.errors import ApiError, OperationFailed
+from rbee_fleet.common.inventory import InventoryError
+from rbee_fleet.contracts.fleet import ModelDeleteOp, ModelDownloadOp, WorkerSpawnOp, WorkerStopOp
+from rbee_fleet.keeper import render
+from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
+from rbee_fleet.keeper.services import KeeperContext, ensure_workers, run_job, start_queen
+
+def _console(stderr: bool) -> Console:
+    probe = Console(stderr=stderr)
+    # Logs and pipes get wide lines instead of rich's 80-column default.
+    return Console(stderr=stderr, highlight=False, width=None if probe.is_terminal else 160)
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_QUEEN = 0, 1, 2, 3
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        ctx = KeeperContext.load(getattr(args, "inventory", None))
+    except InventoryError as exc:
+        err.print(f"[red]inventory error:[/] {exc}", markup=True)
+        return EXIT_USAGE
+    try:
+        return await args.func(args, ctx)
+    except QueenUnreachable as exc:
+        _fail(args, str(exc))
+        return EXIT_NO_QUEEN
+    except (OperationFailed, ApiError) as exc:
+        _fail(args, str(exc))
+        return EXIT_FAILED
+
+
+def _fail(args: argparse.Namespace, message: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": message}))
+    err.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+
+
+def _emit_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+# -- the local fleet ---------------------------------------------------------------------------------
+
+
+async def _bring_up(ctx: KeeperContext, client: QueenClient, *, foreground: bool, quiet: bool) -> tuple[bool, Any, list]:
+    where = ctx.inventory_path or "the built-in localhost inventory"
+    if not quiet:
+        err.print(f"[bold]queen[/]: {ctx.queen_url} (inventory: {where})")
+    started, proc = await start_queen(ctx, client, foreground=foreground)
+    if not quiet:
+        err.print(f"[bold]queen[/]: {'started' if started else 'already running'}")
+    with render.JobReporter(err, quiet=quiet) as reporter:
+        results = await ensure_workers(ctx, client, reporter)
+    return started, proc, results
+
+
+async def up(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    async with ctx.client() as client:
+        started, proc, results = await _bring_up(ctx, client, foreground=args.foreground, quiet=args.json)
+        failed = [(wid, e) for wid, _, e in results if e]
+        status = await client.status()
+        if args.json:
+            _emit_json({"ok": not failed, "queen_started": started, "queen_url": ctx.queen_url,
+                        "workers": [{"worker_id": w, "changed": (r or {}).get("changed"), "error": e} for w, r, e in results],
+                        "status": status.model_dump(mode="json")})
+        else:
+            for wid, e in failed:
+                err.print(f"[red]worker {wid} failed:[/] {e}")
+            for table in render.status_tables(status):
+                out.print(table)
+        if args.foreground and proc is not None:
+            err.print("running in the foreground; Ctrl-C stops the fleet")
+            await _wait_foreground(proc)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _wait_foreground(proc: Any) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(asyncio.to_thread(proc.wait))
+    await asyncio.wait({waiter, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    await waiter
+
+
+async def down(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    daemon = ctx.daemon()
+    stopped = await asyncio.to_thread(daemon.stop)
+    if not stopped:
+        async with ctx.client() as client:
+            if await client.healthy():
+                message = (f"a queen answers at {ctx.queen_url} but was not started by this keeper "
+                           f"(no pidfile in {daemon.pidfile.parent}); stop it where it runs")
+                _fail(args, message)
+                return EXIT_FAILED
+    if args.json:
+        _emit_json({"ok": True, "stopped": stopped})
+    else:
+        out.print("queen stopped" if stopped else "queen was not running")
+    return EXIT_OK
+
+
+async def status(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    async with ctx.client() as client:
+        st = await client.status()
+    if args.json:
+        _emit_json(st.model_dump(mode="json"))
+    else:
+        for table in render.status_tables(st):
+            out.print(table)
+    return EXIT_OK
+
+
+async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    from openai import AsyncOpenAI
+
+    err.rule("[bold]rbee-fleet demo[/]")
+    async with ctx.client() as client:
+        _, _, results = await _bring_up(ctx, client, foreground=False, quiet=False)
+        failed = [(wid, e) for wid, _, e in results if e]
+        if failed:
+            for wid, e in failed:
+                err.print(f"[red]worker {wid} failed:[/] {e}")
+            return EXIT_FAILED
+        st = await client.status()
+        if not st.models:
+            err.print("[red]no model is served; check the inventory's workers[/]")
+            return EXIT_FAILED
+        model = st.models[0]
+        err.rule(f"[bold]streaming a chat completion from {model} with the openai client[/]")
+        err.print(f"[dim]> {args.prompt}[/]")
+        oai = AsyncOpenAI(base_url=f"{ctx.queen_url}/v1", api_key=ctx.api_key or "not-needed")
+        stats = await _stream_chat(oai, model, [{"role": "user", "content": args.prompt}], args.max_tokens, 0.7, None)
+        err.print(f"[dim]{stats}[/]")
+        err.rule("[bold]the fleet[/]")
+        for table in render.status_tables(await client.status()):
+            out.print(table)
+    err.print(f"\nThe fleet keeps running. OpenAI endpoint: [bold]{ctx.queen_url}/v1[/]  (model: {model})\n"
+              f"Try: rbee-keeper infer -m {model} \"Hello\"   Stop it: rbee-keeper down")
+    return EXIT_OK
+
+
+# -- inference ---------------------------------------------------------------------------------------
+
+
+async def _stream_chat(oai: Any, model: str, messages: list[dict[str, str]], max_tokens: int,
+                       temperature: float, seed: int | None) -> str:
+    started = time.monotonic()
+    first: float | None = None
+    usage = None
+    stream = await oai.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
+        stream=True, stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text = choice.delta.content
+            if text:
+                if first is None:
+                    first = time.monotonic()
+                out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    out.print()
+    total = time.monotonic() - started
+    tokens = usage.completion_tokens if usage else 0
+    ttft_ms = (first - started) * 1000 if first else float("nan")
+    decode = (total - (first - started)) if first else total
+    rate = (tokens - 1) / decode if tokens > 1 and decode > 0 else 0.0
+    return f"{tokens} tokens, first token after {ttft_ms:.0f} ms, {rate:.1f} tokens/s"
+
+
+async def infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    import openai
+    from openai import AsyncOpenAI
+
+    oai = AsyncOpenAI(base_url=f"{ctx.queen_url}/v1", api_key=ctx.api_key or "not-needed", max_retries=0)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    try:
+        if args.json:
+            resp = await oai.chat.completions.create(model=args.model, messages=messages, max_tokens=args.max_tokens,
+                                                     temperature=args.temperature, seed=args.seed)
+            _emit_json(resp.model_dump())
+        else:
+            err.print(f"[dim]{await _stream_chat(oai, args.model, messages, args.max_tokens, args.temperature, args.seed)}[/]")
+    except openai.APIConnectionError:
+        raise QueenUnreachable(ctx.queen_url, "connection refused") from None
+    except openai.APIError as exc:
+        raise OperationFailed(_openai_message(exc)) from None
+    finally:
+        await oai.close()
+    return EXIT_OK
+
+
+def _openai_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        detail = body.get("error", body)
+        if isinstance(detail, dict) and detail.get("message"):
+            return str(detail["message"])
+    return str(exc)
+
+
+# -- workers, models, jobs ---------------------------------------------------------------------------
+
+
+async def _job(args: argparse.Namespace, ctx: KeeperContext, op: Any, label: str) -> int:
+    async with ctx.client() as client:
+        with render.JobReporter(err, quiet=args.json) as reporter:
+            result = await run_job(client, op, label, reporter)
+    if args.json:
+        _emit_json({"ok": True, **result})
+    return EXIT_OK
+
+
+async def worker_spawn(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    op = WorkerSpawnOp(hive=args.hive or ctx.local_hive(), model=args.model, backend=args.backend, device=args.device,
+                       worker_id=args.worker_id, ctx_size=args.ctx_size, threads=args.threads)
+    return await _job(args, ctx, op, args.worker_id or f"spawn {args.model}")
+
+
+async def worker_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    async with ctx.client() as client:
+        st = await client.status()
+    if args.json:
+        _emit_json([w.model_dump(mode="json") for w in st.workers])
+    else:
+        out.print(render.status_tables(st)[2])
+    return EXIT_OK
+
+
+async def worker_stop(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    hive = args.hive
+    if hive is None:
+        async with ctx.client() as client:
+            st = await client.status()
+        owners = [w.heartbeat.hive_id for w in st.workers if w.heartbeat.worker_id == args.worker_id]
+        owners += [h.hive_id for h in st.hives for w in h.workers if w.worker_id == args.worker_id]
+        hive = owners[0] if owners else ctx.local_hive()
+    return await _job(args, ctx, WorkerStopOp(hive=hive, worker_id=args.worker_id), args.worker_id)
+
+
+async def model_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    hive = args.hive or ctx.local_hive()
+    async with ctx.client() as client:
+        models = await client.models(hive)
+    if args.json:
+        _emit_json([m.model_dump(mode="json") for m in models])
+    else:
+        out.print(render.models_table(hive, models))
+    return EXIT_OK
+
+
+async def model_download(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    op = ModelDownloadOp(hive=args.hive or ctx.local_hive(), source=args.source, name=args.name)
+    return await _job(args, ctx, op, args.name or args.source)
+
+
+async def model_delete(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    op = ModelDeleteOp(hive=args.hive or ctx.local_hive(), model=args.model)
+    return await _job(args, ctx, op, args.model)
+
+
+async def jobs_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    async with ctx.client() as client:
+        jobs = await client.job_list()
+    if args.json:
+        _emit_json([j.model_dump(mode="json") for j in jobs])
+        return EXIT_OK
+    from rich.table import Table
+
+    table = Table(title="jobs", title_justify="left")
+    for col in ("job", "operation", "state", "started", "error"):
+        table.add_column(col)
+    for j in jobs:
+        table.add_row(j.job_id, str(j.operation.get("kind")), j.state.value,
+                      time.strftime("%H:%M:%S", time.localtime(j.created_at)), j.error or "")
+    out.print(table)
+    return EXIT_OK
+
+
+async def jobs_watch(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    async with ctx.client() as client:
+        with render.JobReporter(err) as reporter:
+            last = None
+            async for event in client.jobs.events(args.job_id):
+                reporter(args.job_id, event)
+                last = event
+    return EXIT_FAILED if last is not None and last.type in ("error", "cancelled") else EXIT_OK
+
+
+async def jobs_cancel(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    async with ctx.client() as client:
+        await client.jobs.cancel(args.job_id)
+    out.print(f"cancelled {args.job_id}")
+    return EXIT_OK

@@ -1,0 +1,86 @@
+"""The local queen as a daemon: started detached with a pidfile, stopped by signal.
+
+The pidfile alone is never trusted: a pid is ours only if that process's command line is a queen.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from rbee_fleet.common.paths import Layout
+
+QUEEN_MODULE = "rbee_fleet.queen"
+
+
+class QueenDaemon:
+    def __init__(self, layout: Layout, inventory_path: str | None) -> None:
+        self.layout = layout
+        self.inventory_path = os.path.abspath(inventory_path) if inventory_path else None
+        self.pidfile = layout.run / "queen.pid"
+        self.logfile = layout.logs / "queen.log"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", QUEEN_MODULE, "--home", str(self.layout.home)]
+        if self.inventory_path:
+            cmd += ["--inventory", self.inventory_path]
+        return cmd
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            cmdline = psutil.Process(pid).cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return None
+        return pid if QUEEN_MODULE in cmdline else None
+
+    def start_detached(self) -> subprocess.Popen[bytes]:
+        """Start the queen in its own session, detached from this terminal, logging to a file."""
+        self.layout.ensure()
+        with open(self.logfile, "ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting queen\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+            )
+        self.pidfile.write_text(f"{proc.pid}\n")
+        return proc
+
+    def start_foreground(self) -> subprocess.Popen[bytes]:
+        """Start the queen attached to this terminal (its log on our stderr)."""
+        self.layout.ensure()
+        proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+        self.pidfile.write_text(f"{proc.pid}\n")
+        return proc
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """SIGTERM the queen (it stops its workers), SIGKILL after ``timeout``; False if none ran."""
+        pid = self.running_pid()
+        if pid is None:
+            self.pidfile.unlink(missing_ok=True)
+            return False
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        self.pidfile.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(Path(self.logfile).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""

@@ -1,0 +1,124 @@
+"""How the keeper CLI shows things: fleet tables and live job progress."""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn
+from rich.table import Table
+
+from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, JobEvent, ModelEntry, WorkerView
+
+
+def _mb(mb: int) -> str:
+    return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb} MiB"
+
+
+def devices_summary(d: DeviceInfo) -> str:
+    if d.gpus:
+        return ", ".join(f"{g.name} {_mb(g.vram_total_mb - g.vram_free_mb)}/{_mb(g.vram_total_mb)}" for g in d.gpus)
+    return f"CPU {d.cpu.cores}c/{d.cpu.threads}t, RAM {_mb(d.cpu.ram_total_mb - d.cpu.ram_available_mb)}/{_mb(d.cpu.ram_total_mb)}"
+
+
+def worker_state(w: WorkerView) -> str:
+    return w.heartbeat.state.value if w.live else f"lost ({w.last_seen_s:.0f}s)"
+
+
+def status_tables(status: FleetStatus) -> list[Table]:
+    q = status.queen
+    head = Table.grid(padding=(0, 2))
+    head.add_row("[bold]queen[/]", q.url, f"v{q.version}", f"up {q.uptime_s:.0f}s",
+                 f"{q.requests_total} requests", f"{q.in_flight} in flight",
+                 f"models: {', '.join(status.models) or 'none'}")
+    hives = Table(title="hives", title_justify="left", expand=False)
+    for col in ("hive", "url", "state", "version", "devices", "workers"):
+        hives.add_column(col)
+    for h in status.hives:
+        state = "embedded" if h.embedded else ("up" if h.live else "unreachable")
+        hives.add_row(h.hive_id, h.url, state, h.version, devices_summary(h.devices), str(len(h.workers)))
+    workers = Table(title="workers", title_justify="left", expand=False)
+    for col in ("worker", "model", "backend", "device", "url", "state", "slots", "in flight", "queue", "tok/s"):
+        workers.add_column(col)
+    for w in status.workers:
+        hb = w.heartbeat
+        workers.add_row(hb.worker_id, hb.model, hb.backend, hb.device, hb.url, worker_state(w),
+                        f"{hb.slots_busy}/{hb.slots_total}", str(w.in_flight), str(hb.queue_depth),
+                        f"{hb.tokens_per_second:.1f}")
+    return [head, hives, workers]
+
+
+def models_table(hive: str, models: list[ModelEntry]) -> Table:
+    table = Table(title=f"models on {hive}", title_justify="left")
+    for col in ("model", "format", "size", "source", "path"):
+        table.add_column(col)
+    for m in models:
+        table.add_row(m.id, m.format, f"{m.size_bytes / 2**20:.1f} MiB", m.source, m.path)
+    return table
+
+
+class JobReporter:
+    """Shows job events: live bars on a terminal, one plain line per step otherwise (CI logs)."""
+
+    def __init__(self, console: Console, quiet: bool = False) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.live = console.is_terminal and not quiet
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("[bold]{task.fields[label]}[/] {task.description}"),
+            BarColumn(), DownloadColumn(), console=console, transient=False,
+        ) if self.live else None
+        self._tasks: dict[str, TaskID] = {}
+        self._last_line: dict[str, float] = {}
+
+    def __enter__(self) -> JobReporter:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def __call__(self, label: str, event: JobEvent) -> None:
+        if self.quiet:
+            return
+        if self._progress is None:
+            self._plain(label, event)
+            return
+        task = self._tasks.get(label)
+        if task is None:
+            task = self._progress.add_task(event.message, label=label, total=None)
+            self._tasks[label] = task
+        prog = event.progress
+        fields: dict[str, object] = {"description": event.message}
+        if prog is not None and prog.unit == "bytes":
+            fields.update(completed=prog.current, total=prog.total)
+        if event.type == "result":
+            fields.update(description="[green]done[/]")
+            self._finish(task)
+        elif event.type in ("error", "cancelled"):
+            fields.update(description=f"[red]{event.message}[/]")
+            self._finish(task)
+        self._progress.update(task, **fields)
+
+    def _finish(self, task: TaskID) -> None:
+        assert self._progress is not None
+        t = self._progress.tasks[task]
+        self._progress.update(task, total=t.total or 1, completed=t.total or 1)
+
+    def _plain(self, label: str, event: JobEvent) -> None:
+        now = time.monotonic()
+        prog = event.progress
+        if event.type == "progress" and prog is not None and prog.unit == "bytes":
+            if now - self._last_line.get(label, 0.0) < 2.0:
+                return
+            pct = f" {100 * prog.current / prog.total:.0f}%" if prog.total else ""
+            message = f"{event.message}{pct} ({prog.current / 2**20:.1f} MiB)"
+        elif event.type == "result":
+            message = "done"
+        else:
+            message = event.message
+        self._last_line[label] = now
+        self.console.print(f"[bold]{label}[/]: {message}", highlight=False, markup=True)

@@ -1,0 +1,65 @@
+"""The queen's aiohttp application."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection
+
+import aiohttp
+from aiohttp import web
+
+from rbee_fleet.common.http import bearer_auth, new_app
+from rbee_fleet.common.jobs import job_routes
+from rbee_fleet.queen.api import fleet, openai
+from rbee_fleet.queen.api.keys import QUEEN, SETTINGS
+from rbee_fleet.queen.settings import QueenSettings
+from rbee_fleet.queen.state import Queen
+
+COMPONENT_PATHS = frozenset({"/v1/worker-heartbeat", "/v1/hive-heartbeat"})
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def _auth_rules(settings: QueenSettings):
+    """Heartbeats need the cluster token; everything else an API key, when keys are configured."""
+    token = (settings.cluster_token,) if settings.cluster_token else ()
+    keys = settings.api_keys
+
+    def accepted(request: web.Request) -> Collection[str]:
+        if request.path in PUBLIC_PATHS:
+            return ()
+        if request.path in COMPONENT_PATHS:
+            return token
+        return keys
+
+    return accepted
+
+
+def create_app(settings: QueenSettings, *, reconcile: bool = True) -> web.Application:
+    settings.check_security()
+    app = new_app([bearer_auth(_auth_rules(settings))])
+    app[SETTINGS] = settings
+    openai.add_routes(app)
+    fleet.add_routes(app)
+    app.router.add_routes(job_routes(QUEEN))
+    app.cleanup_ctx.append(_lifecycle(reconcile))
+    return app
+
+
+def _lifecycle(reconcile: bool):
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        session = aiohttp.ClientSession(connector=connector)
+        queen = Queen(app[SETTINGS], session)
+        app[QUEEN] = queen
+        sweeper = asyncio.create_task(queen.sweep_forever(), name="registry-sweep")
+        if reconcile:
+            queen.ensure_declared_workers()
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+            await queen.close()
+            await session.close()
+
+    return lifecycle

@@ -1,0 +1,196 @@
+"""The hot path: place a request on a worker and pass the worker's bytes through untouched.
+
+A worker that fails before its first byte is replaced by another; one that dies mid-stream ends the
+client's stream with an error event. Headers go to the client only once the first byte is in hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from rbee_fleet.common import sse
+from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_event, error_from_body
+from rbee_fleet.queen.metrics import QueenMetrics
+from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Scheduler
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+TAIL = 512  # bytes of the stream kept to read the closing usage comment and [DONE]
+USAGE_MARK = b": usage "
+DONE_MARK = b"data: [DONE]"
+
+
+class _Retry(Exception):
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
+
+
+class WorkerProxy:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        session: aiohttp.ClientSession,
+        metrics: QueenMetrics,
+        token: str | None,
+        read_timeout_s: float,
+    ) -> None:
+        self.scheduler = scheduler
+        self.session = session
+        self.metrics = metrics
+        self._headers = {"Content-Type": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout_s)
+
+    async def forward(
+        self, request: web.Request, *, endpoint: str, model: str, stream: bool, body: bytes
+    ) -> web.StreamResponse:
+        m = self.metrics
+        started = time.monotonic()
+        # Metrics are labelled by model; names no worker serves share one label, whatever clients send.
+        label = model if self.scheduler.registry.knows(model) else "(unknown)"
+        gauge = m.in_flight.labels(label)
+        gauge.inc()
+        status = 500
+        try:
+            response = await self._place(request, endpoint, model, stream, body, started)
+            status = response.status
+            return response
+        except ApiError as exc:
+            status = exc.status
+            m.errors.labels(label, exc.code or exc.type).inc()
+            raise
+        finally:
+            gauge.dec()
+            m.requests.labels(label, endpoint, str(status)).inc()
+            m.duration.labels(label).observe(time.monotonic() - started)
+
+    async def _place(
+        self, request: web.Request, endpoint: str, model: str, stream: bool, body: bytes, started: float
+    ) -> web.StreamResponse:
+        tried: set[str] = set()
+        last_error: ApiError | None = None
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                lease = await self.scheduler.acquire(model, tried)
+            except NoOtherWorker:
+                assert last_error is not None
+                raise last_error from None
+            try:
+                return await self._attempt(request, lease, endpoint, model, stream, body, started)
+            except _Retry as retry:
+                tried.add(lease.record.id)
+                last_error = retry.error
+                self.metrics.retries.labels(model).inc()
+                log.warning("worker %s failed before answering (%s); trying another", lease.record.id, retry.error.message)
+            finally:
+                lease.release()
+        assert last_error is not None
+        raise last_error
+
+    async def _attempt(
+        self, request: web.Request, lease: Lease, endpoint: str, model: str, stream: bool, body: bytes, started: float
+    ) -> web.StreamResponse:
+        rec = lease.record
+        url = f"{rec.hb.url}/v1/{endpoint}"
+        try:
+            upstream = await self.session.post(url, data=body, headers=self._headers, timeout=self._timeout)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _Retry(UpstreamFailed(f"worker {rec.id} at {rec.hb.url} could not be reached: {_why(exc)}")) from None
+        finished = False
+        try:
+            if upstream.status != 200:
+                payload = await _read_or_retry(upstream, rec.id)
+                if upstream.status in (429, 503) or upstream.status >= 500:
+                    raise _Retry(error_from_body(upstream.status, _json(payload), upstream.headers.get("Retry-After")))
+                finished = True
+                return web.Response(body=payload, status=upstream.status, content_type="application/json")
+            if not stream:
+                payload = await _read_or_retry(upstream, rec.id)
+                finished = True
+                self.metrics.count_usage(model, (_json(payload) or {}).get("usage"))
+                return web.Response(body=payload, content_type="application/json")
+            response = await self._relay(request, upstream, rec.id, model, started)
+            finished = True
+            return response
+        finally:
+            # A stream cut short (client gone, worker failing) closes the connection, which is
+            # what tells the worker to stop generating.
+            if finished and upstream.content.at_eof():
+                upstream.release()
+            else:
+                upstream.close()
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, worker_id: str, model: str, started: float
+    ) -> web.StreamResponse:
+        try:
+            first = await upstream.content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _Retry(UpstreamFailed(f"worker {worker_id} failed before its first byte: {_why(exc)}")) from None
+        if not first:
+            raise _Retry(UpstreamFailed(f"worker {worker_id} closed the stream before its first byte"))
+        self.metrics.ttft.labels(model).observe(time.monotonic() - started)
+        out = web.StreamResponse(headers=sse.SSE_HEADERS)
+        await out.prepare(request)
+        await out.write(first)
+        tail = first[-TAIL:]
+        failure = None
+        read = upstream.content.readany
+        try:
+            while chunk := await read():
+                await out.write(chunk)
+                tail = (tail + chunk)[-TAIL:]
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            failure = _why(exc)
+        if DONE_MARK in tail:
+            self.metrics.count_usage(model, _usage_from(tail))
+        else:
+            reason = failure or "the connection closed"
+            log.warning("worker %s stopped mid-stream: %s", worker_id, reason)
+            self.metrics.errors.labels(model, "worker_died_mid_stream").inc()
+            gap = b"" if tail.endswith(b"\n\n") else b"\n\n"
+            await out.write(gap + error_event(
+                f"worker {worker_id} stopped in the middle of the answer ({reason})", code="worker_failed"
+            ))
+        await out.write_eof()
+        return out
+
+
+async def _read_or_retry(upstream: aiohttp.ClientResponse, worker_id: str) -> bytes:
+    try:
+        return await upstream.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise _Retry(UpstreamFailed(f"worker {worker_id} failed while answering: {_why(exc)}")) from None
+
+
+def _usage_from(tail: bytes) -> dict[str, int] | None:
+    at = tail.rfind(USAGE_MARK)
+    if at < 0:
+        return None
+    end = tail.find(b"\n", at)
+    try:
+        return json.loads(tail[at + len(USAGE_MARK) : end])
+    except ValueError:
+        return None
+
+
+def _json(payload: bytes) -> dict | None:
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,153 @@
+"""What the queen knows about hives and workers, fed by their heartbeats.
+
+A worker is live while its heartbeats arrive within the timeout; a live, ready worker is in rotation.
+One that falls silent is out of rotation until it speaks again. Liveness is computed when asked,
+so no timer has to run for a worker to leave rotation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rbee_fleet.contracts.fleet import (
+    DeviceInfo,
+    HiveHeartbeat,
+    HiveView,
+    SupervisedWorker,
+    WorkerHeartbeat,
+    WorkerState,
+    WorkerView,
+)
+
+log = logging.getLogger(__name__)
+
+FORGET_AFTER_TIMEOUTS = 20  # a silent worker is forgotten after this many heartbeat timeouts
+
+
+@dataclass
+class WorkerRecord:
+    hb: WorkerHeartbeat
+    last_seen: float
+    in_flight: int = 0  # requests the queen has sent and not yet seen finish
+    live_reported: bool = True
+
+    @property
+    def id(self) -> str:
+        return self.hb.worker_id
+
+    def free_slots(self) -> int:
+        return self.hb.slots_total - self.in_flight
+
+
+@dataclass
+class HiveRecord:
+    hive_id: str
+    url: str
+    version: str
+    embedded: bool
+    devices: DeviceInfo
+    workers: list[SupervisedWorker] = field(default_factory=list)
+    last_seen: float = 0.0
+
+
+class Registry:
+    def __init__(self, heartbeat_timeout_s: float) -> None:
+        self.timeout = heartbeat_timeout_s
+        self.workers: dict[str, WorkerRecord] = {}
+        self.hives: dict[str, HiveRecord] = {}
+        # Called whenever capacity may have appeared (a worker became ready); the scheduler listens.
+        self.on_capacity: list[Callable[[], None]] = []
+
+    # -- updates ---------------------------------------------------------------------------------
+
+    def worker_heartbeat(self, hb: WorkerHeartbeat) -> None:
+        now = time.monotonic()
+        rec = self.workers.get(hb.worker_id)
+        if hb.state is WorkerState.STOPPED:
+            if rec is not None:
+                del self.workers[hb.worker_id]
+                log.info("worker %s stopped; out of rotation", hb.worker_id)
+            return
+        if rec is None:
+            self.workers[hb.worker_id] = WorkerRecord(hb=hb, last_seen=now)
+            log.info("worker %s registered: %s on %s at %s (%s)", hb.worker_id, hb.model, hb.device, hb.url, hb.state.value)
+            self._wake()
+            return
+        was_ready = self.in_rotation(rec, now)
+        rec.hb = hb
+        rec.last_seen = now
+        if not rec.live_reported:
+            rec.live_reported = True
+            log.info("worker %s is back (%s)", hb.worker_id, hb.state.value)
+        if self.in_rotation(rec, now) and not was_ready:
+            self._wake()
+
+    def hive_heartbeat(self, hb: HiveHeartbeat) -> None:
+        self.hives[hb.hive_id] = HiveRecord(
+            hive_id=hb.hive_id, url=hb.url, version=hb.version, embedded=hb.embedded,
+            devices=hb.devices, workers=hb.workers, last_seen=time.monotonic(),
+        )
+
+    def sweep(self) -> None:
+        """Log workers that went silent, and forget the long-gone."""
+        now = time.monotonic()
+        for wid, rec in list(self.workers.items()):
+            silent = now - rec.last_seen
+            if silent > self.timeout and rec.live_reported:
+                rec.live_reported = False
+                log.warning("worker %s missed its heartbeats (%.0f s); out of rotation", wid, silent)
+            if silent > self.timeout * FORGET_AFTER_TIMEOUTS:
+                del self.workers[wid]
+
+    def _wake(self) -> None:
+        for listener in self.on_capacity:
+            listener()
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def is_live(self, rec: WorkerRecord, now: float | None = None) -> bool:
+        return ((now or time.monotonic()) - rec.last_seen) <= self.timeout
+
+    def in_rotation(self, rec: WorkerRecord, now: float | None = None) -> bool:
+        return rec.hb.state is WorkerState.READY and self.is_live(rec, now)
+
+    def serving(self, model: str) -> list[WorkerRecord]:
+        """Workers in rotation for ``model``."""
+        now = time.monotonic()
+        return [r for r in self.workers.values() if r.hb.model == model and self.in_rotation(r, now)]
+
+    def knows(self, model: str) -> bool:
+        """Whether any registered worker serves ``model``, even one loading or silent for now."""
+        return any(r.hb.model == model and r.hb.state is not WorkerState.FAILED for r in self.workers.values())
+
+    def others(self, model: str, exclude: set[str]) -> list[WorkerRecord]:
+        """Live workers of ``model`` (any state but failed) outside ``exclude``."""
+        now = time.monotonic()
+        return [r for r in self.workers.values() if r.hb.model == model and r.id not in exclude
+                and r.hb.state is not WorkerState.FAILED and self.is_live(r, now)]
+
+    def models(self) -> list[str]:
+        now = time.monotonic()
+        return sorted({r.hb.model for r in self.workers.values() if self.is_live(r, now)
+                       and r.hb.state in (WorkerState.READY, WorkerState.LOADING)})
+
+    def worker_views(self) -> list[WorkerView]:
+        now = time.monotonic()
+        return [
+            WorkerView(heartbeat=r.hb, in_flight=r.in_flight, live=self.is_live(r, now), last_seen_s=round(now - r.last_seen, 2))
+            for r in sorted(self.workers.values(), key=lambda r: r.id)
+        ]
+
+    def hive_views(self) -> list[HiveView]:
+        now = time.monotonic()
+        return [
+            HiveView(
+                hive_id=h.hive_id, url=h.url, version=h.version, embedded=h.embedded,
+                live=h.embedded or now - h.last_seen <= self.timeout, last_seen_s=round(now - h.last_seen, 2),
+                devices=h.devices, workers=h.workers,
+            )
+            for h in sorted(self.hives.values(), key=lambda h: h.hive_id)
+        ]

@@ -1,0 +1,97 @@
+"""The queen's settings: from the inventory, then the environment, then the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rbee_fleet.common.inventory import Inventory, is_loopback
+from rbee_fleet.common.paths import Layout
+from rbee_fleet.common.secrets import load_or_create
+from rbee_fleet.contracts.fleet import WorkerSpawnOp
+from rbee_fleet.hive.service import HiveSettings
+
+
+class InsecureBind(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class QueenSettings:
+    host: str
+    port: int
+    url: str  # what hives and workers use to reach the queen
+    layout: Layout
+    api_keys: tuple[str, ...] = ()
+    cluster_token: str | None = None
+    cluster_token_file: str | None = None
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 15.0
+    admission_timeout_s: float = 30.0
+    max_waiting: int = 64
+    read_timeout_s: float = 300.0
+    embedded_hive: HiveSettings | None = None
+    remote_hives: dict[str, str] = field(default_factory=dict)  # alias -> URL, from the inventory
+    declared_workers: tuple[WorkerSpawnOp, ...] = ()
+
+    def check_security(self) -> None:
+        if not is_loopback(self.host) and not self.api_keys:
+            raise InsecureBind(
+                f"the queen would listen on {self.host}, beyond this machine, with no API key: "
+                "set [queen].api_keys in the inventory or RBEE_API_KEYS in the environment"
+            )
+
+
+def settings_from_inventory(
+    inv: Inventory,
+    layout: Layout,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+) -> QueenSettings:
+    q = inv.queen
+    if host is not None or port is not None:
+        q = q.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    layout.ensure()
+    token_file = layout.secrets / "cluster.token"
+    token = load_or_create(token_file)
+    embedded = None
+    declared: list[WorkerSpawnOp] = []
+    found = inv.embedded_hive()
+    if found is not None:
+        alias, hive = found
+        embedded = HiveSettings(
+            hive_id=alias,
+            layout=layout,
+            bind_host=hive.address if not is_loopback(q.host) else "127.0.0.1",
+            advertise_host=hive.address,
+            port=q.port,  # the embedded hive answers through the queen
+            queen_url=q.url(),
+            token=token,
+            token_file=str(token_file),
+            embedded=True,
+            heartbeat_interval_s=q.heartbeat_interval_s,
+            worker_port_base=inv.defaults.worker_port_base,
+        )
+        declared = inv.spawn_ops(alias)
+    remote = {
+        alias: f"http://{h.address}:{h.port or inv.defaults.hive_port}"
+        for alias, h in inv.hives.items()
+        if not h.embedded
+    }
+    return QueenSettings(
+        host=q.host,
+        port=q.port,
+        url=q.url(),
+        layout=layout,
+        api_keys=tuple(q.effective_api_keys()),
+        cluster_token=token,
+        cluster_token_file=str(token_file),
+        heartbeat_interval_s=q.heartbeat_interval_s,
+        heartbeat_timeout_s=q.heartbeat_timeout_s,
+        admission_timeout_s=q.admission_timeout_s,
+        max_waiting=q.max_waiting,
+        embedded_hive=embedded,
+        remote_hives=remote,
+        declared_workers=tuple(declared),
+    )
+
