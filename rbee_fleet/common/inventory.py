@@ -187,7 +187,7 @@ def _url_host(host: str) -> str:
 
 def default_inventory() -> Inventory:
     """What ``inventory/localhost.toml`` says: the queen here, an embedded hive, one CPU smollm2 worker."""
-    return Inventory(hives={"localhost": HiveDecl(embedded=True, workers=[WorkerDecl(model="smollm2", device="cpu")])})
+    return Inventory(hives={"localhost": HiveDecl(embedded=True, workers=[WorkerDecl(model="smollm2", device="cpu", ctx_size=2048)])})
 
 
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:

@@ -1,0 +1,57 @@
+"""OpenAI request models: what is accepted, what is refused, and how the refusal names the field."""
+
+import pytest
+
+from rbee_fleet.common.errors import BadRequest
+from rbee_fleet.common.validation import validate
+from rbee_fleet.contracts.openai import ChatCompletionRequest, CompletionRequest
+
+
+def test_chat_request_accepts_unknown_fields_and_text_parts():
+    req = validate(ChatCompletionRequest, {
+        "model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}],
+        "logit_bias": {}, "tools": None,
+    })
+    assert req.messages[0].text() == "hi there"
+    assert req.unknown_fields() == ["logit_bias", "tools"]
+
+
+def test_max_completion_tokens_is_max_tokens():
+    req = validate(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 7})
+    assert req.max_tokens == 7
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+    ({"model": "m"}, "messages"),
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"model": "m", "messages": "hello"}, "messages"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+])
+def test_chat_request_refusals_name_the_field(body, param):
+    with pytest.raises(BadRequest) as info:
+        validate(ChatCompletionRequest, body)
+    assert info.value.param == param
+    assert info.value.status == 400
+    assert info.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_completion_defaults_and_single_prompt():
+    req = validate(CompletionRequest, {"model": "m", "prompt": ["one"]})
+    assert req.prompt_text() == "one" and req.max_tokens == 16
+    with pytest.raises(BadRequest) as info:
+        validate(CompletionRequest, {"model": "m", "prompt": ["one", "two"]})
+    assert info.value.param == "prompt"
+    with pytest.raises(BadRequest):
+        validate(CompletionRequest, {"model": "m"})
+
+
+def test_include_usage_only_when_streaming():
+    base = {"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}
+    assert not validate(CompletionRequest, base).include_usage()
+    assert validate(CompletionRequest, {**base, "stream": True}).include_usage()

@@ -1,0 +1,74 @@
+"""Inventory parsing: typed, and every mistake named by file, line and key."""
+
+from pathlib import Path
+
+import pytest
+
+from rbee_fleet.common.inventory import InventoryError, default_inventory, load_inventory, parse_inventory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_localhost_inventory_is_the_builtin_default():
+    inv = load_inventory(REPO / "inventory" / "localhost.toml")
+    default = default_inventory()
+    assert inv.queen == default.queen
+    assert inv.spawn_ops("localhost") == default.spawn_ops("localhost")
+    assert [op.worker_id for op in inv.spawn_ops("localhost")] == ["localhost-smollm2-0"]
+    assert inv.queen.host == "127.0.0.1" and inv.queen.port == 8500
+
+
+def test_every_example_inventory_parses():
+    for path in sorted((REPO / "inventory").glob("*.toml")):
+        load_inventory(path)
+
+
+def error_of(text: str) -> InventoryError:
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(text, "fleet.toml")
+    return info.value
+
+
+def test_unknown_key_names_line_and_suggests():
+    err = error_of('[queen]\nport = 8500\n\n[hives.a]\nembedded = true\n\n[[hives.a.workers]]\nmodel = "x"\n\n[[hives.a.workers]]\nmodle = "x"\n')
+    assert (err.line, err.key) == (11, "hives.a.workers[1].modle")
+    assert "did you mean 'model'" in str(err)
+    assert str(err).startswith("fleet.toml:11: hives.a.workers[1].modle:")
+
+
+def test_wrong_type_names_line():
+    err = error_of('[queen]\nhost = "127.0.0.1"\nport = "eighty"\n')
+    assert (err.line, err.key) == (3, "queen.port")
+
+
+def test_bad_device_in_inline_table():
+    err = error_of('[hives.gpu]\naddress = "10.0.0.2"\nworkers = [{model = "m", device = "gpu0"}]\n')
+    assert err.line == 3 and err.key == "hives.gpu.workers[0].device"
+
+
+def test_toml_syntax_error_has_a_line():
+    err = error_of('[queen]\nport = 8500\n[hives\n')
+    assert err.line == 3 and "invalid TOML" in err.message
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(InventoryError) as info:
+        load_inventory(tmp_path / "nope.toml")
+    assert "nope.toml" in str(info.value) and "cannot read" in str(info.value)
+
+
+def test_two_embedded_hives_are_refused():
+    err = error_of("[hives.a]\nembedded = true\n[hives.b]\nembedded = true\n")
+    assert err.key == "hives" and "only one hive" in err.message
+
+
+def test_worker_ids_are_stable_and_distinct():
+    inv = parse_inventory('[hives.h]\n[[hives.h.workers]]\nmodel = "m"\ncount = 2\n[[hives.h.workers]]\nmodel = "m"\n'
+                          '[[hives.h.workers]]\nmodel = "n"\nname = "chat"\n')
+    assert [w for w, _ in inv.worker_plan("h")] == ["h-m-0", "h-m-1", "h-m-2", "chat"]
+
+
+def test_api_keys_from_environment(monkeypatch):
+    monkeypatch.setenv("RBEE_API_KEYS", "k1, k2")
+    inv = parse_inventory('[queen]\napi_keys = ["k0"]\n')
+    assert inv.queen.effective_api_keys() == ["k0", "k1", "k2"]
