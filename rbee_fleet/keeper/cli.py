@@ -1,5 +1,7 @@
 """rbee-keeper (alias rbee): bring up, inspect and operate an rbee fleet.
 
+With no command on a terminal, opens the TUI (same as `rbee-keeper tui`).
+
 Exit codes: 0 success, 1 an operation failed, 2 bad usage or a bad inventory, 3 the queen is not running.
 """
 
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hive")
     _json_flag(p)
 
+    p = sub.add_parser("tui", help="open the terminal UI (the default with no command)",
+                       description="open the terminal UI: the fleet live, every operation at a keystroke",
+                       parents=[common])
+    p.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS", help="how often to poll the queen")
+
     jobs = sub.add_parser("jobs", help="list, follow and cancel jobs", parents=[common])
     jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
     p = cmd("list", "list recent jobs", commands.jobs_list, jsub)
@@ -106,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "tui" or (args.command is None and sys.stdin.isatty() and sys.stdout.isatty()):
+        sys.exit(_tui(args))
     if getattr(args, "func", None) is None:
         parser.print_help()
         sys.exit(EXIT_USAGE)
@@ -114,6 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+def _tui(args: argparse.Namespace) -> int:
+    try:
+        from rbee_fleet.tui.app import run_tui
+    except ImportError as exc:
+        print(f"rbee-keeper: the TUI needs the keeper extra (pip install 'rbee-fleet[keeper]'): {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_tui(getattr(args, "inventory", None), refresh_s=getattr(args, "refresh", 1.0))
 
 
 if __name__ == "__main__":

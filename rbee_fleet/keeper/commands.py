@@ -7,16 +7,20 @@ import asyncio
 import json
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rich.console import Console
 
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
-from rbee_fleet.contracts.fleet import ModelDeleteOp, ModelDownloadOp, WorkerSpawnOp, WorkerStopOp
+from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.keeper import render
+from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
+from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
-from rbee_fleet.keeper.services import KeeperContext, ensure_workers, run_job, start_queen
+from rbee_fleet.keeper.services import KeeperContext, ensure_workers, start_queen, stop_queen
+
 
 def _console(stderr: bool) -> Console:
     probe = Console(stderr=stderr)
@@ -104,15 +108,8 @@ async def _wait_foreground(proc: Any) -> None:
 
 
 async def down(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    daemon = ctx.daemon()
-    stopped = await asyncio.to_thread(daemon.stop)
-    if not stopped:
-        async with ctx.client() as client:
-            if await client.healthy():
-                message = (f"a queen answers at {ctx.queen_url} but was not started by this keeper "
-                           f"(no pidfile in {daemon.pidfile.parent}); stop it where it runs")
-                _fail(args, message)
-                return EXIT_FAILED
+    async with ctx.client() as client:
+        stopped = await stop_queen(ctx, client)
     if args.json:
         _emit_json({"ok": True, "stopped": stopped})
     else:
@@ -132,8 +129,6 @@ async def status(args: argparse.Namespace, ctx: KeeperContext) -> int:
 
 
 async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    from openai import AsyncOpenAI
-
     err.rule("[bold]rbee-fleet demo[/]")
     async with ctx.client() as client:
         _, _, results = await _bring_up(ctx, client, foreground=False, quiet=False)
@@ -149,8 +144,12 @@ async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
         model = st.models[0]
         err.rule(f"[bold]streaming a chat completion from {model} with the openai client[/]")
         err.print(f"[dim]> {args.prompt}[/]")
-        oai = AsyncOpenAI(base_url=f"{ctx.queen_url}/v1", api_key=ctx.api_key or "not-needed")
-        stats = await _stream_chat(oai, model, [{"role": "user", "content": args.prompt}], args.max_tokens, 0.7, None)
+        oai = openai_client(ctx.queen_url, ctx.api_key)
+        try:
+            stats = await _stream_chat(oai, ctx.queen_url, model, [{"role": "user", "content": args.prompt}],
+                                       args.max_tokens, 0.7, None)
+        finally:
+            await oai.close()
         err.print(f"[dim]{stats}[/]")
         err.rule("[bold]the fleet[/]")
         for table in render.status_tables(await client.status()):
@@ -163,71 +162,50 @@ async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
 # -- inference ---------------------------------------------------------------------------------------
 
 
-async def _stream_chat(oai: Any, model: str, messages: list[dict[str, str]], max_tokens: int,
+async def _stream_chat(oai: Any, queen_url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
                        temperature: float, seed: int | None) -> str:
-    started = time.monotonic()
-    first: float | None = None
-    usage = None
-    stream = await oai.chat.completions.create(
-        model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
-        stream=True, stream_options={"include_usage": True},
-    )
-    async for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            text = choice.delta.content
-            if text:
-                if first is None:
-                    first = time.monotonic()
-                out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    stream = ChatStream(oai, queen_url, model, messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    async for piece in stream:
+        out.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
     out.print()
-    total = time.monotonic() - started
-    tokens = usage.completion_tokens if usage else 0
-    ttft_ms = (first - started) * 1000 if first else float("nan")
-    decode = (total - (first - started)) if first else total
-    rate = (tokens - 1) / decode if tokens > 1 and decode > 0 else 0.0
-    return f"{tokens} tokens, first token after {ttft_ms:.0f} ms, {rate:.1f} tokens/s"
+    assert stream.stats is not None
+    return stream.stats.summary()
 
 
 async def infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
     import openai
-    from openai import AsyncOpenAI
 
-    oai = AsyncOpenAI(base_url=f"{ctx.queen_url}/v1", api_key=ctx.api_key or "not-needed", max_retries=0)
+    oai = openai_client(ctx.queen_url, ctx.api_key)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     try:
         if args.json:
-            resp = await oai.chat.completions.create(model=args.model, messages=messages, max_tokens=args.max_tokens,
-                                                     temperature=args.temperature, seed=args.seed)
+            try:
+                resp = await oai.chat.completions.create(model=args.model, messages=messages, max_tokens=args.max_tokens,
+                                                         temperature=args.temperature, seed=args.seed)
+            except openai.APIConnectionError:
+                raise QueenUnreachable(ctx.queen_url, "connection refused") from None
+            except openai.APIError as exc:
+                raise OperationFailed(openai_message(exc)) from None
             _emit_json(resp.model_dump())
         else:
-            err.print(f"[dim]{await _stream_chat(oai, args.model, messages, args.max_tokens, args.temperature, args.seed)}[/]")
-    except openai.APIConnectionError:
-        raise QueenUnreachable(ctx.queen_url, "connection refused") from None
-    except openai.APIError as exc:
-        raise OperationFailed(_openai_message(exc)) from None
+            stats = await _stream_chat(oai, ctx.queen_url, args.model, messages, args.max_tokens, args.temperature, args.seed)
+            err.print(f"[dim]{stats}[/]")
     finally:
         await oai.close()
     return EXIT_OK
 
 
-def _openai_message(exc: Any) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        detail = body.get("error", body)
-        if isinstance(detail, dict) and detail.get("message"):
-            return str(detail["message"])
-    return str(exc)
-
-
 # -- workers, models, jobs ---------------------------------------------------------------------------
 
 
-async def _job(args: argparse.Namespace, ctx: KeeperContext, op: Any, label: str) -> int:
-    async with ctx.client() as client:
+async def _job(args: argparse.Namespace, ctx: KeeperContext,
+               action: Callable[[FleetService, render.JobReporter], Awaitable[dict[str, Any]]]) -> int:
+    fleet = FleetService(ctx)
+    try:
         with render.JobReporter(err, quiet=args.json) as reporter:
-            result = await run_job(client, op, label, reporter)
+            result = await action(fleet, reporter)
+    finally:
+        await fleet.close()
     if args.json:
         _emit_json({"ok": True, **result})
     return EXIT_OK
@@ -236,7 +214,7 @@ async def _job(args: argparse.Namespace, ctx: KeeperContext, op: Any, label: str
 async def worker_spawn(args: argparse.Namespace, ctx: KeeperContext) -> int:
     op = WorkerSpawnOp(hive=args.hive or ctx.local_hive(), model=args.model, backend=args.backend, device=args.device,
                        worker_id=args.worker_id, ctx_size=args.ctx_size, threads=args.threads)
-    return await _job(args, ctx, op, args.worker_id or f"spawn {args.model}")
+    return await _job(args, ctx, lambda fleet, sink: fleet.spawn_worker(op, sink))
 
 
 async def worker_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
@@ -250,14 +228,7 @@ async def worker_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
 
 
 async def worker_stop(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    hive = args.hive
-    if hive is None:
-        async with ctx.client() as client:
-            st = await client.status()
-        owners = [w.heartbeat.hive_id for w in st.workers if w.heartbeat.worker_id == args.worker_id]
-        owners += [h.hive_id for h in st.hives for w in h.workers if w.worker_id == args.worker_id]
-        hive = owners[0] if owners else ctx.local_hive()
-    return await _job(args, ctx, WorkerStopOp(hive=hive, worker_id=args.worker_id), args.worker_id)
+    return await _job(args, ctx, lambda fleet, sink: fleet.stop_worker(args.worker_id, args.hive, sink))
 
 
 async def model_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
@@ -272,13 +243,11 @@ async def model_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
 
 
 async def model_download(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    op = ModelDownloadOp(hive=args.hive or ctx.local_hive(), source=args.source, name=args.name)
-    return await _job(args, ctx, op, args.name or args.source)
+    return await _job(args, ctx, lambda fleet, sink: fleet.download_model(args.source, args.hive, args.name, sink))
 
 
 async def model_delete(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    op = ModelDeleteOp(hive=args.hive or ctx.local_hive(), model=args.model)
-    return await _job(args, ctx, op, args.model)
+    return await _job(args, ctx, lambda fleet, sink: fleet.delete_model(args.model, args.hive, sink))
 
 
 async def jobs_list(args: argparse.Namespace, ctx: KeeperContext) -> int:

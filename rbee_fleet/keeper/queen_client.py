@@ -17,6 +17,7 @@ class QueenUnreachable(Exception):
     def __init__(self, url: str, cause: str) -> None:
         super().__init__(f"the queen at {url} is not answering ({cause}); start it with: rbee-keeper up")
         self.url = url
+        self.cause = cause
 
 
 class QueenClient:

@@ -29,11 +29,17 @@ class KeeperContext:
     @classmethod
     def load(cls, inventory_path: str | None = None) -> KeeperContext:
         """Inventory from ``-i``, else ``$RBEE_INVENTORY``, else ``./inventory/localhost.toml``, else built in."""
+        path = cls.resolve_inventory_path(inventory_path)
+        inv = load_inventory(path) if path else default_inventory()
+        return cls(inventory=inv, inventory_path=path, layout=Layout.default())
+
+    @staticmethod
+    def resolve_inventory_path(inventory_path: str | None = None) -> str | None:
+        """The inventory file ``load`` reads (None: the built-in localhost fleet)."""
         path = inventory_path or os.environ.get("RBEE_INVENTORY")
         if path is None and DEFAULT_INVENTORY.is_file():
             path = str(DEFAULT_INVENTORY)
-        inv = load_inventory(path) if path else default_inventory()
-        return cls(inventory=inv, inventory_path=path, layout=Layout.default())
+        return path
 
     @property
     def queen_url(self) -> str:
@@ -72,6 +78,19 @@ async def start_queen(ctx: KeeperContext, client: QueenClient, *, foreground: bo
         tail = daemon.log_tail() if not foreground else ""
         raise OperationFailed(f"{exc}\n{tail}".rstrip()) from None
     return True, proc
+
+
+async def stop_queen(ctx: KeeperContext, client: QueenClient) -> bool:
+    """Stop the local queen this keeper started (it stops its workers); False if none was running.
+
+    A queen that answers but was started elsewhere is left alone: ``OperationFailed`` says so.
+    """
+    daemon = ctx.daemon()
+    stopped = await asyncio.to_thread(daemon.stop)
+    if not stopped and await client.healthy():
+        raise OperationFailed(f"a queen answers at {ctx.queen_url} but was not started by this keeper "
+                              f"(no pidfile in {daemon.pidfile.parent}); stop it where it runs")
+    return stopped
 
 
 async def run_job(client: QueenClient, operation: Any, label: str, sink: EventSink | None) -> dict[str, Any]:

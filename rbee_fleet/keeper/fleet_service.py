@@ -1,0 +1,100 @@
+"""The fleet as the keeper's front ends see it: read its state, run operations on it, chat through it.
+
+The CLI commands and the TUI both call this class, so an operation means the same thing in both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from rbee_fleet.contracts.fleet import (
+    FleetStatus,
+    JobEvent,
+    JobInfo,
+    ModelDeleteOp,
+    ModelDownloadOp,
+    ModelEntry,
+    WorkerSpawnOp,
+    WorkerStopOp,
+)
+from rbee_fleet.keeper.chat import ChatStream, openai_client
+from rbee_fleet.keeper.queen_client import QueenClient
+from rbee_fleet.keeper.services import EventSink, KeeperContext, run_job
+
+
+class FleetService:
+    """One keeper context and one queen client (one HTTP session) for the life of a front end."""
+
+    def __init__(self, ctx: KeeperContext, client: QueenClient | None = None) -> None:
+        self.ctx = ctx
+        self.client = client or ctx.client()
+        self._oai: Any = None
+
+    @property
+    def queen_url(self) -> str:
+        return self.ctx.queen_url
+
+    async def close(self) -> None:
+        if self._oai is not None:
+            await self._oai.close()
+        await self.client.close()
+
+    def now(self) -> float:
+        """Wall-clock time for ages shown on screen (one seam, so snapshots can fix it)."""
+        return time.time()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def status(self) -> FleetStatus:
+        return await self.client.status()
+
+    async def models(self, hive: str) -> list[ModelEntry]:
+        return await self.client.models(hive)
+
+    async def jobs(self) -> list[JobInfo]:
+        return await self.client.job_list()
+
+    def job_events(self, job_id: str, after: int = -1) -> AsyncIterator[JobEvent]:
+        return self.client.jobs.events(job_id, after)
+
+    async def cancel_job(self, job_id: str) -> None:
+        await self.client.jobs.cancel(job_id)
+
+    async def worker_hive(self, worker_id: str) -> str:
+        """The hive a worker runs on, as the queen knows it (the local hive when nobody knows it)."""
+        st = await self.client.status()
+        owners = [w.heartbeat.hive_id for w in st.workers if w.heartbeat.worker_id == worker_id]
+        owners += [h.hive_id for h in st.hives for w in h.workers if w.worker_id == worker_id]
+        return owners[0] if owners else self.ctx.local_hive()
+
+    # -- operations (jobs on the queen) -------------------------------------------------------------
+
+    async def run(self, op: Any, label: str, sink: EventSink | None = None) -> dict[str, Any]:
+        """Run one operation as a job on the queen, following its events; raise ``OperationFailed``."""
+        return await run_job(self.client, op, label, sink)
+
+    async def spawn_worker(self, op: WorkerSpawnOp, sink: EventSink | None = None) -> dict[str, Any]:
+        return await self.run(op, op.worker_id or f"spawn {op.model}", sink)
+
+    async def stop_worker(self, worker_id: str, hive: str | None = None, sink: EventSink | None = None) -> dict[str, Any]:
+        hive = hive or await self.worker_hive(worker_id)
+        return await self.run(WorkerStopOp(hive=hive, worker_id=worker_id), worker_id, sink)
+
+    async def download_model(self, source: str, hive: str | None = None, name: str | None = None,
+                             sink: EventSink | None = None) -> dict[str, Any]:
+        op = ModelDownloadOp(hive=hive or self.ctx.local_hive(), source=source, name=name)
+        return await self.run(op, name or source, sink)
+
+    async def delete_model(self, model: str, hive: str | None = None, sink: EventSink | None = None) -> dict[str, Any]:
+        return await self.run(ModelDeleteOp(hive=hive or self.ctx.local_hive(), model=model), model, sink)
+
+    # -- chat ------------------------------------------------------------------------------------
+
+    def chat(self, model: str, messages: list[dict[str, str]], *, max_tokens: int = 256,
+             temperature: float = 0.7, seed: int | None = None) -> ChatStream:
+        if self._oai is None:
+            self._oai = openai_client(self.queen_url, self.ctx.api_key)
+        return ChatStream(self._oai, self.queen_url, model, messages, max_tokens=max_tokens,
+                          temperature=temperature, seed=seed)
