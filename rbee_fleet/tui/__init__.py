@@ -1,0 +1,1 @@
+"""The keeper's terminal UI (Textual): the fleet on one screen, live, with every operation at a keystroke."""
