@@ -43,7 +43,9 @@ class ChatScreen(Screen[None]):
         with Horizontal(id="chat-top"):
             yield Select[str]([], prompt="model", id="chat-model")
             yield Static("", id="chat-stats")
-        yield VerticalScroll(id="transcript")
+        with VerticalScroll(id="transcript"):
+            yield Static("Answers stream here through the queen; time to first token and tokens/s show above. "
+                         "escape stops an answer, ctrl+l starts over.", id="chat-hint", classes="dim")
         yield Input(placeholder="type a message, enter sends", id="prompt")
         yield Footer()
 
@@ -65,6 +67,8 @@ class ChatScreen(Screen[None]):
             select.value = models[0]
 
     def _say(self, who: str, text: str, style: str = "") -> Static:
+        for hint in self.query("#chat-hint"):
+            hint.remove()
         bubble = Static(Text.assemble((f"{who}: ", "bold"), (text, style)), classes=f"msg msg-{who}")
         transcript = self.query_one("#transcript", VerticalScroll)
         transcript.mount(bubble)

@@ -36,7 +36,7 @@ class JobLog(RichLog):
     """
 
     def __init__(self, clock: bool = True, **kwargs) -> None:
-        super().__init__(wrap=True, markup=False, highlight=False, max_lines=5000, **kwargs)
+        super().__init__(wrap=True, markup=False, highlight=False, max_lines=5000, min_width=20, **kwargs)
         self.clock = clock
 
     def add_event(self, event: JobEvent) -> None:
