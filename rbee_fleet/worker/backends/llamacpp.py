@@ -119,6 +119,7 @@ class LlamaCppBackend(Backend):
                 if cancel.is_set():
                     ending = "cancelled"
                     break
+                self.decoded_total += 1
                 if self._is_eog(token):
                     ending = "eos"
                     break
