@@ -1,0 +1,145 @@
+"""The queen under pressure and faults: API keys, full admission, silent workers, its own restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from tests.support import procs
+
+STORY = [{"role": "user", "content": "Tell me a long story about a bee."}]
+
+
+def no_workers_inventory(path: Path, port: int, extra: str = "") -> Path:
+    return procs.write_inventory(path, port=port, worker_port_base=procs.free_port_range(5), workers=[], queen_extra=extra)
+
+
+def live_worker_ids(queen, headers=None) -> set[str]:
+    body = procs.http_json(f"{queen.url}/v1/workers", headers=headers)[1]
+    return {w["heartbeat"]["worker_id"] for w in body["workers"] if w["live"] and w["heartbeat"]["state"] == "ready"}
+
+
+def test_api_keys_are_required_when_configured(tmp_path):
+    port = procs.free_port()
+    inv = no_workers_inventory(tmp_path / "inv.toml", port, 'api_keys = ["sk-test-123"]')
+    queen = procs.start_queen(tmp_path, inv, tmp_path / "home", port)
+    try:
+        status, body, _ = procs.http_json(f"{queen.url}/v1/models")
+        assert status == 401 and body["error"]["type"] == "authentication_error" and body["error"]["code"] == "invalid_api_key"
+        status, _, _ = procs.http_json(f"{queen.url}/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert status == 401
+        status, body, _ = procs.http_json(f"{queen.url}/v1/models", headers={"Authorization": "Bearer sk-test-123"})
+        assert status == 200 and body["object"] == "list"
+        status, _, _ = procs.http_json(f"{queen.url}/v1/models", headers={"x-api-key": "sk-test-123"})
+        assert status == 200
+        status, _, _ = procs.http_json(f"{queen.url}/health")
+        assert status == 200  # health needs no key
+        assert "sk-test-123" not in queen.log_text()
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{queen.url}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        queen.stop()
+
+
+def test_queen_refuses_a_non_loopback_bind_without_keys(tmp_path):
+    port = procs.free_port()
+    inv = no_workers_inventory(tmp_path / "inv.toml", port)
+    text = inv.read_text().replace('host = "127.0.0.1"', 'host = "0.0.0.0"', 1)
+    inv.write_text(text)
+    proc = procs.spawn("queen", [sys.executable, "-m", "rbee_fleet.queen", "-i", str(inv),
+                                 "--home", str(tmp_path / "home")], tmp_path / "q.log", "")
+    assert proc.popen.wait(30) != 0
+    assert "no API key" in proc.log_text()
+
+
+@pytest.fixture
+def one_worker_queen(tmp_path):
+    """A queen with one slot in the whole fleet, at most one request waiting, and a 1 s admission wait."""
+    port = procs.free_port()
+    inv = procs.write_inventory(tmp_path / "inv.toml", port=port, worker_port_base=procs.free_port_range(5),
+                                workers=[{"model": "smollm2", "threads": 2, "ctx_size": 1024}],
+                                queen_extra="max_waiting = 1")
+    inv.write_text(inv.read_text().replace("admission_timeout_s = 5", "admission_timeout_s = 1"))
+    queen = procs.start_queen(tmp_path, inv, tmp_path / "home", port)
+    procs.wait_workers_ready(queen, 1)
+    yield queen
+    queen.stop()
+
+
+async def test_full_fleet_answers_429_then_503_with_retry_after(one_worker_queen):
+    url = f"{one_worker_queen.url}/v1/chat/completions"
+    body = {"model": "smollm2", "messages": STORY, "max_tokens": 300, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async def hold():
+            async with session.post(url, json=body) as resp:
+                await resp.content.readline()
+                await asyncio.sleep(30)
+
+        holder = asyncio.create_task(hold())
+        await asyncio.sleep(0.5)
+        waiter = asyncio.create_task(session.post(url, json=body))
+        await asyncio.sleep(0.2)
+        async with session.post(url, json=body) as resp:  # one is running, one waiting: no room
+            first = resp.status, await resp.json(), resp.headers.get("Retry-After")
+        resp = await waiter  # waited its 1 s, no slot came free
+        second = resp.status, await resp.json(), resp.headers.get("Retry-After")
+        resp.release()
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+    assert first[0] == 429 and first[1]["error"]["type"] == "rate_limit_error" and int(first[2]) >= 1
+    assert second[0] == 503 and "busy" in second[1]["error"]["message"] and int(second[2]) >= 1
+    # The queen's counters came back to zero once the held stream was cut.
+    procs.wait_until(lambda: all(w["in_flight"] == 0 for w in procs.http_json(f"{one_worker_queen.url}/v1/workers")[1]["workers"]),
+                     10, what="in-flight counters to return to zero")
+
+
+def test_silent_worker_leaves_rotation_and_returns(tmp_path):
+    port = procs.free_port()
+    inv = no_workers_inventory(tmp_path / "inv.toml", port)
+    home = tmp_path / "home"
+    queen = procs.start_queen(tmp_path, inv, home, port)
+    token_file = str(home / "secrets" / "cluster.token")
+    worker = procs.start_worker(tmp_path, queen_url=queen.url, worker_id="solo", token_file=token_file)
+    try:
+        procs.wait_until(lambda: "solo" in live_worker_ids(queen), 10, what="registration")
+        os.kill(worker.pid, signal.SIGSTOP)  # alive but silent, as a hung or paused host would be
+        procs.wait_until(lambda: "solo" not in live_worker_ids(queen), 10, what="the silent worker to leave rotation")
+        status, body, _ = procs.http_json(f"{queen.url}/v1/completions", method="POST",
+                                          body={"model": "smollm2", "prompt": "hi", "max_tokens": 2})
+        assert status == 503 and "no worker" in body["error"]["message"]
+        os.kill(worker.pid, signal.SIGCONT)
+        procs.wait_until(lambda: "solo" in live_worker_ids(queen), 10, what="the worker to come back")
+        status, body, _ = procs.http_json(f"{queen.url}/v1/completions", method="POST",
+                                          body={"model": "smollm2", "prompt": "hi", "max_tokens": 2})
+        assert status == 200
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+        worker.stop()
+        queen.stop()
+
+
+def test_worker_reregisters_after_the_queen_restarts(tmp_path):
+    port = procs.free_port()
+    inv = no_workers_inventory(tmp_path / "inv.toml", port)
+    home = tmp_path / "home"
+    queen = procs.start_queen(tmp_path, inv, home, port)
+    worker = procs.start_worker(tmp_path, queen_url=queen.url, worker_id="loyal",
+                                token_file=str(home / "secrets" / "cluster.token"))
+    try:
+        procs.wait_until(lambda: "loyal" in live_worker_ids(queen), 10, what="registration")
+        queen.stop()
+        queen = procs.start_queen(tmp_path, inv, home, port)
+        procs.wait_until(lambda: "loyal" in live_worker_ids(queen), 10, what="re-registration with the new queen")
+        status, body, _ = procs.http_json(f"{queen.url}/v1/completions", method="POST",
+                                          body={"model": "smollm2", "prompt": "hi", "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+    finally:
+        worker.stop()
+        queen.stop()
