@@ -89,15 +89,39 @@ async def test_failed_download_leaves_nothing_behind(tmp_path, file_server):
         await run_download(catalog, f"{file_server}/smol.gguf", "../escape")
 
 
-async def test_cancelled_copy_leaves_nothing_behind(tmp_path, model_path):
-    catalog = Catalog(tmp_path / "models")
-    registry = JobRegistry()
-    job = registry.submit({"kind": "model_download"}, lambda emit: catalog.download(model_path, "partial", emit))
-    await asyncio.sleep(0.05)
-    await registry.cancel(job.id)
-    assert job.state.value == "cancelled"
-    await asyncio.sleep(0.2)
-    assert list((tmp_path / "models").iterdir()) == []
+async def test_cancelled_download_leaves_nothing_behind(tmp_path):
+    """A server that trickles bytes, so the download is surely in flight when it is cancelled."""
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(64 * 2**20)})
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(b"\0" * 2**20)
+            await asyncio.sleep(0.1)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/slow.gguf", trickle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        catalog = Catalog(tmp_path / "models")
+        registry = JobRegistry()
+
+        async def op(emit):
+            await catalog.download(str(server.make_url("/slow.gguf")), None, emit)
+            return {}
+
+        job = registry.submit({"kind": "model_download"}, op)
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if any(e.progress and e.progress.current > 0 for e in job.events):
+                break
+        assert list((tmp_path / "models").iterdir()), "the download should be staged while in flight"
+        await registry.cancel(job.id)
+        assert job.state.value == "cancelled"
+        assert list((tmp_path / "models").iterdir()) == []
+    finally:
+        await server.close()
 
 
 def test_hf_source_syntax():

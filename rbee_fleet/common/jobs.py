@@ -151,6 +151,9 @@ class JobRegistry:
             log.exception("job %s failed", job.id)
             self._fail(job, f"{type(exc).__name__}: {exc}")
             return
+        if result is not None and not isinstance(result, dict):
+            self._fail(job, f"internal error: the operation returned {type(result).__name__}, not a mapping")
+            return
         job.result = result or {}
         job.state = JobState.SUCCEEDED
         job.finished_at = time.time()
