@@ -45,12 +45,12 @@ def status_tables(status: FleetStatus) -> list[Table]:
         state = "embedded" if h.embedded else ("up" if h.live else "unreachable")
         hives.add_row(*_cells(h.hive_id, h.url, state, h.version, devices_summary(h.devices), len(h.workers)))
     workers = Table(title="workers", title_justify="left", expand=False)
-    for col in ("worker", "model", "backend", "device", "url", "state", "slots", "in flight", "queue", "tok/s"):
+    for col in ("worker", "model", "backend", "device", "url", "state", "busy/slots", "queue", "tok/s"):
         workers.add_column(col)
     for w in status.workers:
         hb = w.heartbeat
         workers.add_row(*_cells(hb.worker_id, hb.model, hb.backend, hb.device, hb.url, worker_state(w),
-                                f"{hb.slots_busy}/{hb.slots_total}", w.in_flight, hb.queue_depth,
+                                f"{w.in_flight}/{hb.slots_total}", hb.queue_depth,
                                 f"{hb.tokens_per_second:.1f}"))
     return [head, hives, workers]
 
