@@ -143,3 +143,32 @@ def test_worker_reregisters_after_the_queen_restarts(tmp_path):
     finally:
         worker.stop()
         queen.stop()
+
+
+async def test_paused_worker_mid_stream_ends_the_stream_instead_of_hanging(tmp_path):
+    port = procs.free_port()
+    inv = no_workers_inventory(tmp_path / "inv.toml", port)
+    home = tmp_path / "home"
+    queen = procs.start_queen(tmp_path, inv, home, port)
+    worker = procs.start_worker(tmp_path, queen_url=queen.url, worker_id="sleepy",
+                                token_file=str(home / "secrets" / "cluster.token"))
+    try:
+        procs.wait_until(lambda: "sleepy" in live_worker_ids(queen), 10, what="registration")
+        client = openai.AsyncOpenAI(base_url=f"{queen.url}/v1", api_key="x", max_retries=0)
+        stream = await client.chat.completions.create(model="smollm2", messages=STORY, max_tokens=400, stream=True)
+        got = 0
+        loop = asyncio.get_running_loop()
+        with pytest.raises(openai.APIError) as info:
+            async for _ in stream:
+                got += 1
+                if got == 3:
+                    os.kill(worker.pid, signal.SIGSTOP)  # a host that froze mid-answer
+                    paused_at = loop.time()
+        waited = loop.time() - paused_at
+        assert "no heartbeat" in str(info.value.message)
+        # A hang would last the 300 s read timeout; the watchdog ends it about the 2 s heartbeat timeout.
+        assert waited < 30, f"the stream hung for {waited:.1f} s"
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+        worker.stop()
+        queen.stop()
