@@ -19,6 +19,7 @@ from rbee_fleet.keeper import render
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.services import KeeperContext, ensure_workers, run_job, start_queen
 
+
 def _console(stderr: bool) -> Console:
     probe = Console(stderr=stderr)
     # Logs and pipes get wide lines instead of rich's 80-column default.
