@@ -161,6 +161,7 @@ class JobRegistry:
 
     @staticmethod
     def _fail(job: Job, message: str) -> None:
+        log.warning("job %s (%s) failed: %s", job.id, job.operation.get("kind", "operation"), message)
         job.state = JobState.FAILED
         job.error = message
         job.finished_at = time.time()
