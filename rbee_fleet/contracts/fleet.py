@@ -65,7 +65,8 @@ class WorkerHeartbeat(BaseModel):
     queue_depth: int = 0
     queue_capacity: int = 0
     tokens_per_second: float = 0.0
-    tokens_generated_total: int = 0
+    tokens_generated_total: int = 0  # tokens streamed to clients
+    tokens_decoded_total: int = 0  # tokens the backend decoded, including those of cancelled requests
     requests_total: int = 0
     context_length: int = 0
     pid: int = 0

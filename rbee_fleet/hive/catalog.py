@@ -142,7 +142,12 @@ class Catalog:
         meta = self.root / model_id / META
         entry = self._read(meta) if NAME_RE.match(model_id) else None
         if entry is None:
-            raise ModelNotFound(f"no model {model_id!r} in this hive's catalog", param="model")
+            have = ", ".join(e.id for e in self.list()) or "none"
+            raise ModelNotFound(
+                f"no model {model_id!r} in this hive's catalog (it has: {have}); "
+                f"fetch it with: rbee-keeper model download SOURCE --name {model_id}",
+                param="model",
+            )
         return entry
 
     def has(self, model_id: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
 import aiohttp
 
 from rbee_fleet import __version__

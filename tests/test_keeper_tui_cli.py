@@ -1,0 +1,55 @@
+"""The keeper binary's TUI entry points, and CLI paths moved onto the shared service layer that
+tests/test_keeper_cli.py does not cover; the real binary against a real queen and worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import procs
+
+pytestmark = pytest.mark.slow
+
+KEEPER = str(Path(sys.executable).parent / "rbee-keeper")
+
+
+@pytest.fixture(scope="module")
+def fleet(module_tmp: Path) -> Iterator[tuple[procs.Proc, Path]]:
+    port = procs.free_port()
+    inventory = procs.write_inventory(module_tmp / "fleet.toml", port=port, worker_port_base=procs.free_port_range(4),
+                                      workers=[{"model": "smollm2", "threads": 1, "ctx_size": 512}])
+    queen = procs.start_queen(module_tmp, inventory, module_tmp / "home", port)
+    try:
+        procs.wait_workers_ready(queen, 1)
+        yield queen, inventory
+    finally:
+        queen.stop()
+
+
+def keeper(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([KEEPER, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_no_command_off_a_terminal_prints_help():
+    done = keeper()
+    assert done.returncode == 2 and "tui" in done.stdout and "opens the TUI" in done.stdout
+    assert "--refresh" in keeper("tui", "--help").stdout
+
+
+def test_stopping_an_unknown_worker_fails_with_the_reason(fleet):
+    _, inventory = fleet
+    stop = keeper("worker", "stop", "no-such-worker", "-i", str(inventory))
+    assert stop.returncode == 1 and "no-such-worker" in stop.stderr
+
+
+def test_down_leaves_a_queen_it_did_not_start(fleet):
+    queen, inventory = fleet
+    done = keeper("down", "-i", str(inventory))
+    assert done.returncode == 1 and "not started by this keeper" in done.stderr
+    assert queen.alive()
