@@ -34,6 +34,7 @@ from rbee_fleet.keeper.inventory_edit import FieldSpec, FormError, FormValues, c
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.services import EventSink, KeeperContext
 from rbee_fleet.tui.operations import OperationLog, TrackedOperation
+from rbee_fleet.tui.palette import keeper_commands
 from rbee_fleet.tui.screens.chat import ChatScreen
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.fleet import FleetScreen
@@ -369,6 +370,7 @@ class KeeperApp(App[None]):
                 return
             self.notify(f"trusted {key.fingerprint} for {alias}")
 
+    @work(group="navigation")
     async def follow_host_log(self, alias: str) -> None:
         await self.switch_mode("jobs")
         screen = self.screen
@@ -406,49 +408,7 @@ class KeeperApp(App[None]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for mode, title in (("fleet", "Fleet"), ("jobs", "Jobs and logs"), ("chat", "Chat"), ("inventory", "Inventory")):
-            yield SystemCommand(f"Go to: {title}", f"show the {title} screen", partial(self.switch_mode, mode))
-        yield SystemCommand("Help", "every key binding", self.action_help)
-        yield SystemCommand("Reload inventory", "read the inventory file again", self.action_reload_inventory)
-        yield SystemCommand("Deploy all hosts", "check every host, show the plan, then deploy", self.deploy)
-        if self.fleet is None:
-            return
-        inventory = self.fleet.ctx.inventory
-        found = inventory.embedded_hive()
-        if found:
-            yield SystemCommand("Start the local fleet", f"start the queen and the workers of {found[0]}",
-                                partial(self.hive_action, found[0], HiveAction.START))
-            yield SystemCommand("Stop the local fleet", "stop the queen and its workers",
-                                partial(self.hive_action, found[0], HiveAction.STOP))
-        for alias in inventory.hives:
-            yield SystemCommand(f"Open host {alias}", "devices, workers, models, operations",
-                                partial(self.open_host, alias), discover=False)
-            yield SystemCommand(f"Spawn a worker on {alias}", "start a worker for a model",
-                                partial(self.spawn_worker, alias), discover=False)
-            yield SystemCommand(f"Download a model to {alias}", "fetch a model into the host's catalog",
-                                partial(self.download_model, alias), discover=False)
-            yield SystemCommand(f"Delete a model from {alias}", "remove a model from the host's catalog",
-                                partial(self.delete_model, None, alias), discover=False)
-            yield SystemCommand(f"Deploy {alias}", "check, show the plan, deploy", partial(self.deploy, [alias]),
-                                discover=False)
-            for action in HiveAction:
-                yield SystemCommand(f"{action.value.capitalize()} the hive on {alias}", f"hive {action.value}",
-                                    partial(self.hive_action, alias, action), discover=False)
-            yield SystemCommand(f"Check the host key of {alias}", "show its fingerprint, trust it if you agree",
-                                partial(self.check_host_key, alias), discover=False)
-            yield SystemCommand(f"Follow the log of {alias}", "the hive's log, live",
-                                partial(self.follow_host_log, alias), discover=False)
-            yield SystemCommand(f"ssh into {alias}", "an interactive shell; the TUI resumes after it",
-                                partial(self.ssh, alias), discover=False)
-        for row in self.snapshot.rows:
-            for w in row.workers:
-                if w.state not in ("not running", "stopped"):
-                    yield SystemCommand(f"Stop worker {w.worker_id}", f"on {row.alias}",
-                                        partial(self.stop_worker, w.worker_id, row.alias), discover=False)
-        for op in self.operations.running():
-            if op.worker is not None:
-                yield SystemCommand(f"Cancel: {op.label}", "stop this running operation", op.worker.cancel,
-                                    discover=False)
+        yield from keeper_commands(self)
 
 
 def short_cause(cause: str) -> str:

@@ -19,6 +19,8 @@ from rbee_fleet.tui.app import KeeperApp
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.hive_actions import HiveActionsScreen
 from rbee_fleet.tui.screens.inventory import InventoryScreen
+from rbee_fleet.tui.screens.jobs import JobsScreen
+from rbee_fleet.tui.widgets.job_log import JobLog
 from tests.support import procs
 from tests.tui.conftest import notifications, wait_for
 
@@ -68,15 +70,24 @@ async def test_no_queen_then_start_and_stop_the_local_fleet_from_the_tui(own_que
         assert f"127.0.0.1:{port}" in header(app) and "not answering" not in header(app)
         assert QueenDaemon(Layout.default(), str(inventory)).running_pid() is not None
 
+        # The host's log, followed live on the Jobs screen (the local hive logs into the queen's log).
+        await pilot.press("a")
+        await choose(pilot, "log")
+        await wait_for(pilot, lambda: isinstance(app.screen, JobsScreen), what="the jobs screen")
+        log = app.screen.query_one("#host-log", JobLog)
+        await wait_for(pilot, lambda: any("queen listening on" in line.text for line in log.lines),
+                       what="the queen's log")
+        await pilot.press("f1")
+
         await pilot.press("a")
         await choose(pilot, "stop")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
         await pilot.press("y")
-        await wait_for(pilot, lambda: app.snapshot.polled and app.snapshot.status is None, timeout=60,
-                       what="the queen to stop")
-        assert app.snapshot.row("localhost").state is HostState.STOPPED
-        assert QueenDaemon(Layout.default(), str(inventory)).running_pid() is None
+        await wait_for(pilot, lambda: not app.operations.running(), timeout=60, what="the stop to finish")
         assert [op.state for op in app.operations] == ["succeeded", "succeeded"]
+        assert QueenDaemon(Layout.default(), str(inventory)).running_pid() is None
+        await wait_for(pilot, lambda: app.snapshot.status is None and app.snapshot.row("localhost").state
+                       is HostState.STOPPED, what="the fleet screen to show it stopped")
 
 
 async def test_a_host_that_stops_answering_is_shown_unreachable(tmp_path: Path):
