@@ -43,6 +43,10 @@ up INVENTORY="inventory/localhost.toml": setup
 down:
     {{bin}}/rbee-keeper down
 
+# Open the terminal UI (the fleet live, every operation at a keystroke)
+tui INVENTORY="inventory/localhost.toml": setup
+    {{bin}}/rbee-keeper tui -i {{INVENTORY}}
+
 # Show the fleet
 status:
     {{bin}}/rbee-keeper status
