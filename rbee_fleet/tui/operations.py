@@ -8,6 +8,9 @@ from typing import Any
 
 from rbee_fleet.contracts.fleet import JobEvent, Progress
 
+# Operations that are one job on the queen (the others, like a hive start, may run several).
+QUEEN_JOB_KINDS = frozenset({"worker_spawn", "worker_stop", "model_download", "model_delete"})
+
 
 @dataclass
 class TrackedOperation:
@@ -39,7 +42,7 @@ class TrackedOperation:
         return self.error or (self.events[-1].message if self.events else "")
 
     def add(self, event: JobEvent) -> None:
-        if event.job_id and self.job_id is None:
+        if event.job_id and self.job_id is None and self.kind in QUEEN_JOB_KINDS:
             self.job_id = event.job_id
         self.events.append(event)
 

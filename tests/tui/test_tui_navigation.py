@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 from textual.command import CommandPalette
+from textual.widgets import Button, Label
 
-from rbee_fleet.keeper.host_actions import HiveAction
+from rbee_fleet.keeper.host_actions import HiveAction, HostKey, KeeperHostActions
 from rbee_fleet.tui.app import KeeperApp
 from rbee_fleet.tui.palette import keeper_commands
+from rbee_fleet.tui.screens.host_key import HostKeyScreen
 from rbee_fleet.tui.widgets.fleet_table import FleetTable
 from tests.tui.conftest import notifications, wait_for
 from tests.tui.standin import StandInFleetService, write_inventory
@@ -67,3 +69,41 @@ async def test_the_palette_has_every_action(app: KeeperApp):
                        what="the install's reason")
         op = app.operations.get(1)
         assert (op.kind, op.hive, op.state) == ("hive_install", "gpu-box", "failed")
+
+
+class StandInHostKeyActions(KeeperHostActions):
+    """Stand-in for the SSH layer's host-key lookup (issue 3 is not merged): a fixed key, and a record of
+    what the operator accepted."""
+
+    KEY = HostKey("gpu-box", "10.0.0.7", 22, "ssh-ed25519", "SHA256:5s8bGUMvQ2Qxq0Xb9x0eWfQq1Yh2r0nH2kK3m4n5o6p",
+                  known=False)
+
+    def __init__(self, fleet) -> None:
+        super().__init__(fleet)
+        self.accepted: list[HostKey] = []
+
+    async def host_key(self, alias: str) -> HostKey:
+        return self.KEY
+
+    async def accept_host_key(self, key: HostKey) -> None:
+        self.accepted.append(key)
+
+
+async def test_a_host_key_is_trusted_only_after_its_fingerprint_is_shown_and_accepted(tmp_path: Path):
+    app = KeeperApp(str(write_inventory(tmp_path / "fleet.toml")), refresh_s=3600,
+                    service_factory=StandInFleetService, actions_factory=StandInHostKeyActions)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.snapshot.polled, what="the first poll")
+        app.check_host_key("gpu-box")
+        await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen), what="the host key dialog")
+        shown = str(app.screen.query_one("#fingerprint", Label).content)
+        assert StandInHostKeyActions.KEY.fingerprint in shown and "ssh-ed25519" in shown
+        assert app.screen.query_one("#reject", Button).has_focus  # the safe answer is the default
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not isinstance(app.screen, HostKeyScreen), what="the dialog to close")
+        assert app.hosts.accepted == []
+        app.check_host_key("gpu-box")
+        await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen), what="the host key dialog")
+        await pilot.click("#accept")
+        await wait_for(pilot, lambda: app.hosts.accepted == [StandInHostKeyActions.KEY], what="the key to be trusted")
+        assert any("trusted SHA256:" in n for n in notifications(app))
