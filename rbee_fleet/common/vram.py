@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rbee_fleet.common.placement import Need
+
 PAGE_SIZE = 256  # exllamav2's paged-attention page; the cache length must be a multiple of it
 DEFAULT_BATCH = 4  # concurrent sequences of a paged (flash-attn) worker unless max_batch_size says otherwise
 DEFAULT_OVERHEAD_MB = 768  # CUDA context, activations of one prefill chunk, allocator slack
@@ -156,6 +158,10 @@ class VramNeed:
     @property
     def total_mb(self) -> int:
         return self.weights_mb + self.cache_mb + self.overhead_mb
+
+    def as_need(self) -> Need:
+        """For placement: weights and cache can be split across GPUs, the overhead is paid on each."""
+        return Need(shared_mb=self.weights_mb + self.cache_mb, per_gpu_mb=self.overhead_mb)
 
     def describe(self) -> str:
         return (f"{self.total_mb} MB ({self.weights_mb} weights + {self.cache_mb} cache for "
