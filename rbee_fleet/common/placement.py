@@ -13,6 +13,7 @@ from typing import Literal
 
 Policy = Literal["binpack", "spread"]
 POLICIES: tuple[str, ...] = ("binpack", "spread")
+CANNOT_PLACE = "cannot place"  # starts a hive's refusal; the queen then tries the next hive
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.jobs import Emitter
-from rbee_fleet.common.placement import Gpu, Host, NoFit, Placement, place
+from rbee_fleet.common.placement import CANNOT_PLACE, Gpu, Host, NoFit, Placement, place
 from rbee_fleet.common.vram import ExlOptions, VramNeed, estimate
 from rbee_fleet.contracts.fleet import DeviceInfo, ModelEntry, WorkerSpawnOp
 from rbee_fleet.hive import gpu_stack
@@ -52,7 +52,7 @@ class GpuPlacer:
             try:
                 chosen = place(need.as_need(), [host], op.placement)
             except NoFit as exc:
-                raise OperationFailed(f"cannot place {worker_id}: {entry.id} needs {need.describe()}; {exc}") from None
+                raise OperationFailed(f"{CANNOT_PLACE} {worker_id}: {entry.id} needs {need.describe()}; {exc}") from None
             self._hold(worker_id, chosen, host)
         emit.progress(f"placed {worker_id} on {chosen.device} ({op.placement}): {need.describe()}, "
                       f"{chosen.free_mb} MB free there")

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
+from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.contracts.fleet import ModelDeleteOp, ModelDownloadOp, WorkerSpawnOp, WorkerStopOp
 from rbee_fleet.keeper import render
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
@@ -234,8 +235,14 @@ async def _job(args: argparse.Namespace, ctx: KeeperContext, op: Any, label: str
 
 
 async def worker_spawn(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    try:
+        options = parse_key_values(args.option)
+    except ValueError as exc:
+        _fail(args, str(exc))
+        return EXIT_USAGE
     op = WorkerSpawnOp(hive=args.hive or ctx.local_hive(), model=args.model, backend=args.backend, device=args.device,
-                       worker_id=args.worker_id, ctx_size=args.ctx_size, threads=args.threads)
+                       placement=args.placement, worker_id=args.worker_id, ctx_size=args.ctx_size,
+                       threads=args.threads, options=options)
     return await _job(args, ctx, op, args.worker_id or f"spawn {args.model}")
 
 
