@@ -100,46 +100,67 @@ async def test_full_fleet_answers_429_then_503_with_retry_after(one_worker_queen
                      10, what="in-flight counters to return to zero")
 
 
-def test_silent_worker_leaves_rotation_and_returns(tmp_path):
-    port = procs.free_port()
-    inv = no_workers_inventory(tmp_path / "inv.toml", port)
-    home = tmp_path / "home"
-    queen = procs.start_queen(tmp_path, inv, home, port)
-    token_file = str(home / "secrets" / "cluster.token")
-    worker = procs.start_worker(tmp_path, queen_url=queen.url, worker_id="solo", token_file=token_file)
-    try:
-        procs.wait_until(lambda: "solo" in live_worker_ids(queen), 10, what="registration")
-        os.kill(worker.pid, signal.SIGSTOP)  # alive but silent, as a hung or paused host would be
-        procs.wait_until(lambda: "solo" not in live_worker_ids(queen), 10, what="the silent worker to leave rotation")
-        status, body, _ = procs.http_json(f"{queen.url}/v1/completions", method="POST",
+class QueenAndWorker:
+    """A queen with no workers of its own and one standalone worker heartbeating to it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = procs.free_port()
+        self.inv = no_workers_inventory(tmp / "inv.toml", self.port)
+        self.home = tmp / "home"
+        self.queen = procs.start_queen(tmp, self.inv, self.home, self.port)
+        self.worker = procs.start_worker(tmp, queen_url=self.queen.url, worker_id="solo",
+                                         token_file=str(self.home / "secrets" / "cluster.token"))
+        procs.wait_until(lambda: "solo" in live_worker_ids(self.queen), 10, what="registration")
+
+    def restart_queen(self) -> None:
+        self.queen.stop()
+        self.queen = procs.start_queen(self.tmp, self.inv, self.home, self.port)
+
+    def complete(self) -> tuple[int, dict]:
+        status, body, _ = procs.http_json(f"{self.queen.url}/v1/completions", method="POST",
                                           body={"model": "smollm2", "prompt": "hi", "max_tokens": 2})
-        assert status == 503 and "no worker" in body["error"]["message"]
-        os.kill(worker.pid, signal.SIGCONT)
-        procs.wait_until(lambda: "solo" in live_worker_ids(queen), 10, what="the worker to come back")
-        status, body, _ = procs.http_json(f"{queen.url}/v1/completions", method="POST",
-                                          body={"model": "smollm2", "prompt": "hi", "max_tokens": 2})
-        assert status == 200
-    finally:
-        os.kill(worker.pid, signal.SIGCONT)
-        worker.stop()
-        queen.stop()
+        return status, body
 
 
-def test_worker_reregisters_after_the_queen_restarts(tmp_path):
-    port = procs.free_port()
-    inv = no_workers_inventory(tmp_path / "inv.toml", port)
-    home = tmp_path / "home"
-    queen = procs.start_queen(tmp_path, inv, home, port)
-    worker = procs.start_worker(tmp_path, queen_url=queen.url, worker_id="loyal",
-                                token_file=str(home / "secrets" / "cluster.token"))
-    try:
-        procs.wait_until(lambda: "loyal" in live_worker_ids(queen), 10, what="registration")
-        queen.stop()
-        queen = procs.start_queen(tmp_path, inv, home, port)
-        procs.wait_until(lambda: "loyal" in live_worker_ids(queen), 10, what="re-registration with the new queen")
-        status, body, _ = procs.http_json(f"{queen.url}/v1/completions", method="POST",
-                                          body={"model": "smollm2", "prompt": "hi", "max_tokens": 2})
-        assert status == 200 and body["usage"]["completion_tokens"] == 2
-    finally:
-        worker.stop()
-        queen.stop()
+@pytest.fixture
+def pair(tmp_path):
+    p = QueenAndWorker(tmp_path)
+    yield p
+    os.kill(p.worker.pid, signal.SIGCONT)
+    p.worker.stop()
+    p.queen.stop()
+
+
+def test_silent_worker_leaves_rotation_and_returns(pair):
+    os.kill(pair.worker.pid, signal.SIGSTOP)  # alive but silent, as a hung or paused host would be
+    procs.wait_until(lambda: "solo" not in live_worker_ids(pair.queen), 10, what="the silent worker to leave rotation")
+    status, body = pair.complete()
+    assert status == 503 and "no worker" in body["error"]["message"]
+    os.kill(pair.worker.pid, signal.SIGCONT)
+    procs.wait_until(lambda: "solo" in live_worker_ids(pair.queen), 10, what="the worker to come back")
+    assert pair.complete()[0] == 200
+
+
+def test_worker_reregisters_after_the_queen_restarts(pair):
+    pair.restart_queen()
+    procs.wait_until(lambda: "solo" in live_worker_ids(pair.queen), 10, what="re-registration with the new queen")
+    status, body = pair.complete()
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
+async def test_paused_worker_mid_stream_ends_the_stream_instead_of_hanging(pair):
+    client = openai.AsyncOpenAI(base_url=f"{pair.queen.url}/v1", api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(model="smollm2", messages=STORY, max_tokens=400, stream=True)
+    got = 0
+    loop = asyncio.get_running_loop()
+    with pytest.raises(openai.APIError) as info:
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                os.kill(pair.worker.pid, signal.SIGSTOP)  # a host that froze mid-answer
+                paused_at = loop.time()
+    waited = loop.time() - paused_at
+    assert "no heartbeat" in str(info.value.message)
+    # A hang would last the 300 s read timeout; the watchdog ends it about the 2 s heartbeat timeout.
+    assert waited < 30, f"the stream hung for {waited:.1f} s"

@@ -1,0 +1,23 @@
+"""`just bench`: run every benchmark and print its figures (ratios against baselines of the same run)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = [
+    "tests.bench.bench_worker",
+    "tests.bench.bench_queen",
+]
+
+
+def main() -> None:
+    only = sys.argv[1:]
+    for name in BENCHES:
+        if only and not any(o in name for o in only):
+            continue
+        importlib.import_module(name).main()
+
+
+if __name__ == "__main__":
+    main()
