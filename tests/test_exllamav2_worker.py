@@ -249,19 +249,19 @@ async def test_unpaged_worker_has_one_slot(tiny_model, tokenizer, monkeypatch):
 
 
 async def test_request_over_the_cache_budget_is_refused_before_streaming(tiny_model, monkeypatch):
-    # Context 1024 per sequence, but only 512 tokens (2 pages) of cache in all.
+    # Context 1024 per sequence, but only 512 tokens (2 pages) of cache in all: 512 is the real limit.
     async with worker(tiny_model, monkeypatch, lambda prompt: [], ctx_size=1024,
                       options={"cache_tokens": 512}) as (url, runtime, _):
         health = await _wait_ready(url)
-        assert health["context_length"] == 1024 and health["cache_tokens_total"] == 512
+        assert health["context_length"] == 512 and health["cache_tokens_total"] == 512
         with pytest.raises(openai.BadRequestError) as info:
             await client(url).completions.create(model="tiny", prompt="Hello", max_tokens=600, stream=True)
         err = info.value.body
         assert err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
-        assert "cache pages" in err["message"]
         assert the_generator(runtime).enqueued == []  # nothing reached the generator
-        ok = await client(url).completions.create(model="tiny", prompt="Hello", max_tokens=400)
+        ok = await client(url).chat.completions.create(model="tiny", messages=HELLO)  # no max_tokens: what fits
         assert ok.choices[0].finish_reason == "stop"
+        assert the_generator(runtime).enqueued[-1].max_new_tokens == 512 - ok.usage.prompt_tokens
 
 
 async def test_generator_failure_is_a_500_and_the_worker_survives(tiny_model, tokenizer, monkeypatch):

@@ -74,7 +74,8 @@ class ExLlamaV2Backend(Backend):
 
     @property
     def context_length(self) -> int:
-        return self._m.context
+        # One sequence can never outgrow the shared cache, so a smaller cache shortens the context.
+        return min(self._m.context, self._gen.max_pages * self._gen.page_size)
 
     @property
     def slots(self) -> int:
