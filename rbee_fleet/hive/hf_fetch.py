@@ -8,8 +8,39 @@ standard output is a JSON object: ``{"ok": true}`` or ``{"ok": false, "error": C
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
+import os
 import sys
+from pathlib import Path
+
+from rbee_fleet.common.errors import OperationFailed
+
+
+async def run_in_child(repo_id: str, dst: Path, revision: str | None, filename: str | None) -> None:
+    """snapshot_download of ``repo_id`` into ``dst`` in a child process, killed if this task is cancelled."""
+    cmd = [sys.executable, "-m", "rbee_fleet.hive.hf_fetch", repo_id, str(dst)]
+    cmd += ["--revision", revision] if revision else []
+    cmd += ["--include", filename] if filename else []
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    lines = out.decode(errors="replace").strip().splitlines()
+    try:
+        status = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        status = {}
+    if proc.returncode != 0 or not status.get("ok"):
+        said = status.get("message") or err.decode(errors="replace").strip()[-500:] or f"exit code {proc.returncode}"
+        raise OperationFailed(f"hf:{repo_id}@{revision or 'main'}: download failed: {said}")
 
 
 def main(argv: list[str] | None = None) -> int:
