@@ -259,3 +259,15 @@ async def test_bad_device_is_refused(hive):
     service, launched = hive
     job = await run_spawn(service, WorkerSpawnOp(hive="gpubox", model="llama3", device="gpu0"))
     assert "device 'gpu0'" in job.error and launched == []
+
+
+def test_inventory_accepts_auto_device_and_a_policy():
+    from rbee_fleet.common.inventory import InventoryError, parse_inventory
+
+    inv = parse_inventory('[hives.gpubox]\naddress = "10.0.0.7"\n[[hives.gpubox.workers]]\nmodel = "llama3"\n'
+                          'device = "auto"\nplacement = "spread"\noptions = { cache = "q4" }\n')
+    [op] = inv.spawn_ops("gpubox")
+    assert (op.device, op.placement, op.options) == ("auto", "spread", {"cache": "q4"})
+    with pytest.raises(InventoryError) as info:
+        parse_inventory('[hives.gpubox]\n[[hives.gpubox.workers]]\nmodel = "m"\ndevice = "auto"\nplacement = "pack"\n')
+    assert info.value.line == 5 and info.value.key == "hives.gpubox.workers[0].placement"
