@@ -133,7 +133,8 @@ class WorkerSpawnOp(_Op):
     kind: Literal["worker_spawn"] = "worker_spawn"
     model: str
     backend: Literal["auto", "llamacpp", "exllamav2"] = "auto"
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda:N[,M], or auto: the hive picks GPUs by free VRAM
+    placement: Literal["binpack", "spread"] = "binpack"  # how device="auto" chooses among GPUs
     worker_id: str | None = None
     ctx_size: int | None = Field(default=None, ge=128)
     threads: int | None = Field(default=None, ge=1)

@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
+from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.keeper import render
 from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
@@ -213,8 +214,14 @@ async def _job(args: argparse.Namespace, ctx: KeeperContext,
 
 
 async def worker_spawn(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    try:
+        options = parse_key_values(args.option)
+    except ValueError as exc:
+        _fail(args, str(exc))
+        return EXIT_USAGE
     op = WorkerSpawnOp(hive=args.hive or ctx.local_hive(), model=args.model, backend=args.backend, device=args.device,
-                       worker_id=args.worker_id, ctx_size=args.ctx_size, threads=args.threads)
+                       placement=args.placement, worker_id=args.worker_id, ctx_size=args.ctx_size,
+                       threads=args.threads, options=options)
     return await _job(args, ctx, lambda fleet, sink: fleet.spawn_worker(op, sink))
 
 
