@@ -147,3 +147,23 @@ def test_help(snap_compare, app_factory):
         await still(pilot)
 
     assert snap_compare(app_factory(), terminal_size=(100, 40), run_before=run_before)
+
+
+def test_host_detail_screen_at_80x24(snap_compare, app_factory):
+    async def run_before(pilot: Pilot) -> None:
+        await until(pilot, lambda: polled(pilot) and pilot.app.screen.query_one(DataTable).row_count == 3)
+        await pilot.press("enter")
+        await until(pilot, lambda: pilot.app.screen.query_one("#models", DataTable).row_count == 2)
+        await still(pilot)
+
+    assert snap_compare(app_factory(), terminal_size=SMALL, run_before=run_before)
+
+
+def test_spawn_form_at_80x24(snap_compare, app_factory):
+    async def run_before(pilot: Pilot) -> None:
+        await until(pilot, lambda: polled(pilot))
+        await pilot.press("w")
+        await until(pilot, lambda: pilot.app.screen.query("#field-model"))
+        await still(pilot)
+
+    assert snap_compare(app_factory(), terminal_size=SMALL, run_before=run_before)

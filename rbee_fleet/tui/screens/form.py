@@ -43,10 +43,10 @@ class FormScreen(ModalScreen[T | None], Generic[T]):
                 yield Label(self.note, classes="dialog-detail")
             with VerticalScroll(classes="form-body"):
                 yield self.fields
-            yield Label("", id="form-error", classes="field-error")
+            yield Label("", id="form-error")
             with Horizontal(classes="dialog-buttons"):
-                yield Button(f"{self.ok} (ctrl+s)", variant="primary", id="ok")
-                yield Button("Cancel (esc)", id="cancel")
+                yield Button(f"{self.ok} (ctrl+s)", variant="primary", id="ok", compact=True)
+                yield Button("Cancel (esc)", id="cancel", compact=True)
 
     def on_mount(self) -> None:
         self.fields.focus_first()
