@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from rbee_fleet.common.inventory import InventoryError, load_inventory
-from rbee_fleet.keeper.inventory_edit import HOST_FIELDS, WORKER_FIELDS, FormError, InventoryDocument, form_values
+from rbee_fleet.keeper.inventory_edit import (
+    HOST_FIELDS,
+    WORKER_FIELDS,
+    FormError,
+    InventoryDocument,
+    form_values,
+)
 
 TEXT = """\
 # my fleet

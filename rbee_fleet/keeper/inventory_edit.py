@@ -22,7 +22,14 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
-from rbee_fleet.common.inventory import ALIAS_RE, HiveDecl, Inventory, WorkerDecl, default_inventory, parse_inventory
+from rbee_fleet.common.inventory import (
+    ALIAS_RE,
+    HiveDecl,
+    Inventory,
+    WorkerDecl,
+    default_inventory,
+    parse_inventory,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
