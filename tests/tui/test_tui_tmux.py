@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import free_port
 from tests.tui.conftest import LiveFleet
 
 pytestmark = pytest.mark.slow
@@ -60,9 +61,12 @@ def tmux(tmp_path: Path) -> Iterator[Tmux]:
     server.run("kill-server", check=False)
 
 
-def test_keeper_binary_opens_the_tui_and_answers_keys(tmux: Tmux, live_fleet: LiveFleet, home: Path):
+def test_keeper_binary_opens_the_tui_and_answers_keys(tmux: Tmux, live_fleet: LiveFleet, home: Path, tmp_path: Path):
+    # The same fleet, with SSH pointed at a closed port, so the shell action fails fast and for real.
+    inventory = tmp_path / "fleet.toml"
+    inventory.write_text(live_fleet.inventory.read_text().replace("[defaults]\n", f"[defaults]\nssh_port = {free_port()}\n"))
     # Textual draws on stderr: leave it on the terminal.
-    command = f"env RBEE_HOME={home} TERM=xterm-256color {KEEPER} -i {live_fleet.inventory}"
+    command = f"env RBEE_HOME={home} TERM=xterm-256color {KEEPER} -i {inventory}"
     tmux.run("new-session", "-d", "-s", "tui", "-x", "100", "-y", "30", command)
 
     screen = tmux.wait_for("queen", "localhost", "up", "smollm2", timeout=60)
@@ -81,6 +85,9 @@ def test_keeper_binary_opens_the_tui_and_answers_keys(tmux: Tmux, live_fleet: Li
 
     tmux.keys("F1")
     tmux.wait_for("localhost", "Spawn worker")
+    # x hands the terminal to ssh (App.suspend) and takes it back when ssh exits.
+    tmux.keys("x")
+    tmux.wait_for("ssh localhost exited with 255", "Spawn worker", timeout=30)
     tmux.keys("q")
     deadline = time.monotonic() + 15
     while tmux.alive() and time.monotonic() < deadline:
