@@ -129,3 +129,14 @@ async def test_stopped_heartbeat_removes_the_worker():
     reg, _ = fleet(hb("a"))
     reg.worker_heartbeat(hb("a", state=WorkerState.STOPPED))
     assert "a" not in reg.workers
+
+
+async def test_late_heartbeat_of_a_stopped_instance_is_ignored_but_a_restart_is_not():
+    reg, _ = fleet()
+    beat = hb("a").model_copy(update={"pid": 10, "started_at": 1.0})
+    reg.worker_heartbeat(beat)
+    reg.worker_heartbeat(beat.model_copy(update={"state": WorkerState.STOPPED}))
+    reg.worker_heartbeat(beat.model_copy(update={"state": WorkerState.DRAINING}))  # was already on the wire
+    assert "a" not in reg.workers
+    reg.worker_heartbeat(beat.model_copy(update={"pid": 11, "started_at": 2.0}))  # restarted: a new instance
+    assert "a" in reg.workers

@@ -40,7 +40,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         ctx = KeeperContext.load(getattr(args, "inventory", None))
     except InventoryError as exc:
-        err.print(f"[red]inventory error:[/] {escape(str(exc))}")
+        err.print(f"[red]inventory error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_USAGE
     try:
         return await args.func(args, ctx)
@@ -55,7 +55,7 @@ async def run(args: argparse.Namespace) -> int:
 def _fail(args: argparse.Namespace, message: str) -> None:
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "error": message}))
-    err.print(f"[red]error:[/] {escape(message)}")
+    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
 
 
 def _emit_json(value: Any) -> None:

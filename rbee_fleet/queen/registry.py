@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from rbee_fleet.contracts.fleet import (
 log = logging.getLogger(__name__)
 
 FORGET_AFTER_TIMEOUTS = 20  # a silent worker is forgotten after this many heartbeat timeouts
+GONE_REMEMBERED = 1000
 
 
 @dataclass
@@ -58,6 +60,9 @@ class Registry:
         self.timeout = heartbeat_timeout_s
         self.workers: dict[str, WorkerRecord] = {}
         self.hives: dict[str, HiveRecord] = {}
+        # Worker instances (id -> (pid, start time)) that said goodbye: a heartbeat of theirs that was
+        # already on the wire must not bring them back. A restarted worker is a new instance.
+        self._gone: OrderedDict[str, tuple[int, float]] = OrderedDict()
         # Called whenever capacity may have appeared (a worker became ready); the scheduler listens.
         self.on_capacity: list[Callable[[], None]] = []
 
@@ -66,11 +71,17 @@ class Registry:
     def worker_heartbeat(self, hb: WorkerHeartbeat) -> None:
         now = time.monotonic()
         rec = self.workers.get(hb.worker_id)
+        instance = (hb.pid, hb.started_at)
         if hb.state is WorkerState.STOPPED:
+            self._gone[hb.worker_id] = instance
+            while len(self._gone) > GONE_REMEMBERED:
+                self._gone.popitem(last=False)
             if rec is not None:
                 del self.workers[hb.worker_id]
                 log.info("worker %s stopped; out of rotation", hb.worker_id)
             return
+        if self._gone.get(hb.worker_id) == instance:
+            return  # a late heartbeat from an instance that already said goodbye
         if rec is None:
             self.workers[hb.worker_id] = WorkerRecord(hb=hb, last_seen=now)
             log.info("worker %s registered: %s on %s at %s (%s)", hb.worker_id, hb.model, hb.device, hb.url, hb.state.value)
