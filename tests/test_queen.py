@@ -13,7 +13,6 @@ import pytest
 from tests.support import procs
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-STORY = [{"role": "user", "content": "Tell me a long story about a bee."}]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ async def test_concurrent_requests_spread_over_both_workers(client, fleet):
     seen_busy: set[str] = set()
 
     async def one() -> None:
-        await client.chat.completions.create(model="smollm2", messages=STORY, max_tokens=24)
+        await client.completions.create(model="smollm2", **procs.LONG, max_tokens=24)
 
     tasks = [asyncio.create_task(one()) for _ in range(4)]
     for _ in range(50):
@@ -148,7 +147,7 @@ def test_metrics_count_requests_tokens_and_first_tokens(fleet):
 
 
 async def test_worker_killed_mid_stream_ends_the_stream_with_an_error_and_is_restarted(client, fleet):
-    stream = await client.chat.completions.create(model="smollm2", messages=STORY, max_tokens=400, stream=True)
+    stream = await client.completions.create(model="smollm2", **procs.LONG, max_tokens=400, stream=True)
     got = 0
     with pytest.raises(openai.APIError) as info:
         async for _chunk in stream:

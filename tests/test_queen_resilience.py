@@ -14,7 +14,6 @@ import pytest
 
 from tests.support import procs
 
-STORY = [{"role": "user", "content": "Tell me a long story about a bee."}]
 
 
 def no_workers_inventory(path: Path, port: int, extra: str = "") -> Path:
@@ -74,8 +73,8 @@ def one_worker_queen(tmp_path):
 
 
 async def test_full_fleet_answers_429_then_503_with_retry_after(one_worker_queen):
-    url = f"{one_worker_queen.url}/v1/chat/completions"
-    body = {"model": "smollm2", "messages": STORY, "max_tokens": 300, "stream": True}
+    url = f"{one_worker_queen.url}/v1/completions"
+    body = {"model": "smollm2", **procs.LONG, "max_tokens": 600, "stream": True}
     async with aiohttp.ClientSession() as session:
         async def hold():
             async with session.post(url, json=body) as resp:
@@ -151,7 +150,7 @@ def test_worker_reregisters_after_the_queen_restarts(pair):
 
 async def test_paused_worker_mid_stream_ends_the_stream_instead_of_hanging(pair):
     client = openai.AsyncOpenAI(base_url=f"{pair.queen.url}/v1", api_key="x", max_retries=0)
-    stream = await client.chat.completions.create(model="smollm2", messages=STORY, max_tokens=400, stream=True)
+    stream = await client.completions.create(model="smollm2", **procs.LONG, max_tokens=400, stream=True)
     got = 0
     loop = asyncio.get_running_loop()
     with pytest.raises(openai.APIError) as info:

@@ -88,9 +88,9 @@ async def test_seed_makes_sampling_repeatable(client):
 async def test_disconnect_cancels_generation_within_a_few_tokens(standalone_worker):
     before = health(standalone_worker)["tokens_decoded_total"]
     received = 0
-    body = {"model": "smollm2", "messages": STORY, "max_tokens": 400, "stream": True}
+    body = {"model": "smollm2", **procs.LONG, "max_tokens": 400, "stream": True}
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{standalone_worker.url}/v1/chat/completions", json=body) as resp:
+        async with session.post(f"{standalone_worker.url}/v1/completions", json=body) as resp:
             async for line in resp.content:
                 if line.startswith(b"data: {"):
                     received += 1
@@ -105,10 +105,10 @@ async def test_disconnect_cancels_generation_within_a_few_tokens(standalone_work
 
 async def test_full_queue_answers_429_with_retry_after(standalone_worker):
     """The fixture worker has 1 slot and a queue of 1: a third concurrent request is refused."""
-    body = {"model": "smollm2", "messages": STORY, "max_tokens": 200, "stream": True}
+    body = {"model": "smollm2", **procs.LONG, "max_tokens": 400, "stream": True}
     async with aiohttp.ClientSession() as session:
         async def hold() -> int:
-            async with session.post(f"{standalone_worker.url}/v1/chat/completions", json=body) as resp:
+            async with session.post(f"{standalone_worker.url}/v1/completions", json=body) as resp:
                 if resp.status == 200:
                     await resp.content.readline()  # stream started: hold the slot until cancelled
                     await asyncio.sleep(30)
@@ -117,7 +117,7 @@ async def test_full_queue_answers_429_with_retry_after(standalone_worker):
         holders = [asyncio.create_task(hold()) for _ in range(2)]
         await asyncio.sleep(0.5)
         assert health(standalone_worker)["queue_depth"] == 1
-        async with session.post(f"{standalone_worker.url}/v1/chat/completions", json=body) as resp:
+        async with session.post(f"{standalone_worker.url}/v1/completions", json=body) as resp:
             status, payload, retry_after = resp.status, await resp.json(), resp.headers.get("Retry-After")
         for task in holders:
             task.cancel()

@@ -19,6 +19,11 @@ from typing import Any
 from rbee_fleet.hive.catalog import builtin_path
 
 
+# Greedy decoding of SmolLM2 continues this count for hundreds of tokens without an end-of-sequence:
+# what tests use when a generation must surely still be running.
+LONG = {"prompt": "1, 2, 3, 4, 5,", "temperature": 0.0}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
