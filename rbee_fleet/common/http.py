@@ -7,6 +7,7 @@ import errno
 import hmac
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Collection
@@ -113,6 +114,19 @@ def new_app(middlewares: list[Any] | None = None) -> web.Application:
     return web.Application(
         client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, *(middlewares or [])]
     )
+
+
+def run_daemon(main: Awaitable[None]) -> None:
+    """Run a daemon's main coroutine, on uvloop where it is installed (less time per network hop)."""
+    if os.environ.get("RBEE_NO_UVLOOP") != "1":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 async def serve(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import socket
 import sys
 from pathlib import Path
 
 from rbee_fleet import __version__
-from rbee_fleet.common.http import serve
+from rbee_fleet.common.http import run_daemon, serve
 from rbee_fleet.common.logs import setup_logging
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import read_secret
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_interval_s=args.heartbeat_interval,
         worker_port_base=args.worker_port_base,
     )
-    asyncio.run(serve(create_app(settings), args.host, args.port))
+    run_daemon(serve(create_app(settings), args.host, args.port))
 
 
 if __name__ == "__main__":

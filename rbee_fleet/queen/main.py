@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
 
 from rbee_fleet import __version__
-from rbee_fleet.common.http import serve
+from rbee_fleet.common.http import run_daemon, serve
 from rbee_fleet.common.inventory import InventoryError, default_inventory, load_inventory
 from rbee_fleet.common.logs import setup_logging
 from rbee_fleet.common.paths import Layout
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     def ready() -> None:
         log.info("queen listening on %s:%d (advertised as %s)", settings.host, settings.port, settings.url)
 
-    asyncio.run(serve(app, settings.host, settings.port, on_ready=ready))
+    run_daemon(serve(app, settings.host, settings.port, on_ready=ready))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import socket
 import sys
 
 from rbee_fleet import __version__
-from rbee_fleet.common.http import serve
+from rbee_fleet.common.http import run_daemon, serve
 from rbee_fleet.common.logs import setup_logging
 from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.common.secrets import read_secret
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as exc:
         sys.exit(f"llm-worker-rbee: {exc}")
     app = create_app(settings)
-    asyncio.run(serve(app, settings.host, settings.port, before_shutdown=drain))
+    run_daemon(serve(app, settings.host, settings.port, before_shutdown=drain))
 
 
 if __name__ == "__main__":
