@@ -87,7 +87,7 @@ _ENV.filters["q"] = lambda value: shlex.quote(str(value))
 
 
 def template(name: str) -> jinja2.Template:
-    text = resources.files("rbee_fleet.deploy").joinpath("templates", name).read_text(encoding="utf-8")
+    text = resources.files("rbee_fleet.deploy").joinpath("templates").joinpath(name).read_text(encoding="utf-8")
     return _ENV.from_string(text)
 
 

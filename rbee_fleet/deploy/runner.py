@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from rbee_fleet.deploy.facts import HostFacts
 from rbee_fleet.deploy.plan import HostPlan, HostSpec, plan_host
 from rbee_fleet.deploy.transport import HostKeyStore, SSHTransport, Transport, connect
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
+
+log = logging.getLogger(__name__)
 
 OK, CHANGED, FAILED, CANCELLED = "ok", "changed", "failed", "cancelled"
 
@@ -100,6 +103,9 @@ async def deploy_host(spec: HostSpec, ctx: RunContext, result: HostResult, *, re
     except asyncio.CancelledError:
         result.status, result.reason = CANCELLED, "interrupted"
         raise
+    except Exception as exc:  # noqa: BLE001 - one host's surprise never stops the others
+        log.exception("deploying %s failed unexpectedly", spec.alias)
+        result.status, result.reason, result.error_kind = FAILED, f"internal error: {type(exc).__name__}: {exc}", "internal"
     finally:
         if t is not None:
             with contextlib.suppress(Exception):

@@ -118,7 +118,7 @@ tar -xf {shlex.quote(remote_tar)} -C {v}/wheels
 {venv}
 {installs} 2>&1 || {{ echo "pip install failed" >&2; exit 1; }}
 rm -rf {v}/wheels {shlex.quote(remote_tar)}
-{v}/venv/bin/python -c 'import rbee_fleet.hive.main, llama_cpp' 2>&1 | tail -n 5 >&2
+{v}/venv/bin/python -c 'import rbee_fleet.hive.main, llama_cpp' || {{ echo "the new venv cannot import rbee-fleet and llama-cpp-python" >&2; exit 1; }}
 touch {v}/.complete
 """
 

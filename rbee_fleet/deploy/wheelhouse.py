@@ -25,7 +25,9 @@ from rbee_fleet import __version__
 from rbee_fleet.common.paths import rbee_home
 from rbee_fleet.deploy.errors import WheelhouseError
 
-LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF"
+# Portable (no -march=native) and self-contained (llama.cpp's own thread pool, not OpenMP: minimal hosts
+# have no libgomp).
+LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF"
 # Wheels for hosts with glibc 2.17 or newer (every current Linux distribution).
 PLATFORMS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}", "linux_{arch}")
 BUILD_TIMEOUT_S = 1800

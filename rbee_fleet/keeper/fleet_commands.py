@@ -104,7 +104,9 @@ def _workers_via_queen(client: QueenClient) -> Callable[[HostSpec], Awaitable[in
             try:
                 result = await run_job(client, op, op.worker_id or spec.alias, None)
             except (OperationFailed, ApiError) as exc:
-                raise DeployError(spec.alias, f"worker {op.worker_id}: {str(exc).splitlines()[0]}") from None
+                message = str(exc).splitlines()[0]
+                prefix = "" if message.startswith(f"worker {op.worker_id}") else f"worker {op.worker_id}: "
+                raise DeployError(spec.alias, prefix + message) from None
             except QueenUnreachable as exc:
                 raise DeployError(spec.alias, str(exc)) from None
             return bool(result.get("changed"))
