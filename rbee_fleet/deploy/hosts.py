@@ -37,7 +37,8 @@ def ssh_target(inv: Inventory, alias: str, seen: tuple[str, ...] = ()) -> SSHTar
     return SSHTarget(
         alias=alias,
         host=hive.ssh_host or hive.address,
-        port=hive.ssh_port or d.ssh_port,
+        # Unless the inventory says otherwise, a ~/.ssh/config entry's Port applies (else 22).
+        port=hive.ssh_port or (d.ssh_port if "ssh_port" in d.model_fields_set else None),
         user=hive.ssh_user or d.ssh_user,
         identity_file=hive.identity_file or d.identity_file,
         jump=_jump(inv, hive, (*seen, alias)),

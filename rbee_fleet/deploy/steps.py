@@ -97,7 +97,7 @@ async def install(t: Transport, spec: HostSpec, facts: HostFacts, release: Relea
 def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_tar: str) -> str:
     py = shlex.quote(spec.python)
     v = shlex.quote(f"{facts.install_dir}/versions/{release.id}")
-    pip_opts = "--disable-pip-version-check --no-input --no-compile -q"
+    pip_opts = "--disable-pip-version-check --no-input --no-compile --no-cache-dir -q"
     if facts.host_pip_targets_venvs:
         venv = f"{py} -m venv --without-pip {v}/venv"
         pip = f"{py} -m pip --python {v}/venv/bin/python install {pip_opts}"
@@ -225,6 +225,9 @@ if [ -x {shlex.quote(inst)}/bin/rbee-hive-ctl ]; then {shlex.quote(inst)}/bin/rb
 # Anything of ours still running from this install (a worker whose hive was killed, say).
 pkill -TERM -f {pattern} 2>/dev/null; sleep 0.5; pkill -KILL -f {pattern} 2>/dev/null
 rm -rf {shlex.quote(inst)}
+# Parent directories the install created, if nothing else lives there (never the home itself).
+d=$(dirname {shlex.quote(inst)})
+while [ "$d" != "$HOME" ] && [ "$d" != / ] && rmdir "$d" 2>/dev/null; do d=$(dirname "$d"); done
 true
 """
     await checked(t, command, "uninstalling", timeout=120)

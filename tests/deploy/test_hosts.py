@@ -58,6 +58,7 @@ def test_specs_merge_defaults_and_overrides() -> None:
     assert cpu.url == "http://10.0.0.12:9100" and cpu.install_dir == "~/rbee" and cpu.packages == ()
     assert cpu.ssh.jump is not None
     assert (cpu.ssh.jump.user, cpu.ssh.jump.host, cpu.ssh.jump.port) == ("jumper", "203.0.113.9", 2200)
+    assert cpu.ssh.port is None  # from ~/.ssh/config, else 22
 
 
 def test_limit_selects_and_rejects_unknown_aliases() -> None:

