@@ -166,13 +166,24 @@ class TestHost:
     def stop(self) -> None:
         try:
             self.container.stop()  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        except Exception:  # noqa: BLE001 - the engine refused: remove it by name
+            _docker("rm", "-f", self.container_id, check=False)
+
+
+LABEL = "rbee-fleet.test-host-address"
+
+
+def remove_stale(address: str) -> None:
+    """Remove a test host left on ``address`` by an earlier run that died before its teardown."""
+    found = _docker("ps", "-aq", "--filter", f"label={LABEL}={address}", check=False).stdout.split()
+    if found:
+        _docker("rm", "-f", *found, check=False)
 
 
 def start_host(name: str, address: str, authorized_key: str, image: str = IMAGE) -> TestHost:
     from testcontainers.core.container import DockerContainer
 
+    remove_stale(address)
     entry = _ENTRY.replace("{user}", HOST_USER)
     container = (
         DockerContainer(image)
@@ -180,7 +191,7 @@ def start_host(name: str, address: str, authorized_key: str, image: str = IMAGE)
         .with_env("AUTHORIZED_KEY", authorized_key)
         .with_env("SSH_ADDRESS", address)
         .with_command(["/bin/bash", "-c", entry])
-        .with_kwargs(network_mode="host", init=True)
+        .with_kwargs(network_mode="host", init=True, labels={LABEL: address})
     )
     container.start()
     host = TestHost(name=name, address=address, container=container)
