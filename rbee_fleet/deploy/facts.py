@@ -200,7 +200,8 @@ def port_taken(facts: HostFacts, bind: str) -> str | None:
     return None
 
 
-def preflight_problems(facts: HostFacts, python: str, port: int, bind: str, *, need_install: bool) -> list[str]:
+def preflight_problems(facts: HostFacts, python: str, port: int, bind: str, *, need_install: bool,
+                       need_pip: bool = False) -> list[str]:
     """What keeps the hive from being installed or started here; empty when all is well."""
     problems = []
     if need_install:
@@ -211,7 +212,7 @@ def preflight_problems(facts: HostFacts, python: str, port: int, bind: str, *, n
             problems.append(f"Python {have} is too old ({python}); Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+ is needed")
         elif not facts.has_venv:
             problems.append(f"{python} has no venv module (on Debian/Ubuntu: apt install python3-venv)")
-        elif not facts.host_pip_targets_venvs and not facts.has_ensurepip:
+        elif need_pip and not facts.host_pip_targets_venvs and not facts.has_ensurepip:
             problems.append(f"{python} has neither pip 22.3+ nor ensurepip to install with "
                             "(on Debian/Ubuntu: apt install python3-venv python3-pip)")
         if facts.disk_free_mb is not None and facts.disk_free_mb < MIN_FREE_MB:

@@ -157,7 +157,8 @@ class HostPlan:
 def plan_host(spec: HostSpec, facts: HostFacts, release_id: str, token: str) -> HostPlan:
     """The steps that bring the host from ``facts`` to ``spec`` running ``release_id``."""
     installed = release_id in facts.versions
-    problems = preflight_problems(facts, spec.python, spec.port, spec.bind, need_install=not installed)
+    problems = preflight_problems(facts, spec.python, spec.port, spec.bind, need_install=not installed,
+                                  need_pip=spec.install_source == "online")
     if problems:
         return HostPlan(spec.alias, problems=tuple(problems), release_id=release_id)
     files = render_files(spec, facts, token)

@@ -104,20 +104,25 @@ def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_t
     else:
         venv = f"{py} -m venv {v}/venv"
         pip = f"{v}/venv/bin/python -m pip install {pip_opts}"
+    tar = shlex.quote(remote_tar)
     if spec.install_source == "offline":
-        installs = f"{pip} --no-index --no-deps {v}/wheels/*.whl"
+        # The payload is the venv's contents, unpacked from the wheelhouse on the operator machine.
+        body = f"""{py} -m venv --without-pip {v}/venv
+tar -xzf {tar} -C {v}/venv"""
     else:
         rbee = f"rbee-fleet[cpu]=={release.version}"
         installs = f"{pip} --find-links {v}/wheels {shlex.quote(rbee)}"
         if spec.packages:
             installs += f" && {pip} --no-deps " + " ".join(shlex.quote(p) for p in spec.packages)
+        body = f"""mkdir -p {v}/wheels
+tar -xf {tar} -C {v}/wheels
+{venv}
+if ! {{ {installs} ; }} > {v}/pip.log 2>&1; then tail -n 15 {v}/pip.log >&2; echo "pip install failed" >&2; exit 1; fi"""
     return f"""set -e
 rm -rf {v}
-mkdir -p {v}/wheels
-tar -xf {shlex.quote(remote_tar)} -C {v}/wheels
-{venv}
-{installs} 2>&1 || {{ echo "pip install failed" >&2; exit 1; }}
-rm -rf {v}/wheels {shlex.quote(remote_tar)}
+mkdir -p {v}
+{body}
+rm -rf {v}/wheels {tar}
 {v}/venv/bin/python -c 'import rbee_fleet.hive.main, llama_cpp' || {{ echo "the new venv cannot import rbee-fleet and llama-cpp-python" >&2; exit 1; }}
 touch {v}/.complete
 """

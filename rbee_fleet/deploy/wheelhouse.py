@@ -129,7 +129,10 @@ class WheelhouseBuilder:
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
     def build(self, spec: WheelhouseSpec) -> Path:
-        out = self.cache / "wheelhouses" / f"rbee-fleet-{self.release.id}-{spec.install_source}-py{spec.python_tag}-{spec.arch}-{self.key(spec)}.tar"
+        """The tarball for ``spec``: a venv tree (offline, ``.tgz``) or a directory of wheels (online, ``.tar``)."""
+        suffix = "venv.tgz" if spec.install_source == "offline" else "wheels.tar"
+        name = f"rbee-fleet-{self.release.id}-{spec.install_source}-py{spec.python_tag}-{spec.arch}-{self.key(spec)}.{suffix}"
+        out = self.cache / "wheelhouses" / name
         if out.is_file():
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,10 +146,17 @@ class WheelhouseBuilder:
             if spec.packages:
                 _run([self.python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                       "--dest", str(wheels), *spec.packages], f"downloading {', '.join(spec.packages)}")
-            partial = out.with_suffix(".partial")
-            with tarfile.open(partial, "w") as tar:
-                for wheel in sorted(wheels.iterdir()):
-                    tar.add(wheel, arcname=wheel.name)
+            partial = out.with_name(out.name + ".partial")
+            if spec.install_source == "offline":
+                root = Path(tmp) / "venv"
+                install_tree(sorted(wheels.glob("*.whl")), root, spec.python_tag)
+                with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
+                    for entry in sorted(root.iterdir()):
+                        tar.add(entry, arcname=entry.name)
+            else:
+                with tarfile.open(partial, "w") as tar:
+                    for wheel in sorted(wheels.iterdir()):
+                        tar.add(wheel, arcname=wheel.name)
             os.replace(partial, out)
         return out
 
@@ -213,3 +223,26 @@ class WheelhouseBuilder:
                                       "on that architecture; use install_source = \"online\" for this host")
             cmd += ["--find-links", str(self.llama_dir())]
         _run(cmd + [f"{rbee}{extras}"], f"downloading dependencies for Python {spec.python_tag} on {spec.arch}")
+
+
+def install_tree(wheels: list[Path], root: Path, python_tag: str) -> None:
+    """Unpack ``wheels`` into ``root`` laid out as a venv for Python ``python_tag`` (no scripts, no bytecode).
+
+    Console scripts are left out: their first line would name this machine's interpreter, and the
+    hive and its workers are started as ``python -m``.
+    """
+    from installer import install
+    from installer.destinations import SchemeDictionaryDestination
+    from installer.sources import WheelFile
+
+    site = root / "lib" / f"python{python_tag}" / "site-packages"
+    scripts = root.parent / "scripts-left-out"
+    scheme = {"purelib": str(site), "platlib": str(site), "scripts": str(scripts), "data": str(root),
+              "headers": str(root / "include" / "site" / f"python{python_tag}")}
+    for wheel in wheels:
+        with WheelFile.open(wheel) as source:
+            destination = SchemeDictionaryDestination(
+                scheme_dict={**scheme, "headers": f"{scheme['headers']}/{source.distribution}"},
+                interpreter="/usr/bin/python3", script_kind="posix", bytecode_optimization_levels=[],
+            )
+            install(source, destination, {"INSTALLER": b"rbee-keeper\n"})

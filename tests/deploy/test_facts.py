@@ -97,7 +97,10 @@ def test_missing_python_and_missing_venv() -> None:
     no_venv = parse_facts(FRESH_DEBIAN.replace("venv=1", "venv=0"))
     assert "no venv module" in preflight_problems(no_venv, "python3", 9000, "h", need_install=True)[0]
     no_pip = parse_facts(FRESH_DEBIAN.replace("ensurepip=1", "ensurepip=0").replace("pip=23.0.1", "pip="))
-    assert "neither pip 22.3+ nor ensurepip" in preflight_problems(no_pip, "python3", 9000, "h", need_install=True)[0]
+    # Offline installs unpack a ready venv tree: no pip needed. Online installs run the host's pip.
+    assert preflight_problems(no_pip, "python3", 9000, "h", need_install=True) == []
+    online = preflight_problems(no_pip, "python3", 9000, "h", need_install=True, need_pip=True)
+    assert "neither pip 22.3+ nor ensurepip" in online[0]
     # Already installed: Python checks no longer matter.
     assert preflight_problems(no_python, "python3.12", 9000, "h", need_install=False) == []
 
