@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import resource
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
+import psutil
 
-from tests.ssh.hosts import DockerEngine, build_image, start_host
+from tests.ssh.hosts import DockerEngine, TestHost, build_image, start_host
 from tests.ssh.support import CACHE_DIR, Keeper, Keys, write_fleet_inventory
 from tests.support import procs
 
@@ -23,13 +27,30 @@ ONE = {"b1": "127.0.0.21"}
 FOUR = {"b2": "127.0.0.22", "b3": "127.0.0.23", "b4": "127.0.0.24", "b5": "127.0.0.25"}
 
 
-def _deploy(keeper: Keeper, limit: str) -> tuple[float, dict[str, dict]]:
+@dataclass
+class Run:
+    wall: float
+    results: dict[str, dict]
+    cpu: float  # CPU seconds: the keeper, the queen and every test host, during the run
+
+    def slowest(self) -> float:
+        return max(float(r["elapsed_s"]) for r in self.results.values())
+
+
+def _cpu(hosts: list[TestHost], queen: procs.Proc) -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    q = psutil.Process(queen.pid).cpu_times()
+    return children.ru_utime + children.ru_stime + q.user + q.system + sum(h.cpu_seconds() or 0.0 for h in hosts)
+
+
+def _deploy(keeper: Keeper, limit: str, hosts: list[TestHost], queen: procs.Proc) -> Run:
+    cpu0 = _cpu(hosts, queen)
     started = time.monotonic()
     code, results, proc = keeper.deploy("--accept-new-host-keys", "--limit", limit)
     wall = time.monotonic() - started
     if code != 0:
         raise RuntimeError(f"deploy of {limit} failed:\n{json.dumps(results, indent=2)}\n{proc.stderr[-2000:]}")
-    return wall, results
+    return Run(wall, results, _cpu(hosts, queen) - cpu0)
 
 
 def _prebuild(keeper: Keeper) -> float:
@@ -58,17 +79,22 @@ def main() -> int:
             keeper = Keeper(tmp / "home", inventory)
             queen = procs.start_queen(tmp, inventory, keeper.home, port)
             build = _prebuild(keeper)
-            one, r1 = _deploy(keeper, ",".join(ONE))
-            four, r4 = _deploy(keeper, ",".join(FOUR))
-            again, ra = _deploy(keeper, ",".join(FOUR))
-            changed = [h for h, r in ra.items() if r["status"] != "ok"]
+            one = _deploy(keeper, ",".join(ONE), hosts, queen)
+            four = _deploy(keeper, ",".join(FOUR), hosts, queen)
+            again = _deploy(keeper, ",".join(FOUR), hosts, queen)
+            changed = [h for h, r in again.results.items() if r["status"] != "ok"]
+            cores = os.cpu_count() or 1
+            ratio = four.wall / one.wall
             print(f"wheelhouse ready in {build:.1f} s (cached after the first build)")
-            print(f"deploy 1 fresh host:             {one:6.2f} s wall (host {r1['b1']['elapsed_s']:.2f} s)")
-            print(f"deploy 4 fresh hosts at once:    {four:6.2f} s wall (slowest host {max(r['elapsed_s'] for r in r4.values()):.2f} s)")
-            print(f"ratio 4 hosts / 1 host:          {four / one:6.2f}x  (target <= 1.5x) {'MET' if four / one <= 1.5 else 'MISSED'}")
-            print(f"no-change redeploy of 4 hosts:   {again:6.2f} s wall, keeper start included "
-                  f"(slowest host {max(r['elapsed_s'] for r in ra.values()):.2f} s)  (target < 2 s) {'MET' if again < 2 else 'MISSED'}")
-            print(f"hosts changed by the redeploy:   {changed or 'none'}")
+            print(f"deploy 1 fresh host:            {one.wall:6.2f} s wall (in-run {one.slowest():.2f} s), {one.cpu:5.1f} CPU-s")
+            print(f"deploy 4 fresh hosts at once:   {four.wall:6.2f} s wall (slowest host {four.slowest():.2f} s), {four.cpu:5.1f} CPU-s")
+            print(f"ratio 4 hosts / 1 host:         {ratio:6.2f}x  (target <= 1.5x) {'MET' if ratio <= 1.5 else 'MISSED'}")
+            print(f"  all test hosts share this machine's {cores} cores: 4 hosts need {four.cpu:.1f} CPU-s, so no schedule "
+                  f"beats {four.cpu / cores:.1f} s here ({four.cpu / cores / one.wall:.2f}x of one host); "
+                  f"hosts with their own CPUs would not queue for these")
+            print(f"no-change redeploy of 4 hosts:  {again.wall:6.2f} s wall, keeper start included "
+                  f"(in-run {again.slowest():.2f} s)  (target < 2 s) {'MET' if again.wall < 2 else 'MISSED'}")
+            print(f"hosts changed by the redeploy:  {changed or 'none'}")
             return 0
         finally:
             if queen is not None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +204,31 @@ def test_upgrade_to_a_new_version_and_back(fleet: Fleet) -> None:
     assert any(c.startswith("switch current") for c in results["h2"]["changes"])
     wait_for(lambda: _hive_version(fleet, "h2") == "0.1.0", 60, "h2 back on 0.1.0")
     wait_for(lambda: len(fleet.ready_workers()) >= 3, 90, "h2's worker back")
+
+
+def test_ctrl_c_during_an_upgrade_leaves_the_host_on_its_old_version(fleet: Fleet) -> None:
+    host = fleet.hosts["h2"]
+    before = host.exec(f"readlink {INSTALL}/current").stdout.strip()
+    marker = host.exec(f"cat {INSTALL}/marker.json").stdout
+    proc = subprocess.Popen([sys.executable, "-m", "rbee_fleet.keeper", "deploy", "-i", str(fleet.keeper.inventory),
+                             "--limit", "h2", "--source", str(_bumped_source(fleet.tmp, "0.1.2"))],
+                            env=fleet.keeper.env(), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if "installing 0.1.2-" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "cancelled" in out and "h2" in out  # the final table still shows the host
+    assert host.exec(f"readlink {INSTALL}/current").stdout.strip() == before
+    assert host.exec(f"cat {INSTALL}/marker.json").stdout == marker
+    status = fleet.keeper.run("hive", "status", "h2", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["answering"], status.stdout + status.stderr
+    assert _hive_version(fleet, "h2") == "0.1.0"
 
 
 def test_a_paused_host_leaves_rotation_is_reported_and_comes_back(fleet: Fleet) -> None:
