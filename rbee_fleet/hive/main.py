@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import socket
 import sys
 from pathlib import Path
@@ -29,12 +30,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-port-base", type=int, default=9300)
     p.add_argument("--heartbeat-interval", type=float, default=5.0)
     p.add_argument("--log-level", default=None)
+    p.add_argument("--check", action="store_true",
+                   help="check the GPU stack (driver, torch CUDA build, exllamav2, flash-attn), print JSON with "
+                        "the fix for each problem, and exit: 0 when GPU workers can run here, 1 when not")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p.parse_args(argv)
 
 
+def check() -> int:
+    from rbee_fleet.hive import gpu_stack
+
+    report = gpu_stack.check()
+    print(json.dumps(report.to_json(), indent=2))
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.check:
+        sys.exit(check())
     setup_logging("hive", args.log_level)
     layout = Layout(Path(args.home)) if args.home else Layout.default()
     try:

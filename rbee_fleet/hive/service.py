@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +26,11 @@ from rbee_fleet.contracts.fleet import (
 )
 from rbee_fleet.hive import devices
 from rbee_fleet.hive.catalog import Catalog
+from rbee_fleet.hive.placement import GpuPlacer
 from rbee_fleet.hive.supervisor import LaunchSpec, Supervisor, SupervisorSettings
 
 DEVICE_REFRESH_S = 5.0
+DEVICE_RE = re.compile(r"^(cpu|auto|cuda:\d+(,\d+)*)$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class HiveService:
         )
         self._devices: DeviceInfo | None = None
         self._devices_at = 0.0
+        self.gpus = GpuPlacer(settings.hive_id, self.supervisor, self.fresh_devices, settings.default_ctx_size)
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -82,6 +87,12 @@ class HiveService:
             self._devices = devices.detect()
             self._devices_at = now
         return self._devices
+
+    async def fresh_devices(self) -> DeviceInfo:
+        """Devices probed now (off the event loop), for decisions that cannot use a 5 s old answer."""
+        info = await asyncio.to_thread(devices.detect)
+        self._devices, self._devices_at = info, time.monotonic()
+        return info
 
     def status(self) -> HiveHeartbeat:
         return HiveHeartbeat(
@@ -117,27 +128,37 @@ class HiveService:
 
     async def spawn_worker(self, op: WorkerSpawnOp, emit: Emitter) -> dict[str, Any]:
         entry = self.catalog.get(op.model)
+        if not DEVICE_RE.match(op.device):
+            raise OperationFailed(f"device {op.device!r}: use cpu, auto, or cuda:N (several GPUs: cuda:0,1)")
+        worker_id = op.worker_id or self._next_worker_id(op.model)
+        device = await self.gpus.device_for(op, entry, worker_id, emit) if op.device == "auto" else op.device
         try:
-            backend = choose_backend(op.backend, op.device, entry.format)
+            backend = choose_backend(op.backend, device, entry.format)
         except BackendChoiceError as exc:
+            self.gpus.release(worker_id)
             raise OperationFailed(str(exc)) from None
         env: dict[str, str] = dict(self.settings.extra_env)
-        if op.device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = op.device.split(":", 1)[1]
+        if device.startswith("cuda:"):
+            # Pinned by UUID where known: CUDA's own device order may differ from nvidia-smi's.
+            env["CUDA_VISIBLE_DEVICES"] = devices.visible_devices(device, self.devices().gpus)
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         spec = LaunchSpec(
-            worker_id=op.worker_id or self._next_worker_id(op.model),
+            worker_id=worker_id,
             model_id=entry.id,
             model_path=entry.path,
             backend=backend,
-            device=op.device,
+            device=device,
             ctx_size=op.ctx_size or self.settings.default_ctx_size,
             threads=op.threads,
             max_queue=op.max_queue if op.max_queue is not None else self.settings.default_max_queue,
             options=tuple(sorted((k, str(v)) for k, v in op.options.items())),
             env=tuple(sorted(env.items())),
         )
-        emit.progress(f"spawning {spec.worker_id}: {entry.id} ({entry.format}) with {backend} on {op.device}")
-        worker, changed = await self.supervisor.spawn(spec, emit)
+        emit.progress(f"spawning {spec.worker_id}: {entry.id} ({entry.format}) with {backend} on {device}")
+        try:
+            worker, changed = await self.supervisor.spawn(spec, emit)
+        finally:
+            self.gpus.release(worker_id)  # loaded (its memory now shows as used) or gone
         emit.progress(f"worker {worker.worker_id} is ready at {worker.url}")
         return {"worker": worker.model_dump(mode="json"), "changed": changed}
 

@@ -18,6 +18,7 @@ import aiohttp
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.http import EXIT_PORT_IN_USE
 from rbee_fleet.common.jobs import Emitter
+from rbee_fleet.common.logs import rotate_if_large
 from rbee_fleet.contracts.fleet import SupervisedWorker
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class Supervisor:
 
     async def _start(self, m: Managed) -> None:
         m.log_path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_if_large(m.log_path)
         env = {**os.environ, **dict(m.spec.env)}
         with open(m.log_path, "ab") as logfile:
             logfile.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting on port {m.port}\n".encode())

@@ -63,12 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = worker.add_subparsers(dest="worker_command", metavar="ACTION", required=True)
     p = cmd("spawn", "start a worker for a model on a hive", commands.worker_spawn, wsub)
     p.add_argument("-m", "--model", required=True)
-    p.add_argument("--hive", help="hive alias (default: the local hive)")
+    p.add_argument("--hive", help="hive alias, or auto: the queen picks a hive by free VRAM, preferring those "
+                                  "that have the model (default: the local hive)")
     p.add_argument("--backend", default="auto", choices=["auto", "llamacpp", "exllamav2"])
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda:N[,M], or auto (the hive picks GPUs by free VRAM against the model's need)")
+    p.add_argument("--placement", choices=["binpack", "spread"], default="binpack",
+                   help="with --device auto: fill the tightest GPU (binpack) or the emptiest (spread)")
     p.add_argument("--id", dest="worker_id", help="worker id (default: HIVE-MODEL-N)")
     p.add_argument("--ctx-size", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, repeatable (exllamav2: cache=q4, gpu_split=[20,24], max_batch_size=8, ...)")
     _json_flag(p)
     p = cmd("list", "list workers known to the queen", commands.worker_list, wsub)
     _json_flag(p)

@@ -10,13 +10,16 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
+from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.contracts.fleet import ModelDeleteOp, ModelDownloadOp, WorkerSpawnOp, WorkerStopOp
 from rbee_fleet.keeper import render
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.services import KeeperContext, ensure_workers, run_job, start_queen
+
 
 def _console(stderr: bool) -> Console:
     probe = Console(stderr=stderr)
@@ -34,7 +37,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         ctx = KeeperContext.load(getattr(args, "inventory", None))
     except InventoryError as exc:
-        err.print(f"[red]inventory error:[/] {exc}", markup=True)
+        err.print(f"[red]inventory error:[/] {escape(str(exc))}")
         return EXIT_USAGE
     try:
         return await args.func(args, ctx)
@@ -49,7 +52,7 @@ async def run(args: argparse.Namespace) -> int:
 def _fail(args: argparse.Namespace, message: str) -> None:
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "error": message}))
-    err.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+    err.print(f"[red]error:[/] {escape(message)}")
 
 
 def _emit_json(value: Any) -> None:
@@ -62,7 +65,7 @@ def _emit_json(value: Any) -> None:
 async def _bring_up(ctx: KeeperContext, client: QueenClient, *, foreground: bool, quiet: bool) -> tuple[bool, Any, list]:
     where = ctx.inventory_path or "the built-in localhost inventory"
     if not quiet:
-        err.print(f"[bold]queen[/]: {ctx.queen_url} (inventory: {where})")
+        err.print(f"[bold]queen[/]: {ctx.queen_url} (inventory: {escape(where)})")
     started, proc = await start_queen(ctx, client, foreground=foreground)
     if not quiet:
         err.print(f"[bold]queen[/]: {'started' if started else 'already running'}")
@@ -82,7 +85,7 @@ async def up(args: argparse.Namespace, ctx: KeeperContext) -> int:
                         "status": status.model_dump(mode="json")})
         else:
             for wid, e in failed:
-                err.print(f"[red]worker {wid} failed:[/] {e}")
+                err.print(f"[red]worker {wid} failed:[/] {escape(e)}")
             for table in render.status_tables(status):
                 out.print(table)
         if args.foreground and proc is not None:
@@ -140,7 +143,7 @@ async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
         failed = [(wid, e) for wid, _, e in results if e]
         if failed:
             for wid, e in failed:
-                err.print(f"[red]worker {wid} failed:[/] {e}")
+                err.print(f"[red]worker {wid} failed:[/] {escape(e)}")
             return EXIT_FAILED
         st = await client.status()
         if not st.models:
@@ -148,7 +151,7 @@ async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
             return EXIT_FAILED
         model = st.models[0]
         err.rule(f"[bold]streaming a chat completion from {model} with the openai client[/]")
-        err.print(f"[dim]> {args.prompt}[/]")
+        err.print(f"[dim]> {escape(args.prompt)}[/]")
         oai = AsyncOpenAI(base_url=f"{ctx.queen_url}/v1", api_key=ctx.api_key or "not-needed")
         stats = await _stream_chat(oai, model, [{"role": "user", "content": args.prompt}], args.max_tokens, 0.7, None)
         err.print(f"[dim]{stats}[/]")
@@ -234,8 +237,14 @@ async def _job(args: argparse.Namespace, ctx: KeeperContext, op: Any, label: str
 
 
 async def worker_spawn(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    try:
+        options = parse_key_values(args.option)
+    except ValueError as exc:
+        _fail(args, str(exc))
+        return EXIT_USAGE
     op = WorkerSpawnOp(hive=args.hive or ctx.local_hive(), model=args.model, backend=args.backend, device=args.device,
-                       worker_id=args.worker_id, ctx_size=args.ctx_size, threads=args.threads)
+                       placement=args.placement, worker_id=args.worker_id, ctx_size=args.ctx_size,
+                       threads=args.threads, options=options)
     return await _job(args, ctx, op, args.worker_id or f"spawn {args.model}")
 
 
@@ -293,8 +302,8 @@ async def jobs_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
     for col in ("job", "operation", "state", "started", "error"):
         table.add_column(col)
     for j in jobs:
-        table.add_row(j.job_id, str(j.operation.get("kind")), j.state.value,
-                      time.strftime("%H:%M:%S", time.localtime(j.created_at)), j.error or "")
+        table.add_row(*(escape(str(v)) for v in (j.job_id, j.operation.get("kind"), j.state.value,
+                      time.strftime("%H:%M:%S", time.localtime(j.created_at)), j.error or "")))
     out.print(table)
     return EXIT_OK
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 
+from rbee_fleet.common.logs import rotate_if_large
 from rbee_fleet.common.paths import Layout
 
 QUEEN_MODULE = "rbee_fleet.queen"
@@ -46,6 +47,7 @@ class QueenDaemon:
     def start_detached(self) -> subprocess.Popen[bytes]:
         """Start the queen in its own session, detached from this terminal, logging to a file."""
         self.layout.ensure()
+        rotate_if_large(self.logfile)
         with open(self.logfile, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting queen\n".encode())
             log.flush()

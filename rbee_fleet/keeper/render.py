@@ -6,10 +6,16 @@ import time
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Table
 
 from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, JobEvent, ModelEntry, WorkerView
+
+
+def _cells(*values: object) -> list[str]:
+    """Table cells are rich markup: escape what comes from the fleet so brackets show as typed."""
+    return [escape(str(v)) for v in values]
 
 
 def _mb(mb: int) -> str:
@@ -29,23 +35,23 @@ def worker_state(w: WorkerView) -> str:
 def status_tables(status: FleetStatus) -> list[Table]:
     q = status.queen
     head = Table.grid(padding=(0, 2))
-    head.add_row("[bold]queen[/]", q.url, f"v{q.version}", f"up {q.uptime_s:.0f}s",
+    head.add_row("[bold]queen[/]", *_cells(q.url, f"v{q.version}", f"up {q.uptime_s:.0f}s",
                  f"{q.requests_total} requests", f"{q.in_flight} in flight",
-                 f"models: {', '.join(status.models) or 'none'}")
+                 f"models: {', '.join(status.models) or 'none'}"))
     hives = Table(title="hives", title_justify="left", expand=False)
     for col in ("hive", "url", "state", "version", "devices", "workers"):
         hives.add_column(col)
     for h in status.hives:
         state = "embedded" if h.embedded else ("up" if h.live else "unreachable")
-        hives.add_row(h.hive_id, h.url, state, h.version, devices_summary(h.devices), str(len(h.workers)))
+        hives.add_row(*_cells(h.hive_id, h.url, state, h.version, devices_summary(h.devices), len(h.workers)))
     workers = Table(title="workers", title_justify="left", expand=False)
-    for col in ("worker", "model", "backend", "device", "url", "state", "slots", "in flight", "queue", "tok/s"):
+    for col in ("worker", "model", "backend", "device", "url", "state", "busy/slots", "queue", "tok/s"):
         workers.add_column(col)
     for w in status.workers:
         hb = w.heartbeat
-        workers.add_row(hb.worker_id, hb.model, hb.backend, hb.device, hb.url, worker_state(w),
-                        f"{hb.slots_busy}/{hb.slots_total}", str(w.in_flight), str(hb.queue_depth),
-                        f"{hb.tokens_per_second:.1f}")
+        workers.add_row(*_cells(hb.worker_id, hb.model, hb.backend, hb.device, hb.url, worker_state(w),
+                                f"{w.in_flight}/{hb.slots_total}", hb.queue_depth,
+                                f"{hb.tokens_per_second:.1f}"))
     return [head, hives, workers]
 
 
@@ -54,7 +60,7 @@ def models_table(hive: str, models: list[ModelEntry]) -> Table:
     for col in ("model", "format", "size", "source", "path"):
         table.add_column(col)
     for m in models:
-        table.add_row(m.id, m.format, f"{m.size_bytes / 2**20:.1f} MiB", m.source, m.path)
+        table.add_row(*_cells(m.id, m.format, f"{m.size_bytes / 2**20:.1f} MiB", m.source, m.path))
     return table
 
 
@@ -89,17 +95,17 @@ class JobReporter:
             return
         task = self._tasks.get(label)
         if task is None:
-            task = self._progress.add_task(event.message, label=label, total=None)
+            task = self._progress.add_task(escape(event.message), label=escape(label), total=None)
             self._tasks[label] = task
         prog = event.progress
-        fields: dict[str, object] = {"description": event.message}
+        fields: dict[str, object] = {"description": escape(event.message)}
         if prog is not None and prog.unit == "bytes":
             fields.update(completed=prog.current, total=prog.total)
         if event.type == "result":
             fields.update(description="[green]done[/]")
             self._finish(task)
         elif event.type in ("error", "cancelled"):
-            fields.update(description=f"[red]{event.message}[/]")
+            fields.update(description=f"[red]{escape(event.message)}[/]")
             self._finish(task)
         self._progress.update(task, **fields)
 
@@ -121,4 +127,4 @@ class JobReporter:
         else:
             message = event.message
         self._last_line[label] = now
-        self.console.print(f"[bold]{label}[/]: {message}", highlight=False, markup=True)
+        self.console.print(f"[bold]{escape(label)}[/]: {escape(message)}", highlight=False)

@@ -17,6 +17,7 @@ from aiohttp import web
 from rbee_fleet.common import sse
 from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_event, error_from_body
 from rbee_fleet.queen.metrics import QueenMetrics
+from rbee_fleet.queen.registry import Registry, WorkerRecord
 from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Scheduler
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,39 @@ MAX_ATTEMPTS = 3
 TAIL = 512  # bytes of the stream kept to read the closing usage comment and [DONE]
 USAGE_MARK = b": usage "
 DONE_MARK = b"data: [DONE]"
+
+
+WATCH_INTERVAL_S = 0.5
+
+
+class _Watchdog:
+    """Ends an attempt whose worker stops heartbeating, so a paused or vanished host never hangs a client.
+
+    Before the worker's headers arrive it cancels the attempt (which becomes a retry elsewhere); after,
+    it closes the upstream connection (which ends the client's stream with an error event).
+    """
+
+    def __init__(self, registry: Registry, record: WorkerRecord) -> None:
+        self.lost: str | None = None
+        self.upstream: aiohttp.ClientResponse | None = None
+        self._registry = registry
+        self._record = record
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(WATCH_INTERVAL_S, self._check)
+
+    def _check(self) -> None:
+        if self._registry.is_live(self._record):
+            self._handle = self._loop.call_later(WATCH_INTERVAL_S, self._check)
+            return
+        self.lost = f"no heartbeat for {time.monotonic() - self._record.last_seen:.0f} s"
+        if self.upstream is not None:
+            self.upstream.close()
+        elif self._task is not None:
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 class _Retry(Exception):
@@ -99,25 +133,41 @@ class WorkerProxy:
         self, request: web.Request, lease: Lease, endpoint: str, model: str, stream: bool, body: bytes, started: float
     ) -> web.StreamResponse:
         rec = lease.record
+        dog = _Watchdog(self.scheduler.registry, rec)
+        try:
+            return await self._exchange(request, rec, dog, endpoint, model, stream, body, started)
+        finally:
+            dog.stop()
+
+    async def _exchange(
+        self, request: web.Request, rec: WorkerRecord, dog: _Watchdog, endpoint: str, model: str, stream: bool,
+        body: bytes, started: float,
+    ) -> web.StreamResponse:
         url = f"{rec.hb.url}/v1/{endpoint}"
         try:
             upstream = await self.session.post(url, data=body, headers=self._headers, timeout=self._timeout)
+        except asyncio.CancelledError:
+            if dog.lost is None:
+                raise  # the client went away
+            _uncancel()
+            raise _Retry(UpstreamFailed(f"worker {rec.id} stopped answering ({dog.lost})")) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise _Retry(UpstreamFailed(f"worker {rec.id} at {rec.hb.url} could not be reached: {_why(exc)}")) from None
+        dog.upstream = upstream
         finished = False
         try:
             if upstream.status != 200:
-                payload = await _read_or_retry(upstream, rec.id)
+                payload = await _read_or_retry(upstream, rec.id, dog)
                 if upstream.status in (429, 503) or upstream.status >= 500:
                     raise _Retry(error_from_body(upstream.status, _json(payload), upstream.headers.get("Retry-After")))
                 finished = True
                 return web.Response(body=payload, status=upstream.status, content_type="application/json")
             if not stream:
-                payload = await _read_or_retry(upstream, rec.id)
+                payload = await _read_or_retry(upstream, rec.id, dog)
                 finished = True
                 self.metrics.count_usage(model, (_json(payload) or {}).get("usage"))
                 return web.Response(body=payload, content_type="application/json")
-            response = await self._relay(request, upstream, rec.id, model, started)
+            response = await self._relay(request, upstream, rec.id, dog, model, started)
             finished = True
             return response
         finally:
@@ -129,12 +179,14 @@ class WorkerProxy:
                 upstream.close()
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, worker_id: str, model: str, started: float
+        self, request: web.Request, upstream: aiohttp.ClientResponse, worker_id: str, dog: _Watchdog, model: str,
+        started: float,
     ) -> web.StreamResponse:
         try:
             first = await upstream.content.readany()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _Retry(UpstreamFailed(f"worker {worker_id} failed before its first byte: {_why(exc)}")) from None
+            why = dog.lost or _why(exc)
+            raise _Retry(UpstreamFailed(f"worker {worker_id} failed before its first byte: {why}")) from None
         if not first:
             raise _Retry(UpstreamFailed(f"worker {worker_id} closed the stream before its first byte"))
         self.metrics.ttft.labels(model).observe(time.monotonic() - started)
@@ -149,7 +201,7 @@ class WorkerProxy:
                 await out.write(chunk)
                 tail = (tail + chunk)[-TAIL:]
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            failure = _why(exc)
+            failure = dog.lost or _why(exc)
         if DONE_MARK in tail:
             self.metrics.count_usage(model, _usage_from(tail))
         else:
@@ -164,11 +216,20 @@ class WorkerProxy:
         return out
 
 
-async def _read_or_retry(upstream: aiohttp.ClientResponse, worker_id: str) -> bytes:
+async def _read_or_retry(upstream: aiohttp.ClientResponse, worker_id: str, dog: _Watchdog) -> bytes:
     try:
         return await upstream.read()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise _Retry(UpstreamFailed(f"worker {worker_id} failed while answering: {_why(exc)}")) from None
+        why = dog.lost or _why(exc)
+        raise _Retry(UpstreamFailed(f"worker {worker_id} failed while answering: {why}")) from None
+
+
+def _uncancel() -> None:
+    """Forget a cancellation the watchdog made (Python 3.11+ counts them)."""
+    task = asyncio.current_task()
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
 
 
 def _usage_from(tail: bytes) -> dict[str, int] | None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
+
 import aiohttp
 
 from rbee_fleet import __version__
 from rbee_fleet.common.errors import NotFound
-from rbee_fleet.common.jobs import Job, JobRegistry
-from rbee_fleet.contracts.fleet import FleetStatus, JobRequest, QueenView
+from rbee_fleet.common.jobs import Emitter, Job, JobRegistry
+from rbee_fleet.contracts.fleet import FleetStatus, JobRequest, QueenView, WorkerSpawnOp
 from rbee_fleet.hive.service import HiveService
+from rbee_fleet.queen import placement
 from rbee_fleet.queen.hives import EmbeddedHive, HiveHandle, RemoteHive
 from rbee_fleet.queen.metrics import QueenMetrics
 from rbee_fleet.queen.proxy import WorkerProxy
@@ -45,8 +48,7 @@ class Queen:
         record = self.registry.hives.get(hive_id)
         url = record.url if record is not None else self.settings.remote_hives.get(hive_id)
         if url is None:
-            known = sorted({*self.settings.remote_hives, *self.registry.hives,
-                            *([self.embedded.hive_id] if self.embedded else [])})
+            known = self.hive_ids()
             raise NotFound(f"no hive {hive_id!r} in this fleet (known: {', '.join(known) or 'none'})", param="hive")
         return RemoteHive(hive_id, url, self.session, self.settings.cluster_token)
 
@@ -58,8 +60,21 @@ class Queen:
 
     def dispatch(self, request: JobRequest) -> Job:
         op = request.operation
+        if isinstance(op, WorkerSpawnOp) and op.hive == placement.AUTO and placement.AUTO not in self.hive_ids():
+            return self.jobs.submit(op, lambda emit: self.spawn_anywhere(op, emit))
         hive = self.hive(op.hive)
         return self.jobs.submit(op, lambda emit: hive.run(op, emit))
+
+    def hive_ids(self) -> list[str]:
+        return sorted({*self.settings.remote_hives, *self.registry.hives,
+                       *([self.embedded.hive_id] if self.embedded else [])})
+
+    async def spawn_anywhere(self, op: WorkerSpawnOp, emit: Emitter) -> dict[str, Any]:
+        """``hive = "auto"``: the live hives, their devices from their heartbeats, then placement."""
+        self.refresh_embedded()
+        views = {v.hive_id: v for v in self.registry.hive_views() if v.live}
+        handles = {hive_id: self.hive(hive_id) for hive_id in views}
+        return await placement.spawn_anywhere(op, handles, {h: v.devices for h, v in views.items()}, emit)
 
     def ensure_declared_workers(self) -> list[Job]:
         """Start the inventory's workers on the embedded hive (already running ones are left alone)."""

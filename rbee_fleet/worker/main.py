@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import sys
 
 from rbee_fleet import __version__
 from rbee_fleet.common.http import serve
 from rbee_fleet.common.logs import setup_logging
+from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.common.secrets import read_secret
 from rbee_fleet.worker.app import create_app, drain
 from rbee_fleet.worker.backends import backend_names
@@ -42,17 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _options(pairs: list[str]) -> dict[str, object]:
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--option {pair!r}: expected KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+def _parse_options(pairs: list[str]) -> dict[str, object]:
+    try:
+        return parse_key_values(pairs)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def settings_from(args: argparse.Namespace) -> WorkerSettings:
@@ -64,7 +58,7 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
         ctx_size=args.ctx_size,
         threads=args.threads,
         max_queue=args.max_queue,
-        options=_options(args.option),
+        options=_parse_options(args.option),
     )
     host_for_url = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     advertise = args.advertise_url or f"http://{host_for_url}:{args.port}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -11,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from rbee_fleet.common import sse
-from rbee_fleet.common.errors import BadRequest, ContextOverflow
+from rbee_fleet.common.errors import BadRequest, ContextOverflow, error_event
 from rbee_fleet.common.http import read_json
 from rbee_fleet.common.validation import validate
 from rbee_fleet.contracts.openai import (
@@ -183,15 +184,23 @@ async def _stream_out(
     head = encoder.role() if encoder.chat else b""
     finish: Finish | None = None
     item: Piece | Finish = first
-    while True:
-        if isinstance(item, Finish):
-            finish = item
-            break
-        meter.add(item.tokens)
-        if item.text:
-            await response.write(head + encoder.text(item.text))
-            head = b""
-        item = await stream.__anext__()
+    try:
+        while True:
+            if isinstance(item, Finish):
+                finish = item
+                break
+            meter.add(item.tokens)
+            if item.text:
+                await response.write(head + encoder.text(item.text))
+                head = b""
+            item = await stream.__anext__()
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise  # the client is gone: nothing to tell it
+    except Exception as exc:  # noqa: BLE001 - headers are out: report in-band, as OpenAI clients expect
+        log.exception("generation failed mid-stream")
+        await response.write(head + error_event(f"generation failed: {exc}", code="generation_failed"))
+        await response.write_eof()
+        return response
     if head:
         await response.write(head)
     usage = usage_of(prompt_tokens, finish.completion_tokens)

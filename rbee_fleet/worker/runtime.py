@@ -91,6 +91,7 @@ class Runtime:
             queue_capacity=self.spec.max_queue,
             tokens_per_second=round(self.meter.rate(), 2),
             tokens_generated_total=self.meter.total,
+            tokens_decoded_total=self.backend.decoded_total if self.backend else 0,
             requests_total=self.requests_total,
             context_length=self.backend.context_length if self.backend else 0,
             pid=os.getpid(),

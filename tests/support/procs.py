@@ -72,6 +72,12 @@ def http_json(url: str, *, method: str = "GET", body: Any = None, headers: dict[
         return exc.code, parsed, dict(exc.headers)
 
 
+def http_text(url: str, headers: dict[str, str] | None = None, timeout: float = 30.0) -> str:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
 def model_path() -> str:
     path = builtin_path("smollm2")
     if path is None:

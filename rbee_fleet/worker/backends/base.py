@@ -58,6 +58,8 @@ class Backend(ABC):
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
+        # Counted by the generation thread itself: shows that a cancelled request really stopped.
+        self.decoded_total = 0
 
     @property
     @abstractmethod

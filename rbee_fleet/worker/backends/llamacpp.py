@@ -57,6 +57,14 @@ class LlamaCppBackend(Backend):
         self._min_p = float(spec.options.get("min_p", DEFAULT_MIN_P))
         # One thread owns the llama context: requests are serialised through it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Decode one token now, so that the first request does not pay llama.cpp's first-call setup."""
+        bos = self._llm.token_bos()
+        first = [bos] if bos != -1 else self._llm.tokenize(b" ", add_bos=False)
+        for _ in self._llm.generate(first, temp=0.0):
+            break
 
     @property
     def context_length(self) -> int:
@@ -119,6 +127,7 @@ class LlamaCppBackend(Backend):
                 if cancel.is_set():
                     ending = "cancelled"
                     break
+                self.decoded_total += 1
                 if self._is_eog(token):
                     ending = "eos"
                     break

@@ -1,0 +1,131 @@
+"""Scheduling: fewest in flight for the slots, random ties, leases that cannot drift, bounded waits."""
+
+import asyncio
+import collections
+
+import pytest
+
+from rbee_fleet.common.errors import ModelNotFound, RateLimited, Unavailable
+from rbee_fleet.contracts.fleet import WorkerHeartbeat, WorkerState
+from rbee_fleet.queen.registry import Registry
+from rbee_fleet.queen.scheduler import NoOtherWorker, Scheduler
+
+
+def hb(wid: str, model: str = "m", slots: int = 1, state: WorkerState = WorkerState.READY) -> WorkerHeartbeat:
+    return WorkerHeartbeat(worker_id=wid, hive_id="h", model=model, backend="llamacpp", device="cpu",
+                           url=f"http://127.0.0.1/{wid}", state=state, slots_total=slots)
+
+
+def fleet(*beats: WorkerHeartbeat, timeout: float = 10.0, admission: float = 0.5, max_waiting: int = 8):
+    reg = Registry(timeout)
+    for b in beats:
+        reg.worker_heartbeat(b)
+    return reg, Scheduler(reg, admission, max_waiting)
+
+
+async def test_least_loaded_relative_to_slots():
+    reg, sched = fleet(hb("a", slots=1), hb("b", slots=4))
+    leases = [await sched.acquire("m") for _ in range(4)]
+    # b has 4 slots: it takes 3 of the first 4 requests (a gets one, then is full at 1/1).
+    counts = collections.Counter(lease.record.id for lease in leases)
+    assert counts == {"a": 1, "b": 3}
+    for lease in leases:
+        lease.release()
+    assert reg.workers["a"].in_flight == 0 and reg.workers["b"].in_flight == 0
+
+
+async def test_ties_are_broken_at_random():
+    _, sched = fleet(hb("a"), hb("b"), hb("c"))
+    picks = collections.Counter()
+    for _ in range(300):
+        lease = await sched.acquire("m")
+        picks[lease.record.id] += 1
+        lease.release()
+    assert set(picks) == {"a", "b", "c"} and min(picks.values()) > 50
+
+
+async def test_release_is_idempotent_and_counters_never_drift():
+    reg, sched = fleet(hb("a", slots=2))
+    lease = await sched.acquire("m")
+    lease.release()
+    lease.release()
+    assert reg.workers["a"].in_flight == 0
+
+
+async def test_unknown_model_is_404():
+    _, sched = fleet(hb("a"))
+    with pytest.raises(ModelNotFound) as info:
+        await sched.acquire("other")
+    assert info.value.status == 404 and info.value.code == "model_not_found"
+
+
+async def test_waits_for_a_slot_then_gets_it():
+    _, sched = fleet(hb("a"), admission=5)
+    first = await sched.acquire("m")
+    waiter = asyncio.create_task(sched.acquire("m"))
+    await asyncio.sleep(0.05)
+    assert not waiter.done() and sched.waiting == 1
+    first.release()
+    second = await asyncio.wait_for(waiter, 1)
+    assert second.record.id == "a"
+    second.release()
+
+
+async def test_bounded_wait_ends_in_503_with_retry_after():
+    _, sched = fleet(hb("a"), admission=0.2)
+    held = await sched.acquire("m")
+    with pytest.raises(Unavailable) as info:
+        await sched.acquire("m")
+    assert info.value.status == 503 and "Retry-After" in info.value.headers()
+    held.release()
+    assert sched.waiting == 0
+
+
+async def test_too_many_waiting_is_429():
+    _, sched = fleet(hb("a"), admission=2, max_waiting=1)
+    held = await sched.acquire("m")
+    waiter = asyncio.create_task(sched.acquire("m"))
+    await asyncio.sleep(0.05)
+    with pytest.raises(RateLimited) as info:
+        await sched.acquire("m")
+    assert info.value.status == 429 and int(info.value.headers()["Retry-After"]) >= 1
+    held.release()
+    (await waiter).release()
+
+
+async def test_silent_worker_leaves_rotation_and_comes_back():
+    reg, sched = fleet(hb("a"), timeout=0.2, admission=0.1)
+    await asyncio.sleep(0.3)
+    assert reg.serving("m") == []
+    with pytest.raises(Unavailable):
+        await sched.acquire("m")
+    reg.worker_heartbeat(hb("a"))
+    lease = await sched.acquire("m")
+    assert lease.record.id == "a"
+    lease.release()
+
+
+async def test_loading_worker_is_known_but_not_in_rotation_until_ready():
+    reg, sched = fleet(hb("a", state=WorkerState.LOADING), admission=2)
+    waiter = asyncio.create_task(sched.acquire("m"))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    reg.worker_heartbeat(hb("a"))
+    lease = await asyncio.wait_for(waiter, 1)
+    assert lease.record.id == "a"
+    lease.release()
+
+
+async def test_retry_excludes_the_failed_worker():
+    _, sched = fleet(hb("a"), hb("b"))
+    lease = await sched.acquire("m", exclude={"a"})
+    assert lease.record.id == "b"
+    lease.release()
+    with pytest.raises(NoOtherWorker):
+        await sched.acquire("m", exclude={"a", "b"})
+
+
+async def test_stopped_heartbeat_removes_the_worker():
+    reg, _ = fleet(hb("a"))
+    reg.worker_heartbeat(hb("a", state=WorkerState.STOPPED))
+    assert "a" not in reg.workers
