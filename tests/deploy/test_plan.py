@@ -119,7 +119,7 @@ def test_systemd_units_user_and_system() -> None:
     sections = [line for line in text.splitlines() if line.startswith("[")]
     assert sections == ["[Unit]", "[Service]", "[Install]"]
     ctl = next(f for f in render_files(spec(), user, TOKEN) if f.path.endswith("rbee-hive-ctl")).content
-    assert 'SYSTEMCTL="systemctl --user"' in ctl
+    assert 'SYSTEMCTL="systemctl --user"' in ctl and 'loginctl enable-linger' in ctl
     root = parse_facts(OLD_ROOT_GPU)
     assert supervision_mode(root) == "systemd-system"
     unit = next(f for f in render_files(spec(), root, TOKEN) if f.path.endswith(".service"))

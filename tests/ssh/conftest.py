@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from tests.ssh.support import Keys
+from tests.ssh.support import Keys, prebuild_wheelhouse
 from tests.ssh.hosts import DockerEngine, EngineUnavailable, TestHost, build_image, start_host
 
 
@@ -46,6 +46,11 @@ def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     good.write_private_key(str(d / "id_good"))
     wrong.write_private_key(str(d / "id_wrong"))
     return Keys(d / "id_good", d / "id_wrong", good.export_public_key().decode().strip())
+
+
+@pytest.fixture(scope="session")
+def offline_wheelhouse() -> Path:
+    return prebuild_wheelhouse()
 
 
 class HostPool:

@@ -10,6 +10,7 @@ advertises 127.0.0.1 instead of its host's address fails the tests.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,9 +22,10 @@ os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # the reaper imag
 
 IMAGE = "rbee-fleet-test-host:bookworm-1"
 PACKAGES = "openssh-server,python3,python3-venv,python3-pip,procps,iproute2"
-MIRROR = os.environ.get("RBEE_TEST_DEBIAN_MIRROR", "")  # empty: debootstrap's default archive
+MIRROR_ENV = "RBEE_TEST_DEBIAN_MIRROR"  # else the archive this machine's apt uses, else debootstrap's default
 DOCKERD_LOG = Path(tempfile.gettempdir()) / "rbee-test-dockerd.log"
 HOST_USER = "rbee"
+HOST_PYTHON = "3.11"  # Debian 12's python3
 
 
 class EngineUnavailable(RuntimeError):
@@ -81,6 +83,26 @@ class DockerEngine:
         self.proc = None
 
 
+def apt_mirror(suite: str = "bookworm") -> str | None:
+    """The Debian archive this machine's apt is configured with for ``suite`` (deb822 or one-line sources)."""
+    found: list[str] = []
+    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in path.read_text(errors="replace").split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and not line.startswith("#"))
+            if suite in fields.get("Suites", "").split() and fields.get("Enabled", "yes").strip() != "no":
+                found += fields.get("URIs", "").split()
+    for path in (Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))):
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            m = re.match(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", line.strip())
+            if m and m.group(2) == suite:
+                found.append(m.group(1))
+    return found[0] if found else None
+
+
 def image_exists(image: str = IMAGE) -> bool:
     return _docker("image", "inspect", image, check=False).returncode == 0
 
@@ -94,8 +116,9 @@ def build_image(image: str = IMAGE) -> str:
     work = Path(tempfile.mkdtemp(prefix="rbee-rootfs-"))
     rootfs = work / "rootfs"
     try:
-        subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(rootfs), *([MIRROR] if MIRROR else [])],
-                       check=True, capture_output=True, timeout=1200)
+        mirror = os.environ.get(MIRROR_ENV) or apt_mirror()
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(rootfs),
+                        *([mirror] if mirror else [])], check=True, capture_output=True, timeout=1200)
         # An unprivileged user to deploy as; the operator's key goes in at container start.
         subprocess.run(["chroot", str(rootfs), "useradd", "-m", "-s", "/bin/bash", HOST_USER], check=True)
         for key in rootfs.glob("etc/ssh/ssh_host_*"):

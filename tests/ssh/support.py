@@ -10,11 +10,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.ssh.hosts import HOST_USER
+from tests.ssh.hosts import HOST_PYTHON, HOST_USER
 
 REPO = Path(__file__).resolve().parents[2]
 # Built wheels (the portable llama-cpp-python takes minutes) are kept across runs in the checkout.
 CACHE_DIR = Path(os.environ.get("RBEE_TEST_CACHE_DIR", REPO / ".cache" / "rbee"))
+
+
+def prebuild_wheelhouse() -> Path:
+    """What offline test hosts get, built (or taken from the cache) before any deploy runs.
+
+    The first build on a machine compiles a portable llama-cpp-python: minutes on 2 cores.
+    """
+    from rbee_fleet.deploy.hosts import MODEL_PACKAGES
+    from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder, WheelhouseSpec
+
+    builder = WheelhouseBuilder(Release.from_source(REPO), CACHE_DIR)
+    return builder.build(WheelhouseSpec("offline", HOST_PYTHON, "x86_64", packages=(MODEL_PACKAGES["smollm2"],)))
 
 
 @dataclass(frozen=True)

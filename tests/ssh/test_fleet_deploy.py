@@ -51,7 +51,7 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(host_pool: HostPool, ssh_keys: Keys, module_tmp: Path) -> Iterator[Fleet]:
+def fleet(host_pool: HostPool, ssh_keys: Keys, module_tmp: Path, offline_wheelhouse: Path) -> Iterator[Fleet]:
     for name, address in {**GOOD, WRONG_KEY: "127.0.0.5", CHANGED_KEY: "127.0.0.6"}.items():
         host_pool.start(name, address)
     home = module_tmp / "operator-home"

@@ -47,6 +47,10 @@ start)
         echo $! > "$PIDFILE.tmp" && mv "$PIDFILE.tmp" "$PIDFILE"
         echo "started $!"
     else
+{% if mode == "systemd-user" %}
+        # Lingering keeps the user's units running after the SSH session ends (and starts them at boot).
+        loginctl enable-linger "$(id -un)" 2>/dev/null || echo "warning: loginctl enable-linger failed" >&2
+{% endif %}
         $SYSTEMCTL daemon-reload && $SYSTEMCTL enable --now "$UNIT" >/dev/null 2>&1 || exit 1
         echo "started $(hive_pid)"
     fi
