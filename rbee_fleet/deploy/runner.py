@@ -18,7 +18,7 @@ from typing import Any
 from rbee_fleet.deploy import steps
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.facts import HostFacts
-from rbee_fleet.deploy.plan import HostPlan, HostSpec, plan_host
+from rbee_fleet.deploy.plan import HostSpec, plan_host
 from rbee_fleet.deploy.transport import HostKeyStore, SSHTransport, Transport, connect
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 
@@ -103,7 +103,7 @@ async def deploy_host(spec: HostSpec, ctx: RunContext, result: HostResult, *, re
     except asyncio.CancelledError:
         result.status, result.reason = CANCELLED, "interrupted"
         raise
-    except Exception as exc:  # noqa: BLE001 - one host's surprise never stops the others
+    except Exception as exc:
         log.exception("deploying %s failed unexpectedly", spec.alias)
         result.status, result.reason, result.error_kind = FAILED, f"internal error: {type(exc).__name__}: {exc}", "internal"
     finally:

@@ -18,7 +18,15 @@ import aiohttp
 
 from rbee_fleet.deploy.errors import CommandFailed, HiveNotReady
 from rbee_fleet.deploy.facts import HostFacts, parse_facts, probe_command
-from rbee_fleet.deploy.plan import HostPlan, HostSpec, RemoteFile, marker, marker_json, supervision_mode, unit_path
+from rbee_fleet.deploy.plan import (
+    HostPlan,
+    HostSpec,
+    RemoteFile,
+    marker,
+    marker_json,
+    supervision_mode,
+    unit_path,
+)
 from rbee_fleet.deploy.transport import RunResult, Transport
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder, WheelhouseSpec
 

@@ -97,7 +97,7 @@ class WheelhouseSpec:
 
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **(env or {})},
                               timeout=BUILD_TIMEOUT_S, cwd=cwd)
     except subprocess.TimeoutExpired:
         raise WheelhouseError(f"{what}: no result after {BUILD_TIMEOUT_S} s") from None

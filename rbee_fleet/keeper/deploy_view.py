@@ -27,7 +27,7 @@ class DeployView:
         self._live = Live(console=console, refresh_per_second=8, transient=True) if console.is_terminal and not quiet else None
         self._last_plain: dict[str, float] = {}
 
-    def __enter__(self) -> DeployView:
+    def __enter__(self) -> DeployView:  # noqa: PYI034 - a final class in practice
         if self._live is not None:
             self._live.update(self._render())
             self._live.start()

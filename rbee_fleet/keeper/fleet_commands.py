@@ -17,7 +17,16 @@ from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.facts import HostFacts
 from rbee_fleet.deploy.hosts import host_spec, select
 from rbee_fleet.deploy.plan import HostSpec
-from rbee_fleet.deploy.runner import CANCELLED, FAILED, HostResult, RunContext, deploy, deploy_host, open_host, run_hosts
+from rbee_fleet.deploy.runner import (
+    CANCELLED,
+    FAILED,
+    HostResult,
+    RunContext,
+    deploy,
+    deploy_host,
+    open_host,
+    run_hosts,
+)
 from rbee_fleet.deploy.transport import HostKeyStore, Transport
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 from rbee_fleet.keeper.commands import err, out

@@ -8,7 +8,15 @@ import pytest
 
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.deploy.facts import parse_facts
-from rbee_fleet.deploy.plan import HostSpec, config_hash, marker, marker_json, plan_host, render_files, supervision_mode
+from rbee_fleet.deploy.plan import (
+    HostSpec,
+    config_hash,
+    marker,
+    marker_json,
+    plan_host,
+    render_files,
+    supervision_mode,
+)
 from rbee_fleet.deploy.transport import SSHTarget
 from tests.deploy.test_facts import FRESH_DEBIAN, OLD_ROOT_GPU
 
@@ -17,12 +25,12 @@ RELEASE = "0.1.0-aaaa"
 
 
 def spec(**over: object) -> HostSpec:
-    values: dict[str, object] = dict(
-        alias="h2", address="127.0.0.2", port=9000, ssh=SSHTarget("h2", "127.0.0.2", user="rbee"),
-        install_dir="~/.local/share/rbee-fleet", install_source="offline", python="python3",
-        queen_url="http://127.0.0.1:8500", worker_port_base=9300, heartbeat_interval_s=5.0,
-        workers=(WorkerSpawnOp(hive="h2", model="smollm2", worker_id="h2-smollm2-0"),),
-    )
+    values: dict[str, object] = {
+        "alias": "h2", "address": "127.0.0.2", "port": 9000, "ssh": SSHTarget("h2", "127.0.0.2", user="rbee"),
+        "install_dir": "~/.local/share/rbee-fleet", "install_source": "offline", "python": "python3",
+        "queen_url": "http://127.0.0.1:8500", "worker_port_base": 9300, "heartbeat_interval_s": 5.0,
+        "workers": (WorkerSpawnOp(hive="h2", model="smollm2", worker_id="h2-smollm2-0"),),
+    }
     values.update(over)
     return HostSpec(**values)  # type: ignore[arg-type]
 

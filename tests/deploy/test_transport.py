@@ -13,7 +13,13 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from rbee_fleet.deploy.errors import AuthFailed, ConnectRefused, ConnectTimeout, HostKeyChanged, HostKeyUnknown
+from rbee_fleet.deploy.errors import (
+    AuthFailed,
+    ConnectRefused,
+    ConnectTimeout,
+    HostKeyChanged,
+    HostKeyUnknown,
+)
 from rbee_fleet.deploy.transport import HostKeyStore, SSHTarget, connect, fingerprint
 
 
@@ -72,7 +78,7 @@ async def test_unknown_key_is_refused_with_its_fingerprint(server, client_key: P
 
 
 async def test_accept_new_records_the_key_and_later_runs_need_no_flag(server, client_key: Path, tmp_path: Path) -> None:
-    host_key, port = server
+    _, port = server
     store = _store(tmp_path)
     t = await connect(_target(port, client_key), store, accept_new=True)
     assert (await t.run("echo hi")).stdout == "ran: echo hi\n"
@@ -133,7 +139,7 @@ async def test_a_silent_server_times_out(client_key: Path, tmp_path: Path) -> No
 
 
 async def test_jump_host_tunnels_the_connection_and_both_keys_are_checked(server, client_key: Path, tmp_path: Path) -> None:
-    host_key, port = server
+    _, port = server
     jump_key = asyncssh.generate_private_key("ssh-ed25519")
     jump_srv, jump_port = await _serve(jump_key, asyncssh.read_private_key(str(client_key)))
     try:

@@ -6,17 +6,15 @@ These tests never skip: without a Docker engine, debootstrap or root they fail a
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from tests.ssh.support import Keys, prebuild_wheelhouse
 from tests.ssh.hosts import DockerEngine, EngineUnavailable, TestHost, build_image, start_host
-
+from tests.ssh.support import Keys, prebuild_wheelhouse
 
 pytestmark = pytest.mark.ssh
 
@@ -67,10 +65,8 @@ class HostPool:
 
     def stop_all(self) -> None:
         for host in self.hosts.values():
-            try:
+            with contextlib.suppress(Exception):  # most are not paused
                 host.unpause()
-            except Exception:  # noqa: BLE001 - not paused
-                pass
             host.stop()
 
 

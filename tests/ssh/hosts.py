@@ -58,11 +58,11 @@ class DockerEngine:
             raise EngineUnavailable("dockerd is not installed (apt-get install docker.io; .ci/run does it)")
         if os.geteuid() != 0:
             raise EngineUnavailable("dockerd is not running and only root can start it")
-        log = open(DOCKERD_LOG, "ab")
         # Host networking only: no bridge, no iptables rules on this machine.
-        self.proc = subprocess.Popen([dockerd, "--iptables=false", "--ip-masq=false", "--bridge=none"],
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        with open(DOCKERD_LOG, "ab") as log:
+            self.proc = subprocess.Popen([dockerd, "--iptables=false", "--ip-masq=false", "--bridge=none"],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + 60
         while not engine_up():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -52,7 +52,7 @@ class Keeper:
         cmd = [sys.executable, "-m", "rbee_fleet.keeper", *args]
         if "-i" not in args:
             cmd += ["-i", str(self.inventory)]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env(), cwd=REPO,
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=self.env(), cwd=REPO,
                               stdin=subprocess.DEVNULL)
 
     def deploy(self, *args: str, timeout: float = 900) -> tuple[int, dict[str, dict[str, object]], subprocess.CompletedProcess[str]]:
