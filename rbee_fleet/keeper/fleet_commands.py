@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,7 @@ async def _on_host(args: argparse.Namespace, ctx: KeeperContext, spec: HostSpec,
     try:
         if action == "logs":
             try:
-                code = await steps.logs(t, facts, args.lines, args.follow,
-                                        lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True))
+                code = await steps.logs(t, facts, args.lines, args.follow, _print_line)
             except asyncio.CancelledError:
                 return EXIT_INTERRUPTED
             return EXIT_OK if code == 0 else EXIT_FAILED
@@ -264,6 +264,12 @@ async def _status(args: argparse.Namespace, t: Transport, spec: HostSpec, facts:
         for key, value in info.items():
             out.print(f"[bold]{key:>12}[/]: {value}", highlight=False)
     return EXIT_OK if facts.hive_running and answering else EXIT_FAILED
+
+
+def _print_line(line: str) -> None:
+    """One log line, flushed at once: ``logs -f`` into a pipe must not wait for a full buffer."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _done(args: argparse.Namespace, alias: str, message: str, changed: bool) -> int:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,7 @@ from tests.support import procs
 pytestmark = [pytest.mark.ssh, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 GOOD = {"h2": "127.0.0.2", "h3": "127.0.0.3", "h4": "127.0.0.4"}
-WRONG_KEY, CHANGED_KEY = "h5", "h6"
+WRONG_KEY, CHANGED_KEY, NO_PYTHON, PORT_TAKEN = "h5", "h6", "h7", "h8"
 INSTALL = "/home/rbee/.local/share/rbee-fleet"
 
 
@@ -52,13 +55,18 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(host_pool: HostPool, ssh_keys: Keys, module_tmp: Path, offline_wheelhouse: Path) -> Iterator[Fleet]:
-    for name, address in {**GOOD, WRONG_KEY: "127.0.0.5", CHANGED_KEY: "127.0.0.6"}.items():
+    faulty = {WRONG_KEY: "127.0.0.5", CHANGED_KEY: "127.0.0.6", NO_PYTHON: "127.0.0.7", PORT_TAKEN: "127.0.0.8"}
+    for name, address in {**GOOD, **faulty}.items():
         host_pool.start(name, address)
+    # Another program already listens on h8's hive port.
+    host_pool.hosts[PORT_TAKEN].exec("setsid python3 -m http.server 9000 --bind 127.0.0.8 </dev/null >/dev/null 2>&1 &")
     home = module_tmp / "operator-home"
     port = procs.free_port()
     hosts: dict[str, dict[str, object]] = {name: {"address": addr} for name, addr in GOOD.items()}
     hosts[WRONG_KEY] = {"address": "127.0.0.5", "identity_file": str(ssh_keys.wrong)}
     hosts[CHANGED_KEY] = {"address": "127.0.0.6"}
+    hosts[NO_PYTHON] = {"address": "127.0.0.7", "python": "python3.9"}
+    hosts[PORT_TAKEN] = {"address": "127.0.0.8"}
     inventory = write_fleet_inventory(module_tmp / "fleet.toml", port, hosts, ssh_keys)
     # A key recorded for h6 that is not the one it presents: a changed host key.
     home.mkdir(parents=True)
@@ -87,6 +95,12 @@ def test_first_deploy_installs_three_hosts_and_the_faulty_ones_fail_alone(fleet:
     changed = results[CHANGED_KEY]
     assert changed["status"] == "failed" and changed["error"] == "host-key-changed"
     assert changed["reason"].count("SHA256:") == 2, changed["reason"]
+    no_python = results[NO_PYTHON]
+    assert no_python["status"] == "failed" and no_python["reason"] == "no python3.9 on the host (Python 3.10+ is needed)"
+    taken = results[PORT_TAKEN]
+    assert taken["status"] == "failed" and "port 9000 is already in use" in taken["reason"], taken
+    assert "127.0.0.8:9000" in taken["reason"]
+    assert fleet.hosts[PORT_TAKEN].exec(f"test -e {INSTALL}").returncode == 1  # nothing was touched
     # Neither the JSON nor the progress shows the cluster token.
     assert fleet.token not in proc.stdout and fleet.token not in proc.stderr
 
@@ -170,6 +184,39 @@ def test_status_and_logs_of_one_hive(fleet: Fleet) -> None:
     logs = fleet.keeper.run("hive", "logs", "h2", "-n", "50")
     assert logs.returncode == 0 and "rbee_fleet" in logs.stdout
     assert fleet.token not in logs.stdout
+    # -f follows the log until Ctrl-C.
+    follow = subprocess.Popen([sys.executable, "-m", "rbee_fleet.keeper", "hive", "logs", "h2", "-f", "-n", "1",
+                               "-i", str(fleet.keeper.inventory)], env=fleet.keeper.env(), cwd=REPO,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    try:
+        assert _read_until(follow, "rbee_fleet", 20), "no log line from hive logs -f"
+        fleet.hosts["h2"].exec(f"echo marker-line-from-test >> {INSTALL}/logs/hive.log")
+        assert _read_until(follow, "marker-line-from-test", 20), "hive logs -f did not show the new line"
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(30) == 130
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+
+
+def _read_until(proc: subprocess.Popen[bytes], text: str, timeout: float) -> bool:
+    """Read ``proc``'s output until it contains ``text``; False after ``timeout`` seconds or at its end."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    seen = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return False
+                seen += chunk
+                if text.encode() in seen:
+                    return True
+    return False
 
 
 def _bumped_source(tmp: Path, version: str) -> Path:
