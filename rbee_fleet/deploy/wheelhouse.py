@@ -38,6 +38,7 @@ LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF"
 # Wheels for hosts with glibc 2.17 or newer (every current Linux distribution).
 PLATFORMS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}", "linux_{arch}")
 BUILD_TIMEOUT_S = 1800
+KEEP_WHEELHOUSES = 6
 
 
 def cache_dir() -> Path:
@@ -165,7 +166,16 @@ class WheelhouseBuilder:
                     for wheel in sorted(wheels.iterdir()):
                         tar.add(wheel, arcname=wheel.name)
             os.replace(partial, out)
+        self._prune(out.parent)
         return out
+
+    @staticmethod
+    def _prune(directory: Path) -> None:
+        """Keep the newest ``KEEP_WHEELHOUSES`` tarballs: every source change makes a new one."""
+        tarballs = sorted((p for p in directory.iterdir() if p.suffix in (".tgz", ".tar")),
+                          key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in tarballs[KEEP_WHEELHOUSES:]:
+            old.unlink(missing_ok=True)
 
     def rbee_wheel(self) -> Path:
         """rbee-fleet's own wheel, built from the source checkout (cached by source digest)."""

@@ -154,3 +154,18 @@ def test_install_commands_offline_unpacks_a_venv_tree_online_runs_the_hosts_pip(
     for script in (offline, online):
         (tmp_path / "install.sh").write_text(script)
         subprocess.run(["sh", "-n", str(tmp_path / "install.sh")], check=True)
+
+
+def test_the_wheelhouse_cache_keeps_only_the_newest_tarballs(tmp_path) -> None:
+    import os
+
+    from rbee_fleet.deploy.wheelhouse import KEEP_WHEELHOUSES, WheelhouseBuilder
+
+    for i in range(KEEP_WHEELHOUSES + 3):
+        path = tmp_path / f"rbee-fleet-{i}.venv.tgz"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    (tmp_path / "notes.txt").write_text("not a tarball")
+    WheelhouseBuilder._prune(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["notes.txt", *(f"rbee-fleet-{i}.venv.tgz" for i in range(3, KEEP_WHEELHOUSES + 3))])
