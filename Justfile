@@ -43,7 +43,7 @@ demo: setup
 test *ARGS: setup-test
     {{bin}}/pytest {{ARGS}}
 
-# Print the benchmarks' figures (worker vs plain llama-cpp-python, queen overhead)
+# Print the benchmarks' figures (worker vs plain llama-cpp-python, queen overhead, SSH deploys)
 bench: setup-test
     {{bin}}/python -m tests.bench.run_all
 

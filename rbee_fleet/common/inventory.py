@@ -110,6 +110,7 @@ class HiveDecl(_Section):
     install_dir: str | None = None
     install_source: Literal["online", "offline"] | None = None
     python: str | None = None
+    bind_host: str | None = None  # what the remote hive binds (default: its address)
 
 
 class Defaults(_Section):
@@ -209,9 +210,35 @@ def parse_inventory(text: str, path: str = "<inventory>") -> Inventory:
         message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         raise InventoryError(path, line, None, f"invalid TOML: {message}") from None
     try:
-        return Inventory.model_validate(data)
+        inv = Inventory.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, text, path) from None
+    _cross_check(inv, text, path)
+    return inv
+
+
+def _cross_check(inv: Inventory, text: str, path: str) -> None:
+    """Mistakes that span several tables: a jump host nobody declared, two hives on one address and port."""
+    lines = KeyLines(text)
+    seen: dict[tuple[str, int], str] = {}
+    for alias, hive in inv.hives.items():
+        jump = hive.proxy_jump
+        if jump and jump not in inv.hives and not re.search(r"[@:.]", jump):
+            key = ("hives", alias, "proxy_jump")
+            known = ", ".join(a for a in inv.hives if a != alias) or "none"
+            raise InventoryError(path, lines.find(key), _dotted(key),
+                                 f"unknown hive alias {jump!r} (hives: {known}; or give user@host[:port])")
+        if jump == alias:
+            key = ("hives", alias, "proxy_jump")
+            raise InventoryError(path, lines.find(key), _dotted(key), "a hive cannot jump through itself")
+        if hive.embedded:
+            continue
+        where = (hive.address, hive.port or inv.defaults.hive_port)
+        if where in seen:
+            key = ("hives", alias, "port" if hive.port else "address")
+            raise InventoryError(path, lines.find(key), _dotted(key),
+                                 f"hive {seen[where]!r} already uses {where[0]}:{where[1]}")
+        seen[where] = alias
 
 
 def _first_error(exc: ValidationError, text: str, path: str) -> InventoryError:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from rbee_fleet import __version__
-from rbee_fleet.keeper import commands
+from rbee_fleet.keeper import commands, fleet_commands
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_QUEEN = 1, 2, 3
 
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p = cmd("cancel", "cancel a running job", commands.jobs_cancel, jsub)
     p.add_argument("job_id")
+
+    fleet_commands.add_parsers(sub, common, cmd)
     return parser
 
 

@@ -9,6 +9,7 @@ BENCHES = [
     "tests.bench.bench_worker",
     "tests.bench.bench_queen",
     "tests.bench.bench_exllamav2_path",
+    "tests.bench.bench_deploy",
 ]
 
 

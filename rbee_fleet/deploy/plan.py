@@ -1,0 +1,196 @@
+"""What a host should look like, and the ordered steps that get it there: computed from facts, no I/O.
+
+``HostSpec`` is the inventory's wish for one host; ``render_files`` turns it into the files the host
+gets (from ``templates/``); ``plan_host`` compares the host's facts with the wish and lists the steps.
+The same plan is shown by ``deploy --check`` and carried out by ``steps``, so a host that already
+matches gets a plan with nothing that changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import jinja2
+
+from rbee_fleet.contracts.fleet import WorkerSpawnOp
+from rbee_fleet.deploy.facts import HostFacts, preflight_problems
+from rbee_fleet.deploy.transport import SSHTarget
+
+UNIT_NAME = "rbee-hive.service"
+KEEP_VERSIONS = 2  # the current version and the one before it, for a one-switch rollback
+MARKER_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One remote hive as the inventory declares it."""
+
+    alias: str
+    address: str  # what the queen uses to reach the hive and its workers
+    port: int
+    ssh: SSHTarget
+    install_dir: str
+    install_source: str  # offline | online
+    python: str
+    queen_url: str
+    worker_port_base: int
+    heartbeat_interval_s: float
+    command_timeout_s: float = 600.0
+    bind_host: str | None = None  # default: the address
+    packages: tuple[str, ...] = ()  # model packages the declared workers need (built-in models)
+    workers: tuple[WorkerSpawnOp, ...] = ()
+
+    @property
+    def bind(self) -> str:
+        return self.bind_host or self.address
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}"
+
+
+def supervision_mode(facts: HostFacts) -> str:
+    """systemd when the host runs it (a system unit as root, else a user unit), else a pidfile."""
+    if not facts.systemd:
+        return "pidfile"
+    return "systemd-system" if facts.is_root else "systemd-user"
+
+
+def unit_path(facts: HostFacts) -> str | None:
+    mode = supervision_mode(facts)
+    if mode == "systemd-system":
+        return f"/etc/systemd/system/{UNIT_NAME}"
+    if mode == "systemd-user":
+        return f"{facts.home}/.config/systemd/user/{UNIT_NAME}"
+    return None
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    content: str
+    mode: int
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.path}\0{self.mode:o}\0{self.content}".encode()).hexdigest()
+
+
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False,
+                          trim_blocks=True, lstrip_blocks=True)
+_ENV.filters["q"] = lambda value: shlex.quote(str(value))
+
+
+def template(name: str) -> jinja2.Template:
+    text = resources.files("rbee_fleet.deploy").joinpath("templates").joinpath(name).read_text(encoding="utf-8")
+    return _ENV.from_string(text)
+
+
+def render_files(spec: HostSpec, facts: HostFacts, token: str) -> list[RemoteFile]:
+    """Every file the keeper writes on the host, with its mode (the token file is 0600)."""
+    inst = facts.install_dir
+    mode = supervision_mode(facts)
+    values: dict[str, Any] = {
+        "alias": spec.alias, "install_dir": inst, "bind_host": spec.bind, "port": spec.port,
+        "address": spec.address, "queen_url": spec.queen_url, "worker_port_base": spec.worker_port_base,
+        "heartbeat_interval_s": spec.heartbeat_interval_s, "mode": mode, "unit_name": UNIT_NAME,
+    }
+    files = [
+        RemoteFile(f"{inst}/bin/rbee-hive-run", template("rbee-hive-run.sh").render(values), 0o755),
+        RemoteFile(f"{inst}/bin/rbee-hive-ctl", template("rbee-hive-ctl.sh").render(values), 0o755),
+        RemoteFile(f"{inst}/secrets/cluster.token", token + "\n", 0o600),
+    ]
+    unit = unit_path(facts)
+    if unit is not None:
+        files.append(RemoteFile(unit, template("rbee-hive.service").render(values), 0o644))
+    return files
+
+
+def config_hash(files: list[RemoteFile]) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        digest.update(f.digest().encode())
+    return digest.hexdigest()[:16]
+
+
+def marker(release_id: str, version: str, cfg_hash: str, spec: HostSpec, facts: HostFacts) -> dict[str, Any]:
+    return {"schema": MARKER_SCHEMA, "release": release_id, "version": version, "config_hash": cfg_hash,
+            "install_source": spec.install_source, "python": facts.python_tag, "mode": supervision_mode(facts)}
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str  # install | config | switch | start | restart | wait | marker | prune | workers
+    detail: str
+    changes: bool = True
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    alias: str
+    steps: tuple[Step, ...] = ()
+    problems: tuple[str, ...] = ()
+    files: tuple[RemoteFile, ...] = field(default=(), repr=False)
+    config_hash: str = ""
+    release_id: str = ""
+    prune: tuple[str, ...] = ()
+
+    @property
+    def changes(self) -> bool:
+        return any(s.changes for s in self.steps)
+
+    def has(self, action: str) -> bool:
+        return any(s.action == action for s in self.steps)
+
+    def describe(self) -> str:
+        if self.problems:
+            return "; ".join(self.problems)
+        changing = [s.detail for s in self.steps if s.changes]
+        return "; ".join(changing) if changing else "nothing to change"
+
+
+def plan_host(spec: HostSpec, facts: HostFacts, release_id: str, token: str) -> HostPlan:
+    """The steps that bring the host from ``facts`` to ``spec`` running ``release_id``."""
+    installed = release_id in facts.versions
+    problems = preflight_problems(facts, spec.python, spec.port, spec.bind, need_install=not installed,
+                                  need_pip=spec.install_source == "online")
+    if problems:
+        return HostPlan(spec.alias, problems=tuple(problems), release_id=release_id)
+    files = render_files(spec, facts, token)
+    cfg = config_hash(files)
+    mark = facts.marker or {}
+    steps: list[Step] = []
+    if not installed:
+        steps.append(Step("install", f"install rbee-fleet {release_id} ({spec.install_source}, Python {facts.python_tag})"))
+    config_changed = mark.get("config_hash") != cfg
+    if config_changed:
+        steps.append(Step("config", "write the hive's configuration" if mark else "write the hive's configuration (first time)"))
+    switched = facts.current != release_id
+    if switched:
+        was = f" (was {facts.current})" if facts.current else ""
+        steps.append(Step("switch", f"switch current to {release_id}{was}"))
+    if not facts.hive_running:
+        steps.append(Step("start", f"start the hive ({supervision_mode(facts)})"))
+    elif switched or config_changed:
+        steps.append(Step("restart", "restart the hive on the new " + ("version" if switched else "configuration")))
+    steps.append(Step("wait", f"hive answers at {spec.url}", changes=False))
+    new_marker = marker(release_id, release_id.split("-", 1)[0], cfg, spec, facts)
+    if {k: mark.get(k) for k in new_marker} != new_marker:
+        steps.append(Step("marker", "record the installed version and configuration"))
+    keep = {release_id, *([facts.current] if facts.current and facts.current != release_id else [])}
+    old = tuple(v for v in facts.versions if v not in keep)
+    extra = len(keep) + len(old) - KEEP_VERSIONS
+    prune = old[:max(0, extra)]
+    if prune:
+        steps.append(Step("prune", f"remove old version{'s' if len(prune) > 1 else ''} {', '.join(prune)}"))
+    steps.append(Step("workers", f"{len(spec.workers)} declared worker(s) through the queen", changes=False))
+    return HostPlan(spec.alias, steps=tuple(steps), files=tuple(files), config_hash=cfg, release_id=release_id, prune=prune)
+
+
+def marker_json(value: dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,153 @@
+"""Deploying many hosts: in parallel (bounded), each on its own connection, each with its own result.
+
+One host's failure never stops the others: every host ends ``ok`` (nothing changed), ``changed`` or
+``failed`` with a one-line reason. Ctrl-C cancels the run between remote commands; as ``current`` is
+switched atomically, each host is left on its old version or on its new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rbee_fleet.deploy import steps
+from rbee_fleet.deploy.errors import DeployError, WheelhouseError
+from rbee_fleet.deploy.facts import HostFacts
+from rbee_fleet.deploy.plan import HostSpec, plan_host
+from rbee_fleet.deploy.transport import HostKeyStore, SSHTransport, Transport, connect
+from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
+
+log = logging.getLogger(__name__)
+
+OK, CHANGED, FAILED, CANCELLED = "ok", "changed", "failed", "cancelled"
+
+# Spawns the host's declared workers through the queen; returns how many were started anew.
+EnsureWorkers = Callable[[HostSpec], Awaitable[int]]
+Update = Callable[[str, str], None]  # (alias, what the host is doing now)
+
+
+@dataclass
+class HostResult:
+    alias: str
+    status: str = "pending"  # ok | changed | failed | cancelled
+    reason: str = ""
+    error_kind: str | None = None
+    steps: list[str] = field(default_factory=list)  # what was (or, in check mode, would be) changed
+    version: str | None = None
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.alias, "status": self.status, "reason": self.reason, "error": self.error_kind,
+                "changes": self.steps, "version": self.version, "elapsed_s": round(self.elapsed_s, 2)}
+
+
+@dataclass
+class RunContext:
+    release: Release
+    builder: WheelhouseBuilder
+    keys: HostKeyStore
+    token: str
+    accept_new: bool = False
+    check: bool = False
+    ensure_workers: EnsureWorkers | None = None
+    update: Update = lambda alias, message: None
+
+
+async def open_host(spec: HostSpec, ctx: RunContext) -> tuple[SSHTransport, HostFacts]:
+    ctx.update(spec.alias, f"connecting to {spec.ssh.describe()}")
+    t = await connect(spec.ssh, ctx.keys, accept_new=ctx.accept_new)
+    try:
+        ctx.update(spec.alias, "checking the host")
+        return t, await steps.gather_facts(t, spec)
+    except BaseException:
+        await t.close()
+        raise
+
+
+async def deploy_host(spec: HostSpec, ctx: RunContext, result: HostResult, *, require_installed: bool = False) -> None:
+    """Bring one host to ``spec``; fills ``result`` (raises only on cancellation)."""
+    t: Transport | None = None
+    try:
+        t, facts = await open_host(spec, ctx)
+        ctx.update(spec.alias, facts.summary())
+        if require_installed and not facts.versions:
+            raise DeployError(spec.alias, "rbee-fleet is not installed there; use `hive install` first")
+        plan = plan_host(spec, facts, ctx.release.id, ctx.token)
+        result.version = plan.release_id
+        if plan.problems:
+            raise DeployError(spec.alias, "; ".join(plan.problems))
+        result.steps = [s.detail for s in plan.steps if s.changes]
+        if ctx.check:
+            result.status = CHANGED if plan.changes else OK
+            result.reason = ("would " + plan.describe()) if plan.changes else "nothing to change"
+            return
+        await steps.execute(t, spec, facts, plan, ctx.release, ctx.builder, ctx.token,
+                            lambda message: ctx.update(spec.alias, message))
+        spawned = 0
+        if ctx.ensure_workers is not None and spec.workers:
+            ctx.update(spec.alias, f"spawning {len(spec.workers)} worker(s) through the queen")
+            spawned = await ctx.ensure_workers(spec)
+            if spawned:
+                result.steps.append(f"started {spawned} worker(s)")
+        result.status = CHANGED if (plan.changes or spawned) else OK
+        result.reason = plan.describe() if plan.changes else (result.steps[-1] if spawned else "nothing to change")
+    except DeployError as exc:
+        result.status, result.reason, result.error_kind = FAILED, exc.reason, exc.kind
+    except WheelhouseError as exc:
+        result.status, result.reason, result.error_kind = FAILED, str(exc).splitlines()[0], "wheelhouse"
+    except asyncio.CancelledError:
+        result.status, result.reason = CANCELLED, "interrupted"
+        raise
+    except Exception as exc:
+        log.exception("deploying %s failed unexpectedly", spec.alias)
+        result.status, result.reason, result.error_kind = FAILED, f"internal error: {type(exc).__name__}: {exc}", "internal"
+    finally:
+        if t is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(t.close())
+
+
+async def run_hosts(specs: list[HostSpec], job: Callable[[HostSpec, HostResult], Awaitable[None]],
+                    parallel: int, ctx: RunContext, results: list[HostResult] | None = None) -> list[HostResult]:
+    """Run ``job`` for every host, at most ``parallel`` at a time; results in inventory order.
+
+    Pass ``results`` to keep them when the run is cancelled (Ctrl-C): unfinished hosts say so.
+    """
+    limit = asyncio.Semaphore(max(1, parallel))
+    if results is None:
+        results = [HostResult(s.alias) for s in specs]
+
+    async def one(spec: HostSpec, result: HostResult) -> None:
+        async with limit:
+            started = time.monotonic()
+            result.status = "running"
+            try:
+                await job(spec, result)
+            except DeployError as exc:
+                result.status, result.reason, result.error_kind = FAILED, exc.reason, exc.kind
+            finally:
+                result.elapsed_s = time.monotonic() - started
+                ctx.update(spec.alias, result.reason)
+
+    tasks = [asyncio.ensure_future(one(s, r)) for s, r in zip(specs, results)]
+    try:
+        await asyncio.gather(*tasks)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if r.status in ("pending", "running"):
+                r.status, r.reason = CANCELLED, "interrupted before it finished"
+        raise
+    return results
+
+
+async def deploy(specs: list[HostSpec], ctx: RunContext, parallel: int,
+                 results: list[HostResult] | None = None) -> list[HostResult]:
+    return await run_hosts(specs, lambda spec, result: deploy_host(spec, ctx, result), parallel, ctx, results)

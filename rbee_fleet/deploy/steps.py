@@ -1,0 +1,256 @@
+"""Carrying out a host's plan over its transport: each step one remote command (or one upload).
+
+Installs go to ``INSTALL/versions/<release>/`` with their own venv, marked complete only at the end;
+``current`` is switched by renaming a new link over it, so a host runs either its old version or its
+new one, never a half-installed one. Files are written through one small Python program reading them
+from standard input (so the token never appears on a command line) and renamed into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from rbee_fleet.deploy.errors import CommandFailed, HiveNotReady
+from rbee_fleet.deploy.facts import HostFacts, parse_facts, probe_command
+from rbee_fleet.deploy.plan import (
+    HostPlan,
+    HostSpec,
+    RemoteFile,
+    marker,
+    marker_json,
+    supervision_mode,
+    unit_path,
+)
+from rbee_fleet.deploy.transport import RunResult, Transport
+from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder, WheelhouseSpec
+
+Say = Callable[[str], None]
+HIVE_READY_TIMEOUT_S = 90.0
+
+# Writes [{"path", "mode", "content"}] from stdin: each file created with its mode, then renamed into place.
+_WRITE_FILES = r"""
+import json, os, sys
+for f in json.load(sys.stdin):
+    path = f["path"]
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.basename(parent) == "secrets":
+        os.chmod(parent, 0o700)
+    tmp = path + ".rbee-tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, f["mode"])
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f["content"])
+    os.chmod(tmp, f["mode"])
+    os.replace(tmp, path)
+"""
+
+
+async def gather_facts(t: Transport, spec: HostSpec) -> HostFacts:
+    result = await t.run(probe_command(spec.python, spec.install_dir, spec.port), timeout=60)
+    facts = parse_facts(result.stdout)
+    if not facts.install_dir:
+        raise CommandFailed(t.host, f"the host probe printed nothing useful: {result.tail(3) or 'no output'}")
+    return facts
+
+
+async def checked(t: Transport, command: str, what: str, *, timeout: float, input: str | None = None) -> RunResult:
+    result = await t.run(command, timeout=timeout, input=input)
+    if not result.ok:
+        raise CommandFailed(t.host, f"{what} failed (exit {result.exit_status}): {result.tail(6) or 'no output'}")
+    return result
+
+
+async def write_files(t: Transport, python: str, files: list[RemoteFile]) -> None:
+    payload = json.dumps([{"path": f.path, "mode": f.mode, "content": f.content} for f in files])
+    await checked(t, f"{shlex.quote(python)} -c {shlex.quote(_WRITE_FILES)}", "writing the hive's files",
+                  timeout=60, input=payload)
+
+
+def wheelhouse_spec(spec: HostSpec, facts: HostFacts) -> WheelhouseSpec:
+    arch = facts.kernel.split()[-1] if facts.kernel else "x86_64"
+    return WheelhouseSpec(install_source=spec.install_source, python_tag=facts.python_tag or "3", arch=arch,
+                          packages=spec.packages)
+
+
+async def install(t: Transport, spec: HostSpec, facts: HostFacts, release: Release, builder: WheelhouseBuilder,
+                  say: Say) -> None:
+    """Ship the wheelhouse as one tarball and build ``versions/<release>/venv`` from it."""
+    wh = wheelhouse_spec(spec, facts)
+    say(f"preparing the {wh.install_source} wheelhouse for Python {wh.python_tag}")
+    tarball = await builder.tarball(wh)
+    inst = facts.install_dir
+    remote_tar = f"{inst}/cache/{tarball.name}"
+    await checked(t, f"mkdir -p {shlex.quote(inst)}/cache", "creating the install directory", timeout=30)
+    size = tarball.stat().st_size
+    last = [0.0]
+
+    def progress(sent: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] > 0.5 or sent == total:
+            last[0] = now
+            say(f"uploading {tarball.name}: {sent * 100 // max(total, 1)}% of {size / 2**20:.0f} MiB")
+
+    await t.put(tarball, remote_tar, progress)
+    say(f"installing {release.id} into a new venv")
+    await checked(t, install_command(spec, facts, release, remote_tar), "installing rbee-fleet",
+                  timeout=spec.command_timeout_s)
+
+
+def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_tar: str) -> str:
+    py = shlex.quote(spec.python)
+    v = shlex.quote(f"{facts.install_dir}/versions/{release.id}")
+    pip_opts = "--disable-pip-version-check --no-input --no-compile --no-cache-dir -q"
+    if facts.host_pip_targets_venvs:
+        venv = f"{py} -m venv --without-pip {v}/venv"
+        pip = f"{py} -m pip --python {v}/venv/bin/python install {pip_opts}"
+    else:
+        venv = f"{py} -m venv {v}/venv"
+        pip = f"{v}/venv/bin/python -m pip install {pip_opts}"
+    tar = shlex.quote(remote_tar)
+    if spec.install_source == "offline":
+        # The payload is the venv's contents, unpacked from the wheelhouse on the operator machine.
+        body = f"""{py} -m venv --without-pip {v}/venv
+tar -xzf {tar} -C {v}/venv"""
+    else:
+        # The operator's wheel by its path: an index's package of the same name never wins.
+        rbee = f"{facts.install_dir}/versions/{release.id}/wheels/rbee_fleet-{release.version}-py3-none-any.whl[cpu]"
+        installs = f"{pip} {shlex.quote(rbee)}"
+        if spec.packages:
+            installs += f" && {pip} --no-deps " + " ".join(shlex.quote(p) for p in spec.packages)
+        body = f"""mkdir -p {v}/wheels
+tar -xf {tar} -C {v}/wheels
+{venv}
+if ! {{ {installs} ; }} > {v}/pip.log 2>&1; then tail -n 15 {v}/pip.log >&2; echo "pip install failed" >&2; exit 1; fi"""
+    return f"""set -e
+rm -rf {v}
+mkdir -p {v}
+{body}
+rm -rf {v}/wheels {tar}
+{v}/venv/bin/python -c 'import rbee_fleet.hive.main, llama_cpp' || {{ echo "the new venv cannot import rbee-fleet and llama-cpp-python" >&2; exit 1; }}
+touch {v}/.complete
+"""
+
+
+async def switch(t: Transport, facts: HostFacts, release_id: str) -> None:
+    inst = shlex.quote(facts.install_dir)
+    await checked(t, f"cd {inst} && ln -sfn versions/{shlex.quote(release_id)} current.rbee-tmp && mv -T current.rbee-tmp current",
+                  "switching current", timeout=30)
+
+
+async def ctl(t: Transport, facts: HostFacts, action: str, timeout: float = 60) -> RunResult:
+    return await t.run(f"{shlex.quote(facts.install_dir)}/bin/rbee-hive-ctl {action}", timeout=timeout)
+
+
+async def start(t: Transport, facts: HostFacts, restart: bool) -> None:
+    if restart:
+        await ctl(t, facts, "stop")
+    result = await ctl(t, facts, "start")
+    if not result.ok:
+        raise HiveNotReady(t.host, f"the hive did not start: {result.tail(4) or 'no output'}")
+
+
+async def log_tail(t: Transport, facts: HostFacts, lines: int = 5) -> str:
+    result = await t.run(f"tail -n {lines} {shlex.quote(facts.install_dir)}/logs/hive.log 2>/dev/null", timeout=20)
+    return result.stdout.strip()
+
+
+async def wait_hive(t: Transport, spec: HostSpec, facts: HostFacts, token: str,
+                    timeout: float = HIVE_READY_TIMEOUT_S) -> None:
+    """Wait until the hive answers at its advertised URL, as this very hive (its id is the alias)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"{spec.url}/health", headers=headers) as resp:
+                    body = await resp.json(content_type=None) if resp.status == 200 else None
+                    last = f"HTTP {resp.status}"
+                if body and body.get("hive_id") == spec.alias:
+                    return
+                if body:
+                    last = f"another hive answers ({body.get('hive_id')!r})"
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                last = str(exc) or type(exc).__name__
+            status = await ctl(t, facts, "status", timeout=20)
+            if not status.ok:
+                tail = await log_tail(t, facts, 3)
+                raise HiveNotReady(t.host, f"the hive exited: {tail.splitlines()[-1] if tail else 'no log'}")
+            await asyncio.sleep(0.3)
+    tail = await log_tail(t, facts, 3)
+    raise HiveNotReady(t.host, f"the hive did not answer at {spec.url} within {timeout:.0f} s ({last}); "
+                               f"log: {tail.splitlines()[-1] if tail else 'empty'}")
+
+
+async def write_marker(t: Transport, spec: HostSpec, facts: HostFacts, plan: HostPlan) -> None:
+    value = marker(plan.release_id, plan.release_id.split("-", 1)[0], plan.config_hash, spec, facts)
+    await write_files(t, spec.python, [RemoteFile(f"{facts.install_dir}/marker.json", marker_json(value) + "\n", 0o644)])
+
+
+async def prune(t: Transport, facts: HostFacts, versions: tuple[str, ...]) -> None:
+    paths = " ".join(shlex.quote(f"{facts.install_dir}/versions/{v}") for v in versions)
+    await checked(t, f"rm -rf {paths}", "removing old versions", timeout=120)
+
+
+async def execute(t: Transport, spec: HostSpec, facts: HostFacts, plan: HostPlan, release: Release,
+                  builder: WheelhouseBuilder, token: str, say: Say) -> None:
+    """Carry out every step of ``plan`` except ``workers`` (the queen does those)."""
+    for step in plan.steps:
+        if step.action == "install":
+            await install(t, spec, facts, release, builder, say)
+            continue
+        say(step.detail)
+        if step.action == "config":
+            await write_files(t, spec.python, list(plan.files))
+        elif step.action == "switch":
+            await switch(t, facts, plan.release_id)
+        elif step.action in ("start", "restart"):
+            await start(t, facts, restart=step.action == "restart")
+        elif step.action == "wait":
+            await wait_hive(t, spec, facts, token)
+        elif step.action == "marker":
+            await write_marker(t, spec, facts, plan)
+        elif step.action == "prune":
+            await prune(t, facts, plan.prune)
+
+
+async def uninstall(t: Transport, spec: HostSpec, facts: HostFacts) -> bool:
+    """Stop the hive and its workers, remove the service and every file of ours; False if none was there."""
+    inst = facts.install_dir
+    if not facts.marker and not facts.versions and not facts.hive_running:
+        found = await t.run(f"test -e {shlex.quote(inst)}", timeout=20)
+        if not found.ok:
+            return False
+    mode = supervision_mode(facts)
+    unit = unit_path(facts)
+    systemctl = "systemctl --user" if mode == "systemd-user" else "systemctl"
+    service = (f"{systemctl} disable --now rbee-hive.service 2>/dev/null; rm -f {shlex.quote(unit)}; "
+               f"{systemctl} daemon-reload 2>/dev/null; ") if unit else ""
+    pattern = shlex.quote(f"rbee_fleet.(hive|worker) .*{inst}")
+    command = f"""
+if [ -x {shlex.quote(inst)}/bin/rbee-hive-ctl ]; then {shlex.quote(inst)}/bin/rbee-hive-ctl stop >/dev/null; fi
+{service}
+# Anything of ours still running from this install (a worker whose hive was killed, say).
+pkill -TERM -f {pattern} 2>/dev/null; sleep 0.5; pkill -KILL -f {pattern} 2>/dev/null
+rm -rf {shlex.quote(inst)}
+# Parent directories the install created, if nothing else lives there (never the home itself).
+d=$(dirname {shlex.quote(inst)})
+while [ "$d" != "$HOME" ] && [ "$d" != / ] && rmdir "$d" 2>/dev/null; do d=$(dirname "$d"); done
+true
+"""
+    await checked(t, command, "uninstalling", timeout=120)
+    return True
+
+
+async def logs(t: Transport, facts: HostFacts, lines: int, follow: bool, on_line: Say) -> int:
+    path = f"{shlex.quote(facts.install_dir)}/logs/hive.log"
+    flag = "-F" if follow else ""
+    return await t.stream(f"test -f {path} || {{ echo 'no log yet at {facts.install_dir}/logs/hive.log'; exit 1; }}; "
+                          f"tail -n {int(lines)} {flag} {path}", on_line, timeout=None)
+

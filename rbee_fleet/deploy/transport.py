@@ -1,0 +1,274 @@
+"""Reaching hosts: a small ``Transport`` interface and its SSH implementation on asyncssh.
+
+This is the only module that imports asyncssh. One connection per host is opened and reused for a
+whole run. Host keys are always checked, against the user's ``~/.ssh/known_hosts`` plus the keeper's
+own ``$RBEE_HOME/known_hosts``; an unknown key is trusted only when the caller asks for
+trust-on-first-use (it is then recorded in the keeper's file), and a changed key is always refused,
+with both fingerprints in the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncssh
+
+from rbee_fleet.deploy.errors import (
+    AuthFailed,
+    CommandTimeout,
+    ConnectFailed,
+    ConnectRefused,
+    ConnectTimeout,
+    DeployError,
+    HostKeyChanged,
+    HostKeyUnknown,
+)
+
+# The key recorded on first use: the strongest kind the host offers.
+PREFERRED_HOST_KEY_ALGS = ["ssh-ed25519", "ecdsa-sha2-nistp256", "rsa-sha2-512", "rsa-sha2-256"]
+
+ProgressFn = Callable[[int, int], None]  # (bytes sent, total)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    def tail(self, lines: int = 12) -> str:
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return "\n".join(text[-lines:])
+
+
+class Transport(Protocol):
+    """What deploy steps need from a host: commands, streamed output, file uploads."""
+
+    host: str  # the inventory alias, for messages
+
+    async def run(self, command: str, *, timeout: float | None = None, input: str | None = None) -> RunResult: ...
+
+    async def stream(self, command: str, on_line: Callable[[str], None], *, timeout: float | None = None) -> int: ...
+
+    async def put(self, local: Path, remote: str, progress: ProgressFn | None = None) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """How to reach one host: its alias, SSH address and credentials, and an optional jump host."""
+
+    alias: str
+    host: str  # an address, a DNS name or a ~/.ssh/config alias
+    port: int | None = None  # None: from ~/.ssh/config, else 22
+    user: str | None = None  # None: from ~/.ssh/config, else the local user
+    identity_file: str | None = None
+    jump: SSHTarget | None = None
+    connect_timeout_s: float = 10.0
+    keepalive_interval_s: float = 15.0
+
+    def describe(self) -> str:
+        who = f"{self.user}@" if self.user else ""
+        where = f"{who}{self.host}{f':{self.port}' if self.port else ''}"
+        return f"{where} via {self.jump.describe()}" if self.jump else where
+
+
+# -- host keys ---------------------------------------------------------------------------------------
+
+
+def fingerprint(key: Any) -> str:
+    return str(key.get_fingerprint("sha256"))
+
+
+def _pattern(host: str, port: int | None) -> str:
+    return host if port in (None, 22) else f"[{host}]:{port}"
+
+
+@dataclass
+class HostKeyStore:
+    """Known host keys: the user's files (read only) plus the keeper-owned file (appended to)."""
+
+    keeper_file: Path
+    user_files: tuple[Path, ...] = field(default_factory=lambda: (Path("~/.ssh/known_hosts").expanduser(),))
+
+    def load(self) -> Any:
+        texts = []
+        for path in (*self.user_files, self.keeper_file):
+            with contextlib.suppress(OSError):
+                texts.append(path.read_text(errors="replace"))
+        return asyncssh.import_known_hosts("\n".join(texts))
+
+    def record(self, host: str, port: int | None, key: Any) -> None:
+        self.keeper_file.parent.mkdir(parents=True, exist_ok=True)
+        line = f"{_pattern(host, port)} {key.export_public_key('openssh').decode().strip()}\n"
+        with open(self.keeper_file, "a", encoding="utf-8") as fh:
+            fh.write(line)
+
+
+class _KeyCheck:
+    """The known_hosts callable given to asyncssh; remembers what it matched, to explain a refusal."""
+
+    def __init__(self, known: Any) -> None:
+        self.known = known
+        self.host = ""
+        self.port: int | None = None
+        self.expected: list[Any] = []
+
+    def __call__(self, host: str, addr: str, port: int | None) -> Any:
+        self.host, self.port = host, port
+        result = self.known.match(host, addr, port)
+        self.expected = list(result[0])
+        return result
+
+
+# -- the SSH transport -------------------------------------------------------------------------------
+
+
+class SSHTransport:
+    def __init__(self, alias: str, conn: Any, jump: SSHTransport | None = None) -> None:
+        self.host = alias
+        self._conn = conn
+        self._jump = jump
+        self._sftp: Any = None
+
+    async def run(self, command: str, *, timeout: float | None = None, input: str | None = None) -> RunResult:
+        try:
+            result = await asyncio.wait_for(self._conn.run(command, input=input, check=False), timeout)
+        except asyncio.TimeoutError:
+            raise CommandTimeout(self.host, f"no answer within {timeout:.0f} s to: {_short(command)}") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise ConnectFailed(self.host, f"connection lost: {_describe(exc)}") from None
+        status = result.exit_status if result.exit_status is not None else 255
+        return RunResult(status, _text(result.stdout), _text(result.stderr))
+
+    async def stream(self, command: str, on_line: Callable[[str], None], *, timeout: float | None = None) -> int:
+        """Run ``command``, handing each line of its output (stdout and stderr) to ``on_line``."""
+
+        async def pump() -> int:
+            async with self._conn.create_process(command, stderr=asyncssh.STDOUT) as proc:
+                async for line in proc.stdout:
+                    on_line(line.rstrip("\n"))
+                await proc.wait(check=False)
+                return proc.exit_status if proc.exit_status is not None else 255
+
+        try:
+            return await asyncio.wait_for(pump(), timeout)
+        except asyncio.TimeoutError:
+            raise CommandTimeout(self.host, f"no end within {timeout:.0f} s to: {_short(command)}") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise ConnectFailed(self.host, f"connection lost: {_describe(exc)}") from None
+
+    async def put(self, local: Path, remote: str, progress: ProgressFn | None = None) -> None:
+        handler = (lambda _src, _dst, sent, total: progress(sent, total)) if progress else None
+        try:
+            if self._sftp is None:
+                self._sftp = await self._conn.start_sftp_client()
+            await self._sftp.put(str(local), remote, progress_handler=handler)
+        except (asyncssh.Error, OSError) as exc:
+            raise ConnectFailed(self.host, f"upload of {local.name} failed: {_describe(exc)}") from None
+
+    async def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.exit()
+        self._conn.close()
+        with contextlib.suppress(Exception):
+            await self._conn.wait_closed()
+        if self._jump is not None:
+            await self._jump.close()
+
+
+async def connect(target: SSHTarget, keys: HostKeyStore, *, accept_new: bool = False) -> SSHTransport:
+    """Open the connection to ``target`` (through its jump host, if any), checking the host key."""
+    jump = await connect(target.jump, keys, accept_new=accept_new) if target.jump else None
+    try:
+        conn = await _open(target, keys, accept_new, jump)
+    except BaseException:
+        if jump is not None:
+            await jump.close()
+        raise
+    return SSHTransport(target.alias, conn, jump)
+
+
+async def _open(target: SSHTarget, keys: HostKeyStore, accept_new: bool, jump: SSHTransport | None) -> Any:
+    tunnel = jump._conn if jump is not None else ()
+    options: dict[str, Any] = {
+        "connect_timeout": target.connect_timeout_s,
+        "keepalive_interval": target.keepalive_interval_s,
+        "keepalive_count_max": 3,
+        "ignore_encrypted": True,
+    }
+    if target.port is not None:
+        options["port"] = target.port
+    if target.user is not None:
+        options["username"] = target.user
+    if target.identity_file is not None:
+        options["client_keys"] = [os.path.expanduser(target.identity_file)]
+    who = target.alias if target.alias == target.host else f"{target.alias} ({target.host})"
+    for attempt in (1, 2):
+        check = _KeyCheck(keys.load())
+        try:
+            return await asyncssh.connect(target.host, tunnel=tunnel, known_hosts=check, **options)
+        except asyncssh.HostKeyNotVerifiable:
+            presented = await _presented_key(target, tunnel, options)
+            got = fingerprint(presented) if presented is not None else "unknown"
+            if check.expected:
+                expected = ", ".join(sorted({fingerprint(k) for k in check.expected}))
+                raise HostKeyChanged(who, f"host key changed: expected {expected}, got {got}; if the host was "
+                                          "reinstalled, remove its old entry from known_hosts") from None
+            if not accept_new or presented is None or attempt == 2:
+                raise HostKeyUnknown(who, f"unknown host key {got}; check it, then re-run with "
+                                          "--accept-new-host-keys to trust and record it") from None
+            keys.record(check.host or target.host, check.port, presented)
+        except asyncssh.PermissionDenied as exc:
+            user = target.user or "the default user"
+            key = f" with {target.identity_file}" if target.identity_file else ""
+            raise AuthFailed(who, f"authentication failed for {user}{key}: {exc.reason}") from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ConnectTimeout(who, f"no answer within {target.connect_timeout_s:g} s "
+                                      f"connecting to {target.describe()}") from None
+        except ConnectionRefusedError:
+            raise ConnectRefused(who, f"connection refused by {target.describe()}") from None
+        except socket.gaierror as exc:
+            raise ConnectFailed(who, f"cannot resolve {target.host}: {exc.strerror}") from None
+        except (asyncssh.Error, OSError) as exc:
+            raise ConnectFailed(who, f"cannot connect to {target.describe()}: {_describe(exc)}") from None
+    raise DeployError(who, "could not connect")  # not reached
+
+
+async def _presented_key(target: SSHTarget, tunnel: Any, options: dict[str, Any]) -> Any:
+    try:
+        return await asyncio.wait_for(
+            asyncssh.get_server_host_key(target.host, options.get("port", ()), tunnel=tunnel,
+                                         server_host_key_algs=PREFERRED_HOST_KEY_ALGS),
+            target.connect_timeout_s,
+        )
+    except (asyncssh.Error, OSError, asyncio.TimeoutError):
+        return None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _short(command: str) -> str:
+    first = command.strip().splitlines()[0] if command.strip() else command
+    return first[:80] + ("…" if len(first) > 80 or "\n" in command.strip() else "")
+
+
+def _describe(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return str(reason) or type(exc).__name__

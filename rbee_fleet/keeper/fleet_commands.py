@@ -1,0 +1,287 @@
+"""The keeper's SSH commands: ``deploy`` (every remote hive of the inventory) and ``hive ACTION ALIAS``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from rbee_fleet.common.errors import ApiError, OperationFailed
+from rbee_fleet.common.inventory import InventoryError
+from rbee_fleet.common.secrets import load_or_create
+from rbee_fleet.deploy import steps
+from rbee_fleet.deploy.errors import DeployError, WheelhouseError
+from rbee_fleet.deploy.facts import HostFacts
+from rbee_fleet.deploy.hosts import host_spec, select
+from rbee_fleet.deploy.plan import HostSpec
+from rbee_fleet.deploy.runner import (
+    CANCELLED,
+    FAILED,
+    HostResult,
+    RunContext,
+    deploy,
+    deploy_host,
+    open_host,
+    run_hosts,
+)
+from rbee_fleet.deploy.transport import HostKeyStore, Transport
+from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
+from rbee_fleet.keeper.commands import err, out
+from rbee_fleet.keeper.deploy_view import DeployView, results_table, summary
+from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
+from rbee_fleet.keeper.services import KeeperContext, run_job, start_queen
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+HIVE_ACTIONS = {
+    "install": "install (or update) the hive on a host, start it and spawn its workers",
+    "upgrade": "switch an installed hive to the keeper's version (a new venv, then one atomic switch)",
+    "start": "start the installed hive",
+    "stop": "stop the hive and its workers",
+    "restart": "stop, then start the hive",
+    "status": "show the host, the installed version and whether the hive runs and answers",
+    "uninstall": "stop the hive and remove its service and every file of ours from the host",
+    "logs": "print the hive's log (-f: follow it)",
+}
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., argparse.ArgumentParser]) -> None:
+    """Register ``deploy`` and ``hive`` on the keeper's subcommand parser."""
+    p = cmd("deploy", "install, configure and start the inventory's remote hives over SSH, then spawn their workers",
+            deploy_command)
+    _deploy_flags(p)
+    p.add_argument("--check", action="store_true", help="show what would change on each host; change nothing")
+    p.add_argument("--limit", metavar="A,B", help="only these hive aliases")
+    p.add_argument("--parallel", type=int, default=8, metavar="N", help="hosts at a time (default 8)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+    hive = sub.add_parser("hive", help="manage one remote hive over SSH", parents=[common],
+                          description="Manage the hive of one remote host of the inventory over SSH.")
+    hsub = hive.add_subparsers(dest="hive_command", metavar="ACTION", required=True)
+    for action, help in HIVE_ACTIONS.items():
+        p = cmd(action, help, _hive_command(action), hsub)
+        p.add_argument("alias", help="the hive's alias in the inventory")
+        if action in ("install", "upgrade"):
+            _deploy_flags(p)
+        else:
+            p.add_argument("--accept-new-host-keys", action="store_true",
+                           help="trust and record the key of a host seen for the first time")
+        if action == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
+            p.add_argument("-n", "--lines", type=int, default=100, help="lines to show first (default 100)")
+        if action in ("install", "upgrade", "status", "start", "stop", "restart", "uninstall"):
+            p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+def _deploy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accept-new-host-keys", action="store_true",
+                   help="trust and record the key of a host seen for the first time (a changed key is always refused)")
+    p.add_argument("--source", metavar="DIR", help="ship rbee-fleet from this checkout (default: the keeper's own)")
+
+
+# -- shared set-up ---------------------------------------------------------------------------------
+
+
+def _run_context(args: argparse.Namespace, ctx: KeeperContext, *, check: bool = False) -> RunContext:
+    release = Release.from_source(Path(args.source) if getattr(args, "source", None) else None)
+    ctx.layout.ensure()
+    return RunContext(
+        release=release,
+        builder=WheelhouseBuilder(release),
+        keys=HostKeyStore(ctx.layout.home / "known_hosts"),
+        token=load_or_create(ctx.layout.secrets / "cluster.token"),
+        accept_new=getattr(args, "accept_new_host_keys", False),
+        check=check,
+    )
+
+
+def _specs(ctx: KeeperContext, limit: str | None) -> list[HostSpec]:
+    path = ctx.inventory_path or "<built-in inventory>"
+    aliases = select(ctx.inventory, limit, path)
+    try:
+        return [host_spec(ctx.inventory, alias) for alias in aliases]
+    except ValueError as exc:
+        raise InventoryError(path, None, "proxy_jump", str(exc)) from None
+
+
+def _workers_via_queen(client: QueenClient) -> Callable[[HostSpec], Awaitable[int]]:
+    async def ensure(spec: HostSpec) -> int:
+        async def one(op: Any) -> bool:
+            try:
+                result = await run_job(client, op, op.worker_id or spec.alias, None)
+            except (OperationFailed, ApiError) as exc:
+                message = str(exc).splitlines()[0]
+                prefix = "" if message.startswith(f"worker {op.worker_id}") else f"worker {op.worker_id}: "
+                raise DeployError(spec.alias, prefix + message) from None
+            except QueenUnreachable as exc:
+                raise DeployError(spec.alias, str(exc)) from None
+            return bool(result.get("changed"))
+
+        return sum(await asyncio.gather(*(one(op) for op in spec.workers)))
+
+    return ensure
+
+
+def _emit(args: argparse.Namespace, results: list[HostResult], title: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": all(r.status not in (FAILED, CANCELLED) for r in results),
+                          "hosts": [r.to_json() for r in results]}, indent=2))
+        return
+    out.print(results_table(results, title))
+    err.print(summary(results))
+
+
+async def _run_with_view(args: argparse.Namespace, specs: list[HostSpec], run: RunContext,
+                         job: Callable[[list[HostResult]], Awaitable[Any]], title: str) -> int:
+    results = [HostResult(s.alias) for s in specs]
+    interrupted = False
+    with DeployView(err, [s.alias for s in specs], quiet=args.json) as view:
+        run.update = view.update
+        try:
+            await job(results)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            interrupted = True
+    _emit(args, results, title)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if any(r.status in (FAILED, CANCELLED) for r in results) else EXIT_OK
+
+
+# -- deploy ----------------------------------------------------------------------------------------
+
+
+async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    try:
+        specs = _specs(ctx, args.limit)
+    except InventoryError as exc:
+        err.print(f"[red]inventory error:[/] {exc}", highlight=False)
+        return EXIT_USAGE
+    if not specs:
+        err.print(f"[yellow]the inventory ({ctx.inventory_path or 'built in'}) declares no remote hives; nothing to deploy[/]")
+        return EXIT_OK
+    try:
+        run = _run_context(args, ctx, check=args.check)
+    except WheelhouseError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        return EXIT_FAILED
+    async with ctx.client() as client:
+        if not args.check:
+            started, _ = await start_queen(ctx, client)
+            if started and not args.json:
+                err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
+            run.ensure_workers = _workers_via_queen(client)
+        return await _run_with_view(args, specs, run, lambda results: deploy(specs, run, args.parallel, results),
+                                    "deploy --check" if args.check else "deploy")
+
+
+# -- hive ACTION ALIAS -----------------------------------------------------------------------------
+
+
+def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], Awaitable[int]]:
+    async def command(args: argparse.Namespace, ctx: KeeperContext) -> int:
+        try:
+            specs = _specs(ctx, args.alias)
+            if action in ("install", "upgrade"):
+                return await _install(args, ctx, specs, upgrade=action == "upgrade")
+            return await _on_host(args, ctx, specs[0], action)
+        except InventoryError as exc:
+            err.print(f"[red]inventory error:[/] {exc}", highlight=False)
+            return EXIT_USAGE
+        except WheelhouseError as exc:
+            err.print(f"[red]error:[/] {exc}", highlight=False)
+            return EXIT_FAILED
+
+    return command
+
+
+async def _install(args: argparse.Namespace, ctx: KeeperContext, specs: list[HostSpec], upgrade: bool) -> int:
+    run = _run_context(args, ctx)
+    async with ctx.client() as client:
+        await start_queen(ctx, client)
+        run.ensure_workers = _workers_via_queen(client)
+        return await _run_with_view(
+            args, specs, run,
+            lambda results: run_hosts(specs, lambda s, r: deploy_host(s, run, r, require_installed=upgrade), 1, run, results),
+            f"hive {'upgrade' if upgrade else 'install'}")
+
+
+async def _on_host(args: argparse.Namespace, ctx: KeeperContext, spec: HostSpec, action: str) -> int:
+    run = _run_context(args, ctx)
+    try:
+        t, facts = await open_host(spec, run)
+    except DeployError as exc:
+        return _fail(args, spec.alias, exc.reason)
+    try:
+        if action == "logs":
+            try:
+                code = await steps.logs(t, facts, args.lines, args.follow, _print_line)
+            except asyncio.CancelledError:
+                return EXIT_INTERRUPTED
+            return EXIT_OK if code == 0 else EXIT_FAILED
+        if action == "uninstall":
+            removed = await steps.uninstall(t, spec, facts)
+            return _done(args, spec.alias, "uninstalled: no process, service or file of ours is left"
+                         if removed else "nothing of ours was installed there", changed=removed)
+        if not facts.versions:
+            return _fail(args, spec.alias, f"rbee-fleet is not installed under {facts.install_dir}; "
+                                           f"run: rbee-keeper hive install {spec.alias}")
+        if action == "status":
+            return await _status(args, t, spec, facts, run.token)
+        if action in ("stop", "restart"):
+            await steps.ctl(t, facts, "stop")
+        if action in ("start", "restart"):
+            await steps.start(t, facts, restart=False)
+            await steps.wait_hive(t, spec, facts, run.token)
+        state = {"start": "running", "restart": "restarted", "stop": "stopped"}[action]
+        return _done(args, spec.alias, f"hive {state}", changed=True)
+    except DeployError as exc:
+        return _fail(args, spec.alias, exc.reason)
+    finally:
+        await t.close()
+
+
+async def _status(args: argparse.Namespace, t: Transport, spec: HostSpec, facts: HostFacts, token: str) -> int:
+    answering = False
+    if facts.hive_running:
+        try:
+            await steps.wait_hive(t, spec, facts, token, timeout=3)
+            answering = True
+        except DeployError:
+            answering = False
+    info = {
+        "host": spec.alias, "ssh": spec.ssh.describe(), "url": spec.url, "facts": facts.summary(),
+        "install_dir": facts.install_dir, "installed": (facts.marker or {}).get("release"),
+        "current": facts.current, "versions": list(facts.versions),
+        "supervision": (facts.marker or {}).get("mode"), "running_pid": facts.hive_pid, "answering": answering,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            out.print(f"[bold]{key:>12}[/]: {value}", highlight=False)
+    return EXIT_OK if facts.hive_running and answering else EXIT_FAILED
+
+
+def _print_line(line: str) -> None:
+    """One log line, flushed at once: ``logs -f`` into a pipe must not wait for a full buffer."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _done(args: argparse.Namespace, alias: str, message: str, changed: bool) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": True, "host": alias, "changed": changed, "message": message}))
+    else:
+        out.print(f"[bold]{alias}[/]: {message}", highlight=False)
+    return EXIT_OK
+
+
+def _fail(args: argparse.Namespace, alias: str, reason: str) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "host": alias, "error": reason}))
+    err.print(f"[red]error:[/] {alias}: {reason}", highlight=False)
+    return EXIT_FAILED

@@ -1,0 +1,63 @@
+"""The keeper's deploy and hive commands without any host: help, usage errors, nothing to do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rbee_fleet.keeper.fleet_commands import HIVE_ACTIONS
+
+
+def keeper(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RBEE_HOME": str(home), "COLUMNS": "300"}
+    return subprocess.run([sys.executable, "-m", "rbee_fleet.keeper", *args], capture_output=True, text=True,
+                          timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
+
+
+@pytest.mark.parametrize("args", [["deploy"], *(["hive", action] for action in HIVE_ACTIONS)])
+def test_every_fleet_command_has_help(args: list[str], tmp_path: Path) -> None:
+    result = keeper(*args, "--help", home=tmp_path)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+INVENTORY = """\
+[queen]
+port = 8599
+
+[hives.box1]
+address = "127.0.0.2"
+
+[hives.box2]
+address = "127.0.0.3"
+proxy_jump = "box1"
+"""
+
+
+def test_unknown_limit_alias_is_a_usage_error_that_touches_nothing(tmp_path: Path) -> None:
+    inv = tmp_path / "fleet.toml"
+    inv.write_text(INVENTORY)
+    result = keeper("deploy", "-i", str(inv), "--limit", "box1,box9", home=tmp_path / "home")
+    assert result.returncode == 2
+    assert "--limit: no remote hive named 'box9' (remote hives: box1, box2)" in result.stderr
+    assert not (tmp_path / "home").exists()  # no token, no known_hosts, no queen
+    result = keeper("hive", "status", "box7", "-i", str(inv), home=tmp_path / "home")
+    assert result.returncode == 2 and "no remote hive named 'box7'" in result.stderr
+
+
+def test_a_bad_proxy_jump_names_file_line_and_key(tmp_path: Path) -> None:
+    inv = tmp_path / "fleet.toml"
+    inv.write_text(INVENTORY.replace('proxy_jump = "box1"', 'proxy_jump = "box0"'))
+    result = keeper("deploy", "-i", str(inv), home=tmp_path / "home")
+    assert result.returncode == 2
+    assert f"{inv}:9: hives.box2.proxy_jump: unknown hive alias 'box0'" in result.stderr
+
+
+def test_an_inventory_without_remote_hives_has_nothing_to_deploy(tmp_path: Path) -> None:
+    inv = tmp_path / "local.toml"
+    inv.write_text("[hives.here]\nembedded = true\n")
+    result = keeper("deploy", "-i", str(inv), home=tmp_path / "home")
+    assert result.returncode == 0 and "declares no remote hives" in result.stderr

