@@ -46,7 +46,11 @@ address = "10.0.0.9"
 
 
 @pytest.fixture
-def ctx(home: Path) -> KeeperContext:
+def ctx(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeeperContext:
+    # "bastion" is a Host of the operator's ~/.ssh/config, as proxy_jump allows.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text("Host bastion\n  HostName 203.0.113.5\n")
     inv = parse_inventory(INVENTORY.format(port=procs.free_port()))
     return KeeperContext(inventory=inv, inventory_path=None, layout=Layout.default())
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rbee_fleet.common.ssh_config import is_config_alias
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 
 if sys.version_info >= (3, 11):
@@ -223,11 +224,12 @@ def _cross_check(inv: Inventory, text: str, path: str) -> None:
     seen: dict[tuple[str, int], str] = {}
     for alias, hive in inv.hives.items():
         jump = hive.proxy_jump
-        if jump and jump not in inv.hives and not re.search(r"[@:.]", jump):
+        if jump and jump not in inv.hives and not re.search(r"[@:.]", jump) and not is_config_alias(jump):
             key = ("hives", alias, "proxy_jump")
             known = ", ".join(a for a in inv.hives if a != alias) or "none"
             raise InventoryError(path, lines.find(key), _dotted(key),
-                                 f"unknown hive alias {jump!r} (hives: {known}; or give user@host[:port])")
+                                 f"{jump!r} is neither a hive alias (hives: {known}) nor a Host in "
+                                 f"~/.ssh/config; or give user@host[:port]")
         if jump == alias:
             key = ("hives", alias, "proxy_jump")
             raise InventoryError(path, lines.find(key), _dotted(key), "a hive cannot jump through itself")

@@ -53,7 +53,7 @@ def test_a_bad_proxy_jump_names_file_line_and_key(tmp_path: Path) -> None:
     inv.write_text(INVENTORY.replace('proxy_jump = "box1"', 'proxy_jump = "box0"'))
     result = keeper("deploy", "-i", str(inv), home=tmp_path / "home")
     assert result.returncode == 2
-    assert f"{inv}:9: hives.box2.proxy_jump: unknown hive alias 'box0'" in result.stderr
+    assert f"{inv}:9: hives.box2.proxy_jump: 'box0' is neither a hive alias" in result.stderr
 
 
 def test_an_inventory_without_remote_hives_has_nothing_to_deploy(tmp_path: Path) -> None:

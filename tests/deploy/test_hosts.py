@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rbee_fleet.common.inventory import InventoryError, parse_inventory
-from rbee_fleet.deploy.hosts import host_spec, select
+from rbee_fleet.deploy.hosts import host_spec, select, ssh_target
 
 INVENTORY = """\
 [queen]
@@ -74,7 +74,7 @@ def test_limit_selects_and_rejects_unknown_aliases() -> None:
 def test_unknown_proxy_jump_alias_names_file_line_and_key() -> None:
     with pytest.raises(InventoryError) as info:
         parse_inventory(INVENTORY.replace('proxy_jump = "bastion"', 'proxy_jump = "bastoin"'), "homelab.toml")
-    assert str(info.value).startswith("homelab.toml:24: hives.gpu1.proxy_jump: unknown hive alias 'bastoin'")
+    assert str(info.value).startswith("homelab.toml:24: hives.gpu1.proxy_jump: 'bastoin' is neither a hive alias")
 
 
 def test_duplicate_address_and_port_names_the_second_hive() -> None:
@@ -88,3 +88,14 @@ def test_a_typo_in_a_deploy_key_suggests_the_right_one() -> None:
     with pytest.raises(InventoryError) as info:
         parse_inventory(INVENTORY.replace("ssh_port = 2222", "ssh_prot = 2222"), "homelab.toml")
     assert str(info.value) == "homelab.toml:20: hives.gpu1.ssh_prot: unknown key (did you mean 'ssh_port'?)"
+
+
+def test_proxy_jump_may_name_an_ssh_config_alias(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text("Host jumpbox\n  HostName 10.0.0.1\n  User ops\nHost *\n  ServerAliveInterval 30\n")
+    inv = parse_inventory(INVENTORY.replace('proxy_jump = "bastion"', 'proxy_jump = "jumpbox"'), "homelab.toml")
+    target = ssh_target(inv, "gpu1")
+    assert target.jump is not None and target.jump.host == "jumpbox"  # asyncssh applies ~/.ssh/config to it
+    with pytest.raises(InventoryError, match="'jumpbx' is neither a hive alias"):
+        parse_inventory(INVENTORY.replace('proxy_jump = "bastion"', 'proxy_jump = "jumpbx"'), "homelab.toml")
