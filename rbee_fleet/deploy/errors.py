@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rbee_fleet.deploy.transport import HostKey
+
 
 class DeployError(Exception):
-    """A host could not be brought to the inventory's state; ``reason`` is the one-line cause."""
+    """A host could not be brought to the inventory's state; ``reason`` is the one-line cause.
+
+    Failures that happen once the host's key is known (refused keys, refused logins) carry it as
+    ``host_key``, so a front end can show the operator the fingerprint.
+    """
 
     kind = "failed"
 
-    def __init__(self, host: str, reason: str) -> None:
+    def __init__(self, host: str, reason: str, *, host_key: HostKey | None = None) -> None:
         super().__init__(f"{host}: {reason}")
         self.host = host
         self.reason = reason
+        self.host_key = host_key
 
 
 class ConnectFailed(DeployError):

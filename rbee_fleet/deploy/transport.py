@@ -3,8 +3,9 @@
 This is the only module that imports asyncssh. One connection per host is opened and reused for a
 whole run. Host keys are always checked, against the user's ``~/.ssh/known_hosts`` plus the keeper's
 own ``$RBEE_HOME/known_hosts``; an unknown key is trusted only when the caller asks for
-trust-on-first-use (it is then recorded in the keeper's file), and a changed key is always refused,
-with both fingerprints in the message.
+trust-on-first-use (it is then recorded in the keeper's file) or when the operator accepts the key
+``scan_host_key`` showed (``HostKeyStore.trust``), and a changed key is always refused, with both
+fingerprints in the message.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import asyncssh
 
@@ -96,6 +97,30 @@ def _pattern(host: str, port: int | None) -> str:
     return host if port in (None, 22) else f"[{host}]:{port}"
 
 
+@dataclass(frozen=True)
+class HostKey:
+    """The key a host presents, and whether the keeper trusts it (what the operator is shown)."""
+
+    alias: str  # the inventory alias (or jump host) that presented it
+    host: str  # the name known_hosts entries are matched on
+    port: int | None  # None: 22
+    key_type: str  # ssh-ed25519, …
+    fingerprint: str  # SHA256:…
+    state: Literal["known", "unknown", "changed"]
+    expected: tuple[str, ...] = ()  # the recorded fingerprints, when the key changed
+    public_key: str = field(default="", repr=False)  # the OpenSSH public key line, recorded when trusted
+
+    @property
+    def where(self) -> str:
+        return _pattern(self.host, self.port) if self.port not in (None, 22) else self.host
+
+
+def _host_key(alias: str, host: str, port: int | None, key: Any, state: Literal["known", "unknown", "changed"],
+              expected: tuple[str, ...] = ()) -> HostKey:
+    return HostKey(alias, host, port, key.get_algorithm(), fingerprint(key), state, expected,
+                   key.export_public_key("openssh").decode().strip())
+
+
 @dataclass
 class HostKeyStore:
     """Known host keys: the user's files (read only) plus the keeper-owned file (appended to)."""
@@ -110,27 +135,68 @@ class HostKeyStore:
                 texts.append(path.read_text(errors="replace"))
         return asyncssh.import_known_hosts("\n".join(texts))
 
-    def record(self, host: str, port: int | None, key: Any) -> None:
+    def record(self, host: str, port: int | None, public_key: str) -> None:
+        """Append ``public_key`` (an OpenSSH public key line) for ``host``; no check: see ``trust``."""
         self.keeper_file.parent.mkdir(parents=True, exist_ok=True)
-        line = f"{_pattern(host, port)} {key.export_public_key('openssh').decode().strip()}\n"
         with open(self.keeper_file, "a", encoding="utf-8") as fh:
-            fh.write(line)
+            fh.write(f"{_pattern(host, port)} {public_key.strip()}\n")
+
+    def trust(self, key: HostKey) -> bool:
+        """Record a key the operator accepted after seeing its fingerprint; False if it was known already.
+
+        A key that would replace a recorded one is refused (``HostKeyChanged``, both fingerprints), whatever
+        the caller says: the operator removes the old entry by hand when a host was reinstalled.
+        """
+        presented = asyncssh.import_public_key(key.public_key)
+        if fingerprint(presented) != key.fingerprint:
+            raise ValueError("the public key does not match the fingerprint shown")
+        recorded = list(self.load().match(key.host, key.host, key.port)[0])
+        if presented in recorded:
+            return False
+        if recorded:
+            expected = ", ".join(sorted({fingerprint(k) for k in recorded}))
+            raise HostKeyChanged(key.alias, f"host key changed: expected {expected}, got {key.fingerprint}; "
+                                            "refused: if the host was reinstalled, remove its old entry from known_hosts")
+        self.record(key.host, key.port, key.public_key)
+        return True
 
 
 class _KeyCheck:
-    """The known_hosts callable given to asyncssh; remembers what it matched, to explain a refusal."""
+    """The known_hosts callable given to asyncssh; remembers what it matched, to explain a refusal.
+
+    ``client()`` makes the connection's client object, which keeps the key the host presented: the
+    untrusted one when it is refused, the verified one once authentication begins.
+    """
 
     def __init__(self, known: Any) -> None:
         self.known = known
         self.host = ""
         self.port: int | None = None
         self.expected: list[Any] = []
+        self.presented: Any = None
+        self.verified: Any = None
 
     def __call__(self, host: str, addr: str, port: int | None) -> Any:
         self.host, self.port = host, port
         result = self.known.match(host, addr, port)
         self.expected = list(result[0])
         return result
+
+    def client(self) -> asyncssh.SSHClient:
+        check = self
+
+        class _Client(asyncssh.SSHClient):
+            def connection_made(self, conn: Any) -> None:
+                self._conn = conn
+
+            def validate_host_public_key(self, host: str, addr: str, port: int, key: Any) -> bool:
+                check.presented = key
+                return False
+
+            def begin_auth(self, username: str) -> None:
+                check.verified = self._conn.get_server_host_key()
+
+        return _Client()
 
 
 # -- the SSH transport -------------------------------------------------------------------------------
@@ -142,6 +208,7 @@ class SSHTransport:
         self._conn = conn
         self._jump = jump
         self._sftp: Any = None
+        self.host_key: HostKey | None = None  # the verified key of this host
 
     async def run(self, command: str, *, timeout: float | None = None, input: str | None = None) -> RunResult:
         try:
@@ -193,15 +260,38 @@ async def connect(target: SSHTarget, keys: HostKeyStore, *, accept_new: bool = F
     """Open the connection to ``target`` (through its jump host, if any), checking the host key."""
     jump = await connect(target.jump, keys, accept_new=accept_new) if target.jump else None
     try:
-        conn = await _open(target, keys, accept_new, jump)
+        conn, key = await _open(target, keys, accept_new, jump)
     except BaseException:
         if jump is not None:
             await jump.close()
         raise
-    return SSHTransport(target.alias, conn, jump)
+    t = SSHTransport(target.alias, conn, jump)
+    t.host_key = key
+    return t
 
 
-async def _open(target: SSHTarget, keys: HostKeyStore, accept_new: bool, jump: SSHTransport | None) -> Any:
+async def scan_host_key(target: SSHTarget, keys: HostKeyStore) -> HostKey:
+    """The key ``target`` presents and whether it is trusted; records nothing.
+
+    The connection goes as far as logging in. Through a jump host whose own key is not trusted yet, the
+    answer is the jump host's key, since it has to be trusted first.
+    """
+    try:
+        t = await connect(target, keys)
+    except (HostKeyUnknown, HostKeyChanged, AuthFailed) as exc:
+        key = exc.host_key
+        if key is None or (key.state == "known" and key.alias != target.alias):
+            raise
+        return key
+    try:
+        assert t.host_key is not None
+        return t.host_key
+    finally:
+        await t.close()
+
+
+async def _open(target: SSHTarget, keys: HostKeyStore, accept_new: bool,
+                jump: SSHTransport | None) -> tuple[Any, HostKey | None]:
     tunnel = jump._conn if jump is not None else ()
     options: dict[str, Any] = {
         "connect_timeout": target.connect_timeout_s,
@@ -219,22 +309,20 @@ async def _open(target: SSHTarget, keys: HostKeyStore, accept_new: bool, jump: S
     for attempt in (1, 2):
         check = _KeyCheck(keys.load())
         try:
-            return await asyncssh.connect(target.host, tunnel=tunnel, known_hosts=check, **options)
+            conn = await asyncssh.connect(target.host, tunnel=tunnel, known_hosts=check,
+                                          client_factory=check.client, **options)
+            return conn, _verified(target, check, conn.get_server_host_key())
         except asyncssh.HostKeyNotVerifiable:
-            presented = await _presented_key(target, tunnel, options)
-            got = fingerprint(presented) if presented is not None else "unknown"
-            if check.expected:
-                expected = ", ".join(sorted({fingerprint(k) for k in check.expected}))
-                raise HostKeyChanged(who, f"host key changed: expected {expected}, got {got}; if the host was "
-                                          "reinstalled, remove its old entry from known_hosts") from None
-            if not accept_new or presented is None or attempt == 2:
-                raise HostKeyUnknown(who, f"unknown host key {got}; check it, then re-run with "
-                                          "--accept-new-host-keys to trust and record it") from None
-            keys.record(check.host or target.host, check.port, presented)
+            refusal = await _refusal(who, target, tunnel, options, check)
+            key = refusal.host_key
+            if not accept_new or not isinstance(refusal, HostKeyUnknown) or key is None or attempt == 2:
+                raise refusal from None
+            keys.record(key.host, key.port, key.public_key)
         except asyncssh.PermissionDenied as exc:
             user = target.user or "the default user"
-            key = f" with {target.identity_file}" if target.identity_file else ""
-            raise AuthFailed(who, f"authentication failed for {user}{key}: {exc.reason}") from None
+            with_key = f" with {target.identity_file}" if target.identity_file else ""
+            raise AuthFailed(who, f"authentication failed for {user}{with_key}: {exc.reason}",
+                             host_key=_verified(target, check, check.verified)) from None
         except (asyncio.TimeoutError, TimeoutError):
             raise ConnectTimeout(who, f"no answer within {target.connect_timeout_s:g} s "
                                       f"connecting to {target.describe()}") from None
@@ -245,6 +333,32 @@ async def _open(target: SSHTarget, keys: HostKeyStore, accept_new: bool, jump: S
         except (asyncssh.Error, OSError) as exc:
             raise ConnectFailed(who, f"cannot connect to {target.describe()}: {_describe(exc)}") from None
     raise DeployError(who, "could not connect")  # not reached
+
+
+def _verified(target: SSHTarget, check: _KeyCheck, key: Any) -> HostKey | None:
+    """The key that passed the check, as the operator sees it (None if the check did not get that far)."""
+    if key is None:
+        return None
+    return _host_key(target.alias, check.host or target.host, check.port, key, "known")
+
+
+async def _refusal(who: str, target: SSHTarget, tunnel: Any, options: dict[str, Any], check: _KeyCheck) -> DeployError:
+    """Why the host's key was refused: changed (both fingerprints) or unknown (its fingerprint)."""
+    host, port = check.host or target.host, check.port
+    if check.expected:
+        # The host offered a key of a recorded kind, but not the recorded key.
+        presented = check.presented or await _presented_key(target, tunnel, options)
+        got = fingerprint(presented) if presented is not None else "unknown"
+        expected = tuple(sorted({fingerprint(k) for k in check.expected}))
+        key = _host_key(target.alias, host, port, presented, "changed", expected) if presented is not None else None
+        return HostKeyChanged(who, f"host key changed: expected {', '.join(expected)}, got {got}; if the host was "
+                                   "reinstalled, remove its old entry from known_hosts", host_key=key)
+    # The strongest kind of key the host offers is the one shown and recorded.
+    presented = await _presented_key(target, tunnel, options) or check.presented
+    got = fingerprint(presented) if presented is not None else "unknown"
+    key = _host_key(target.alias, host, port, presented, "unknown") if presented is not None else None
+    return HostKeyUnknown(who, f"unknown host key {got}; check it, then trust it (--accept-new-host-keys, "
+                               "or the TUI's host menu)", host_key=key)
 
 
 async def _presented_key(target: SSHTarget, tunnel: Any, options: dict[str, Any]) -> Any:

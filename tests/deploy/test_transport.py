@@ -1,4 +1,5 @@
-"""Connection logic and the host-key policy, against asyncssh's in-process SSH server.
+"""Connection logic, the host-key policy and looking at a key before trusting it, against asyncssh's
+in-process SSH server.
 
 (End-to-end deploys use real OpenSSH in containers: tests/ssh.)
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from rbee_fleet.deploy.errors import (
     HostKeyChanged,
     HostKeyUnknown,
 )
-from rbee_fleet.deploy.transport import HostKeyStore, SSHTarget, connect, fingerprint
+from rbee_fleet.deploy.transport import HostKeyStore, SSHTarget, connect, fingerprint, scan_host_key
 
 
 class _Server(asyncssh.SSHServer):
@@ -101,7 +103,7 @@ async def test_a_changed_key_is_refused_with_both_fingerprints_even_with_accept_
     host_key, port = server
     old = asyncssh.generate_private_key("ssh-ed25519")
     store = _store(tmp_path)
-    store.record("127.0.0.1", port, old)
+    store.record("127.0.0.1", port, old.export_public_key().decode())
     with pytest.raises(HostKeyChanged) as info:
         await connect(_target(port, client_key), store, accept_new=True)
     assert fingerprint(old) in info.value.reason and fingerprint(host_key) in info.value.reason
@@ -152,6 +154,92 @@ async def test_jump_host_tunnels_the_connection_and_both_keys_are_checked(server
         await t.close()
         recorded = (tmp_path / "rbee" / "known_hosts").read_text()
         assert f"[127.0.0.1]:{jump_port} " in recorded and f"[127.0.0.1]:{port} " in recorded
+    finally:
+        jump_srv.close()
+        await jump_srv.wait_closed()
+
+
+# -- looking at a key before trusting it (the TUI's host-key dialog) ----------------------------------
+
+
+async def test_scan_shows_an_unknown_key_and_records_nothing(server, client_key: Path, tmp_path: Path) -> None:
+    host_key, port = server
+    store = _store(tmp_path)
+    key = await scan_host_key(_target(port, client_key), store)
+    assert (key.alias, key.host, key.port, key.state) == ("box", "127.0.0.1", port, "unknown")
+    assert key.fingerprint == fingerprint(host_key) and key.key_type == "ssh-ed25519"
+    assert key.where == f"[127.0.0.1]:{port}"
+    assert not store.keeper_file.exists()
+
+
+async def test_trusting_the_scanned_key_lets_connections_in_and_is_recorded_once(server, client_key: Path,
+                                                                                 tmp_path: Path) -> None:
+    _, port = server
+    store = _store(tmp_path)
+    key = await scan_host_key(_target(port, client_key), store)
+    assert store.trust(key) is True
+    assert store.trust(key) is False  # known now: nothing more is written
+    assert store.keeper_file.read_text().count("\n") == 1
+    t = await connect(_target(port, client_key), store)  # no --accept-new-host-keys needed
+    assert (await t.run("true")).ok
+    await t.close()
+    again = await scan_host_key(_target(port, client_key), store)
+    assert again.state == "known" and again.fingerprint == key.fingerprint
+
+
+async def test_a_known_key_is_reported_known_even_when_the_login_fails(server, tmp_path: Path) -> None:
+    host_key, port = server
+    wrong = tmp_path / "id_wrong"
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(wrong))
+    store = _store(tmp_path, f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
+    key = await scan_host_key(_target(port, wrong), store)
+    assert key.state == "known" and key.fingerprint == fingerprint(host_key)
+
+
+async def test_a_changed_key_is_shown_with_both_fingerprints_and_never_trusted(server, client_key: Path,
+                                                                                tmp_path: Path) -> None:
+    host_key, port = server
+    old = asyncssh.generate_private_key("ssh-ed25519")
+    store = _store(tmp_path)
+    store.record("127.0.0.1", port, old.export_public_key().decode())
+    key = await scan_host_key(_target(port, client_key), store)
+    assert key.state == "changed"
+    assert key.fingerprint == fingerprint(host_key) and key.expected == (fingerprint(old),)
+    before = store.keeper_file.read_text()
+    with pytest.raises(HostKeyChanged) as info:
+        store.trust(key)
+    assert fingerprint(old) in info.value.reason and fingerprint(host_key) in info.value.reason
+    # Even a caller that relabels the key as unknown cannot get it recorded.
+    with pytest.raises(HostKeyChanged):
+        store.trust(dataclasses.replace(key, state="unknown", expected=()))
+    assert store.keeper_file.read_text() == before
+
+
+async def test_trust_refuses_a_key_that_is_not_the_one_shown(server, client_key: Path, tmp_path: Path) -> None:
+    _, port = server
+    store = _store(tmp_path)
+    key = await scan_host_key(_target(port, client_key), store)
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    with pytest.raises(ValueError, match="does not match the fingerprint"):
+        store.trust(dataclasses.replace(key, public_key=other))
+    assert not store.keeper_file.exists()
+
+
+async def test_behind_an_untrusted_jump_host_the_jump_hosts_key_comes_first(server, client_key: Path,
+                                                                            tmp_path: Path) -> None:
+    host_key, port = server
+    jump_key = asyncssh.generate_private_key("ssh-ed25519")
+    jump_srv, jump_port = await _serve(jump_key, asyncssh.read_private_key(str(client_key)))
+    try:
+        store = _store(tmp_path)
+        jump = SSHTarget("bastion", "127.0.0.1", port=jump_port, user="rbee", identity_file=str(client_key),
+                         connect_timeout_s=3)
+        target = _target(port, client_key, jump=jump)
+        first = await scan_host_key(target, store)
+        assert (first.alias, first.state, first.fingerprint) == ("bastion", "unknown", fingerprint(jump_key))
+        store.trust(first)
+        second = await scan_host_key(target, store)
+        assert (second.alias, second.state, second.fingerprint) == ("box", "unknown", fingerprint(host_key))
     finally:
         jump_srv.close()
         await jump_srv.wait_closed()
