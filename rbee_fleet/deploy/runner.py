@@ -18,7 +18,7 @@ from typing import Any
 from rbee_fleet.deploy import steps
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.facts import HostFacts
-from rbee_fleet.deploy.plan import HostSpec, plan_host
+from rbee_fleet.deploy.plan import HostPlan, HostSpec, plan_host
 from rbee_fleet.deploy.transport import HostKeyStore, SSHTransport, Transport, connect
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 
@@ -40,6 +40,7 @@ class HostResult:
     steps: list[str] = field(default_factory=list)  # what was (or, in check mode, would be) changed
     version: str | None = None
     elapsed_s: float = 0.0
+    plan: HostPlan | None = field(default=None, repr=False)  # every step, changing or not (for a check view)
 
     def to_json(self) -> dict[str, Any]:
         return {"host": self.alias, "status": self.status, "reason": self.reason, "error": self.error_kind,
@@ -78,7 +79,7 @@ async def deploy_host(spec: HostSpec, ctx: RunContext, result: HostResult, *, re
         if require_installed and not facts.versions:
             raise DeployError(spec.alias, "rbee-fleet is not installed there; use `hive install` first")
         plan = plan_host(spec, facts, ctx.release.id, ctx.token)
-        result.version = plan.release_id
+        result.version, result.plan = plan.release_id, plan
         if plan.problems:
             raise DeployError(spec.alias, "; ".join(plan.problems))
         result.steps = [s.detail for s in plan.steps if s.changes]

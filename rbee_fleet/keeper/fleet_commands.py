@@ -10,30 +10,22 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
-from rbee_fleet.common.secrets import load_or_create
-from rbee_fleet.deploy import steps
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
-from rbee_fleet.deploy.facts import HostFacts
-from rbee_fleet.deploy.hosts import host_spec, select
 from rbee_fleet.deploy.plan import HostSpec
-from rbee_fleet.deploy.runner import (
-    CANCELLED,
-    FAILED,
-    HostResult,
-    RunContext,
-    deploy,
-    deploy_host,
-    open_host,
-    run_hosts,
-)
-from rbee_fleet.deploy.transport import HostKeyStore, Transport
-from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
+from rbee_fleet.deploy.runner import CANCELLED, FAILED, HostResult, RunContext, deploy
 from rbee_fleet.keeper.commands import err, out
 from rbee_fleet.keeper.deploy_view import DeployView, results_table, summary
-from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
-from rbee_fleet.keeper.services import KeeperContext, run_job, start_queen
+from rbee_fleet.keeper.remote_hosts import (
+    control_hive,
+    hive_status,
+    install_hosts,
+    remote_specs,
+    run_context,
+    stream_log,
+    workers_via_queen,
+)
+from rbee_fleet.keeper.services import KeeperContext, start_queen
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 Command = Callable[[argparse.Namespace], Awaitable[int]]
@@ -87,43 +79,8 @@ def _deploy_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_context(args: argparse.Namespace, ctx: KeeperContext, *, check: bool = False) -> RunContext:
-    release = Release.from_source(Path(args.source) if getattr(args, "source", None) else None)
-    ctx.layout.ensure()
-    return RunContext(
-        release=release,
-        builder=WheelhouseBuilder(release),
-        keys=HostKeyStore(ctx.layout.home / "known_hosts"),
-        token=load_or_create(ctx.layout.secrets / "cluster.token"),
-        accept_new=getattr(args, "accept_new_host_keys", False),
-        check=check,
-    )
-
-
-def _specs(ctx: KeeperContext, limit: str | None) -> list[HostSpec]:
-    path = ctx.inventory_path or "<built-in inventory>"
-    aliases = select(ctx.inventory, limit, path)
-    try:
-        return [host_spec(ctx.inventory, alias) for alias in aliases]
-    except ValueError as exc:
-        raise InventoryError(path, None, "proxy_jump", str(exc)) from None
-
-
-def _workers_via_queen(client: QueenClient) -> Callable[[HostSpec], Awaitable[int]]:
-    async def ensure(spec: HostSpec) -> int:
-        async def one(op: Any) -> bool:
-            try:
-                result = await run_job(client, op, op.worker_id or spec.alias, None)
-            except (OperationFailed, ApiError) as exc:
-                message = str(exc).splitlines()[0]
-                prefix = "" if message.startswith(f"worker {op.worker_id}") else f"worker {op.worker_id}: "
-                raise DeployError(spec.alias, prefix + message) from None
-            except QueenUnreachable as exc:
-                raise DeployError(spec.alias, str(exc)) from None
-            return bool(result.get("changed"))
-
-        return sum(await asyncio.gather(*(one(op) for op in spec.workers)))
-
-    return ensure
+    return run_context(ctx, source=Path(args.source) if getattr(args, "source", None) else None,
+                       accept_new=getattr(args, "accept_new_host_keys", False), check=check)
 
 
 def _emit(args: argparse.Namespace, results: list[HostResult], title: str) -> None:
@@ -156,7 +113,7 @@ async def _run_with_view(args: argparse.Namespace, specs: list[HostSpec], run: R
 
 async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
     try:
-        specs = _specs(ctx, args.limit)
+        specs = remote_specs(ctx, args.limit)
     except InventoryError as exc:
         err.print(f"[red]inventory error:[/] {exc}", highlight=False)
         return EXIT_USAGE
@@ -173,7 +130,7 @@ async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
             started, _ = await start_queen(ctx, client)
             if started and not args.json:
                 err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
-            run.ensure_workers = _workers_via_queen(client)
+            run.ensure_workers = workers_via_queen(client)
         return await _run_with_view(args, specs, run, lambda results: deploy(specs, run, args.parallel, results),
                                     "deploy --check" if args.check else "deploy")
 
@@ -184,7 +141,7 @@ async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
 def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], Awaitable[int]]:
     async def command(args: argparse.Namespace, ctx: KeeperContext) -> int:
         try:
-            specs = _specs(ctx, args.alias)
+            specs = remote_specs(ctx, args.alias)
             if action in ("install", "upgrade"):
                 return await _install(args, ctx, specs, upgrade=action == "upgrade")
             return await _on_host(args, ctx, specs[0], action)
@@ -202,68 +159,36 @@ async def _install(args: argparse.Namespace, ctx: KeeperContext, specs: list[Hos
     run = _run_context(args, ctx)
     async with ctx.client() as client:
         await start_queen(ctx, client)
-        run.ensure_workers = _workers_via_queen(client)
-        return await _run_with_view(
-            args, specs, run,
-            lambda results: run_hosts(specs, lambda s, r: deploy_host(s, run, r, require_installed=upgrade), 1, run, results),
-            f"hive {'upgrade' if upgrade else 'install'}")
+        run.ensure_workers = workers_via_queen(client)
+        return await _run_with_view(args, specs, run,
+                                    lambda results: install_hosts(specs, run, upgrade=upgrade, results=results),
+                                    f"hive {'upgrade' if upgrade else 'install'}")
 
 
 async def _on_host(args: argparse.Namespace, ctx: KeeperContext, spec: HostSpec, action: str) -> int:
     run = _run_context(args, ctx)
     try:
-        t, facts = await open_host(spec, run)
-    except DeployError as exc:
-        return _fail(args, spec.alias, exc.reason)
-    try:
         if action == "logs":
             try:
-                code = await steps.logs(t, facts, args.lines, args.follow, _print_line)
+                code = await stream_log(spec, run, args.lines, args.follow, _print_line)
             except asyncio.CancelledError:
                 return EXIT_INTERRUPTED
             return EXIT_OK if code == 0 else EXIT_FAILED
-        if action == "uninstall":
-            removed = await steps.uninstall(t, spec, facts)
-            return _done(args, spec.alias, "uninstalled: no process, service or file of ours is left"
-                         if removed else "nothing of ours was installed there", changed=removed)
-        if not facts.versions:
-            return _fail(args, spec.alias, f"rbee-fleet is not installed under {facts.install_dir}; "
-                                           f"run: rbee-keeper hive install {spec.alias}")
         if action == "status":
-            return await _status(args, t, spec, facts, run.token)
-        if action in ("stop", "restart"):
-            await steps.ctl(t, facts, "stop")
-        if action in ("start", "restart"):
-            await steps.start(t, facts, restart=False)
-            await steps.wait_hive(t, spec, facts, run.token)
-        state = {"start": "running", "restart": "restarted", "stop": "stopped"}[action]
-        return _done(args, spec.alias, f"hive {state}", changed=True)
+            return _status(args, await hive_status(spec, run))
+        outcome = await control_hive(spec, run, action)
     except DeployError as exc:
         return _fail(args, spec.alias, exc.reason)
-    finally:
-        await t.close()
+    return _done(args, spec.alias, outcome.message, changed=outcome.changed)
 
 
-async def _status(args: argparse.Namespace, t: Transport, spec: HostSpec, facts: HostFacts, token: str) -> int:
-    answering = False
-    if facts.hive_running:
-        try:
-            await steps.wait_hive(t, spec, facts, token, timeout=3)
-            answering = True
-        except DeployError:
-            answering = False
-    info = {
-        "host": spec.alias, "ssh": spec.ssh.describe(), "url": spec.url, "facts": facts.summary(),
-        "install_dir": facts.install_dir, "installed": (facts.marker or {}).get("release"),
-        "current": facts.current, "versions": list(facts.versions),
-        "supervision": (facts.marker or {}).get("mode"), "running_pid": facts.hive_pid, "answering": answering,
-    }
+def _status(args: argparse.Namespace, info: dict[str, Any]) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
             out.print(f"[bold]{key:>12}[/]: {value}", highlight=False)
-    return EXIT_OK if facts.hive_running and answering else EXIT_FAILED
+    return EXIT_OK if info["running_pid"] and info["answering"] else EXIT_FAILED
 
 
 def _print_line(line: str) -> None:

@@ -1,0 +1,195 @@
+"""The keeper's remote-host service functions (shared by the CLI and the TUI) without any real host:
+recorded facts, closed ports, asyncssh's in-process SSH server, and the ssh command line.
+
+(The same functions against real OpenSSH hosts: tests/ssh.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from rbee_fleet.common.inventory import InventoryError, parse_inventory
+from rbee_fleet.common.paths import Layout
+from rbee_fleet.deploy.errors import ConnectRefused
+from rbee_fleet.deploy.facts import parse_facts
+from rbee_fleet.keeper.remote_hosts import (
+    control_hive,
+    host_keys,
+    probe_host,
+    probe_result,
+    remote_specs,
+    run_context,
+    ssh_command,
+    stream_log,
+)
+from rbee_fleet.keeper.services import KeeperContext
+from tests.deploy.test_facts import DEPLOYED, FRESH_DEBIAN
+from tests.support import procs
+from tests.support.sshd import in_process_sshd, write_client_key
+
+
+def closed_port() -> int:
+    return procs.free_port()  # nothing listens there
+
+
+def context(text: str) -> KeeperContext:
+    return KeeperContext(inventory=parse_inventory(text), inventory_path=None, layout=Layout.default())
+
+
+@pytest.fixture
+def client_key(tmp_path: Path) -> Path:
+    return write_client_key(tmp_path / "id_test")
+
+
+@pytest.fixture
+async def sshd(client_key: Path) -> AsyncIterator[tuple[asyncssh.SSHKey, int]]:
+    async with in_process_sshd(client_key) as server:
+        yield server
+
+
+def fleet(ssh_port: int, key: Path, extra: str = "") -> KeeperContext:
+    return context(f"""
+[queen]
+port = {procs.free_port()}
+[defaults]
+ssh_user = "rbee"
+identity_file = "{key}"
+connect_timeout_s = 3
+[hives.box]
+address = "127.0.0.1"
+port = {procs.free_port()}
+ssh_port = {ssh_port}
+{extra}""")
+
+
+# -- what a probe says -------------------------------------------------------------------------------
+
+
+def test_probe_results_from_recorded_facts() -> None:
+    spec = remote_specs(fleet(22, Path("/k")), None)[0]
+    fresh = probe_result(spec, parse_facts(FRESH_DEBIAN), at=1.0)
+    assert (fresh.state, fresh.reason) == ("not installed", "no rbee-fleet under /home/rbee/.local/share/rbee-fleet")
+    running = probe_result(spec, parse_facts(DEPLOYED), at=1.0)
+    assert (running.state, running.version) == ("running", "0.1.0-aaaa")
+    assert running.reason == "the hive runs (pid 4242, 0.1.0-aaaa)"
+    stopped = probe_result(spec, parse_facts(DEPLOYED.replace("hive=running 4242\n", "")), at=1.0)
+    assert (stopped.state, stopped.reason) == ("stopped", "0.1.0-aaaa is installed; the hive is not running")
+
+
+async def test_probes_of_hosts_that_cannot_be_seen_say_why(client_key: Path, sshd) -> None:
+    refused = fleet(closed_port(), client_key)
+    probe = await probe_host(remote_specs(refused, None)[0], host_keys(refused), at=5.0)
+    assert probe.state == "unreachable" and "connection refused by rbee@127.0.0.1:" in probe.reason and probe.at == 5.0
+
+    host_key, port = sshd
+    ctx = fleet(port, client_key)
+    probe = await probe_host(remote_specs(ctx, None)[0], host_keys(ctx), at=5.0)
+    assert probe.state == "unknown" and probe.reason.startswith(f"unknown host key {host_key.get_fingerprint('sha256')}")
+    assert not host_keys(ctx).keeper_file.exists()  # a probe never trusts a key
+
+
+async def test_a_silent_host_is_unreachable_within_the_connect_timeout(client_key: Path) -> None:
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    try:
+        ctx = fleet(silent.sockets[0].getsockname()[1], client_key)
+        spec = remote_specs(ctx, None)[0]
+        probe = await probe_host(spec, host_keys(ctx), at=0.0)
+        assert probe.state == "unreachable" and "no answer within 3 s" in probe.reason
+    finally:
+        silent.close()
+
+
+async def test_actions_on_an_unreachable_host_raise_its_reason(client_key: Path) -> None:
+    ctx = fleet(closed_port(), client_key)
+    spec = remote_specs(ctx, None)[0]
+    run = run_context(ctx)
+    seen: list[tuple[str, str]] = []
+    run.update = lambda alias, message: seen.append((alias, message))
+    with pytest.raises(ConnectRefused, match="connection refused"):
+        await control_hive(spec, run, "stop")
+    with pytest.raises(ConnectRefused):
+        await stream_log(spec, run, 10, True, print)
+    assert seen and seen[0][0] == "box" and seen[0][1].startswith("connecting to rbee@127.0.0.1:")
+
+
+def test_remote_specs_reject_an_unknown_alias() -> None:
+    with pytest.raises(InventoryError, match="no remote hive named 'nope'"):
+        remote_specs(fleet(22, Path("/k")), "nope")
+
+
+# -- the ssh command line of the TUI's shell action ----------------------------------------------------
+
+JUMPS = """
+[defaults]
+ssh_user = "ops"
+identity_file = "~/.ssh/fleet"
+[hives.home]
+embedded = true
+[hives.edge]
+address = "203.0.113.1"
+ssh_port = 2201
+[hives.bastion]
+address = "10.0.0.1"
+ssh_user = "jump"
+proxy_jump = "edge"
+[hives.gpu]
+address = "10.0.0.7"
+ssh_host = "gpu.lan"
+ssh_user = "bee"
+proxy_jump = "bastion"
+[hives.v6]
+address = "10.0.0.8"
+ssh_host = "fd00::8"
+proxy_jump = "[fd00::1]:2200"
+[hives.cfg]
+address = "10.0.0.9"
+proxy_jump = "corp-bastion"
+[hives.direct]
+address = "10.0.0.10"
+ssh_port = 2222
+proxy_jump = "admin@198.51.100.4:2022"
+"""
+
+
+@pytest.fixture
+def jumps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeeperContext:
+    # "corp-bastion" is a Host of the operator's ~/.ssh/config, as proxy_jump allows.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text("Host corp-bastion\n  HostName 203.0.113.5\n")
+    return context(JUMPS)
+
+
+def test_a_jump_host_named_by_its_hive_alias_becomes_its_ssh_address(jumps: KeeperContext) -> None:
+    key = os.path.expanduser("~/.ssh/fleet")
+    known = f"UserKnownHostsFile={Path('~/.ssh/known_hosts').expanduser()} {host_keys(jumps).keeper_file}"
+    # gpu -> bastion (a hive) -> edge (a hive): the chain, outermost first, each as user@host:port.
+    assert ssh_command(jumps, "gpu") == ["ssh", "-i", key, "-o", known, "-J", "ops@203.0.113.1:2201,jump@10.0.0.1",
+                                         "bee@gpu.lan"]
+    assert ssh_command(jumps, "bastion") == ["ssh", "-i", key, "-o", known, "-J", "ops@203.0.113.1:2201", "jump@10.0.0.1"]
+
+
+def test_other_jump_hosts_pass_through(jumps: KeeperContext) -> None:
+    cfg = ssh_command(jumps, "cfg")
+    assert cfg[cfg.index("-J") + 1] == "corp-bastion" and cfg[-1] == "ops@10.0.0.9"
+    direct = ssh_command(jumps, "direct")
+    assert direct[:3] == ["ssh", "-p", "2222"]
+    assert direct[direct.index("-J") + 1] == "admin@198.51.100.4:2022" and direct[-1] == "ops@10.0.0.10"
+    v6 = ssh_command(jumps, "v6")
+    assert v6[v6.index("-J") + 1] == "[fd00::1]:2200" and v6[-1] == "ops@fd00::8"
+
+
+def test_ssh_command_refuses_what_it_cannot_reach(jumps: KeeperContext) -> None:
+    from rbee_fleet.common.errors import OperationFailed
+
+    with pytest.raises(OperationFailed, match="no host 'ghost'"):
+        ssh_command(jumps, "ghost")
+    looped = context(JUMPS.replace('proxy_jump = "edge"', 'proxy_jump = "gpu"'))
+    with pytest.raises(OperationFailed, match="loops back"):
+        ssh_command(looped, "gpu")
