@@ -1,4 +1,4 @@
-"""A host's state on the fleet screen, from the inventory and what the queen reports."""
+"""A host's state on the fleet screen, from the inventory, what the queen reports and what SSH found."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from rbee_fleet.contracts.fleet import (
     WorkerState,
     WorkerView,
 )
-from rbee_fleet.keeper.fleet_view import HostState, RateMeter, devices_short, format_duration, host_rows
+from rbee_fleet.keeper.fleet_view import (
+    HostState,
+    RateMeter,
+    devices_short,
+    format_duration,
+    host_rows,
+    needs_probe,
+)
+from rbee_fleet.keeper.remote_hosts import HostProbe
 from rbee_fleet.tui.format import spark
 
 INV = parse_inventory("""
@@ -110,3 +118,42 @@ def test_cells_and_meters():
     assert meter.add(2.0, 110) == 5.0
     assert meter.add(3.0, 0) is None  # the queen restarted: start over
     assert spark([0, 5, 10]) == "▁▅█" and spark([]) == "" and spark([0, 0]) == "▁▁"
+
+
+def probe(alias: str, state: str, reason: str = "why") -> HostProbe:
+    return HostProbe(alias, state, reason, at=0.0)  # type: ignore[arg-type]
+
+
+def test_what_ssh_found_fills_in_where_the_queen_knows_nothing():
+    rows = {r.alias: r for r in host_rows(INV, status([hive("local")], []), probes={
+        "far": probe("far", "stopped", "0.1.0-aaaa is installed; the hive is not running"),
+        "new": probe("new", "not installed", "no rbee-fleet under /home/rbee/.local/share/rbee-fleet"),
+    })}
+    assert rows["far"].state is HostState.STOPPED and "the hive is not running" in rows["far"].reason
+    assert rows["new"].state is HostState.NOT_INSTALLED and rows["new"].reason.startswith("no rbee-fleet under")
+    unreachable = host_rows(INV, status([hive("local")], []),
+                            probes={"new": probe("new", "unreachable", "connection refused by 10.0.0.3")})
+    assert (unreachable[2].state, unreachable[2].reason) == (HostState.UNREACHABLE, "ssh: connection refused by 10.0.0.3")
+    key = host_rows(INV, None, probes={"new": probe("new", "unknown", "unknown host key SHA256:abc")})
+    assert (key[2].state, key[2].reason) == (HostState.UNKNOWN, "ssh: unknown host key SHA256:abc")
+
+
+def test_a_silent_hive_is_explained_by_its_probe_and_a_live_one_ignores_it():
+    st = status([hive("local"), hive("far", live=False)], [])
+    row = host_rows(INV, st, probes={"far": probe("far", "unreachable", "no answer within 3 s")})[1]
+    assert row.state is HostState.UNREACHABLE and row.reason == "no heartbeat for 42 s; ssh: no answer within 3 s"
+    row = host_rows(INV, st, probes={"far": probe("far", "running", "the hive runs (pid 7, 0.1.0-a)")})[1]
+    assert row.state is HostState.DEGRADED and "the queen gets no heartbeat from it" in row.reason
+    live = status([hive("local"), hive("far")], [view("big", "far")])
+    row = host_rows(INV, live, probes={"far": probe("far", "not installed")})[1]
+    assert row.state is HostState.UP  # a stale probe never overrides a live hive
+    # A host action under way wins over both.
+    row = host_rows(INV, st, busy={"far": "install"}, probes={"far": probe("far", "not installed")})[1]
+    assert row.state is HostState.INSTALLING
+
+
+def test_only_remote_hosts_without_a_live_hive_need_a_probe():
+    assert not needs_probe(INV.hives["local"], None)
+    assert needs_probe(INV.hives["new"], None)
+    assert needs_probe(INV.hives["far"], hive("far", live=False))
+    assert not needs_probe(INV.hives["far"], hive("far"))

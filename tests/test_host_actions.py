@@ -1,107 +1,149 @@
-"""Host actions: the embedded hive's plan, what remote hosts need, the log tail and the ssh command line."""
+"""Host actions: the embedded hive's plan, remote hosts over SSH (unreachable ones, an in-process SSH
+server's key), the log tail. Against real OpenSSH hosts: tests/ssh/test_tui_remote.py."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import parse_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.keeper.fleet_service import FleetService
-from rbee_fleet.keeper.host_actions import (
-    DeployUnavailable,
-    HiveAction,
-    HostKey,
-    KeeperHostActions,
-    follow_file,
-    ssh_command,
-)
+from rbee_fleet.keeper.host_actions import HiveAction, KeeperHostActions, follow_file
 from rbee_fleet.keeper.services import KeeperContext
 from tests.support import procs
+from tests.support.sshd import in_process_sshd, write_client_key
 
 INVENTORY = """
 [queen]
 port = {port}
 [defaults]
-ssh_user = "ops"
-ssh_port = 2222
-identity_file = "~/.ssh/fleet"
+ssh_user = "rbee"
+identity_file = "{key}"
+connect_timeout_s = 3
 [hives.home]
 embedded = true
 [[hives.home.workers]]
 model = "smollm2"
-[hives.gpu]
-address = "10.0.0.7"
-ssh_host = "gpu.lan"
-ssh_user = "bee"
-ssh_port = 22
-proxy_jump = "bastion"
-[hives.nas]
-address = "10.0.0.9"
+[hives.gone]
+address = "127.0.0.1"
+port = {hive1}
+ssh_port = {closed}
+[[hives.gone.workers]]
+model = "smollm2"
+[hives.box]
+address = "127.0.0.1"
+port = {hive2}
+ssh_port = {sshd}
 """
 
 
 @pytest.fixture
-def ctx(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeeperContext:
-    # "bastion" is a Host of the operator's ~/.ssh/config, as proxy_jump allows.
-    monkeypatch.setenv("HOME", str(tmp_path))
-    (tmp_path / ".ssh").mkdir()
-    (tmp_path / ".ssh" / "config").write_text("Host bastion\n  HostName 203.0.113.5\n")
-    inv = parse_inventory(INVENTORY.format(port=procs.free_port()))
+def client_key(tmp_path: Path) -> Path:
+    return write_client_key(tmp_path / "id_test")
+
+
+@pytest.fixture
+async def sshd(client_key: Path) -> AsyncIterator[tuple[asyncssh.SSHKey, int]]:
+    async with in_process_sshd(client_key) as server:
+        yield server
+
+
+def make_ctx(client_key: Path, sshd_port: int, queen_port: int | None = None) -> KeeperContext:
+    inv = parse_inventory(INVENTORY.format(port=queen_port or procs.free_port(), key=client_key, closed=procs.free_port(),
+                                           sshd=sshd_port, hive1=procs.free_port(), hive2=procs.free_port()))
     return KeeperContext(inventory=inv, inventory_path=None, layout=Layout.default())
 
 
-async def test_plan_and_deploy_without_a_queen(ctx: KeeperContext):
+@pytest.fixture
+async def actions(client_key: Path, sshd) -> AsyncIterator[KeeperHostActions]:
+    fleet = FleetService(make_ctx(client_key, sshd[1]))
+    yield KeeperHostActions(fleet)
+    await fleet.close()
+
+
+async def test_the_plan_checks_remote_hosts_and_says_why_one_fails(actions: KeeperHostActions, sshd):
+    host_key, _ = sshd
+    steps = await actions.plan(["home", "gone", "box"])
+    assert [(s.alias, s.what, s.status) for s in steps] == [
+        ("home", "queen", "change"), ("home", "home-smollm2-0", "change"),
+        ("gone", "host", "failed"), ("box", "host", "failed")]
+    assert "connection refused by rbee@127.0.0.1:" in steps[2].detail
+    assert f"unknown host key {host_key.get_fingerprint('sha256')}" in steps[3].detail
+    assert not (Path(os.environ["RBEE_HOME"]) / "known_hosts").exists()
+
+
+async def test_remote_hive_actions_fail_with_the_hosts_reason(actions: KeeperHostActions):
+    events = []
+    with pytest.raises(OperationFailed, match="gone: connection refused by rbee@127.0.0.1:"):
+        await actions.hive("gone", HiveAction.STOP, lambda label, ev: events.append((label, ev.message)))
+    assert events[0][0] == "gone" and events[0][1].startswith("connecting to rbee@127.0.0.1:")
+    with pytest.raises(OperationFailed, match="gone: connection refused"):
+        async for _ in actions.follow_log("gone"):
+            pass
+    with pytest.raises(OperationFailed, match="embedded hive"):
+        await actions.hive("home", HiveAction.UNINSTALL)
+    with pytest.raises(OperationFailed, match="no host 'ghost'"):
+        await actions.hive("ghost", HiveAction.START)
+    # Stopping a local queen that is not running changes nothing and says so.
+    assert await actions.hive("home", HiveAction.STOP) == {"stopped": False}
+    assert [a for a in HiveAction if a.destructive] == [HiveAction.STOP, HiveAction.RESTART, HiveAction.UNINSTALL]
+
+
+async def test_a_new_host_key_is_shown_then_trusted_only_when_accepted(actions: KeeperHostActions, sshd):
+    host_key, port = sshd
+    with pytest.raises(OperationFailed, match="does not reach it over SSH"):
+        await actions.host_key("home")
+    key = await actions.host_key("box")
+    assert (key.alias, key.state, key.fingerprint) == ("box", "unknown", host_key.get_fingerprint("sha256"))
+    known_hosts = Path(os.environ["RBEE_HOME"]) / "known_hosts"
+    assert not known_hosts.exists()  # looking records nothing
+    await actions.accept_host_key(key)
+    assert known_hosts.read_text().startswith(f"[127.0.0.1]:{port} ssh-ed25519 ")
+    assert (await actions.host_key("box")).state == "known"
+    probe = await actions.probe("box")  # the login works now; the stand-in server is no shell, so no facts
+    assert probe.state == "unknown" and "the host probe printed nothing useful" in probe.reason
+
+
+async def test_a_changed_host_key_is_refused_with_both_fingerprints(actions: KeeperHostActions, sshd):
+    host_key, port = sshd
+    old = asyncssh.generate_private_key("ssh-ed25519")
+    known_hosts = Path(os.environ["RBEE_HOME"]) / "known_hosts"
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    known_hosts.write_text(f"[127.0.0.1]:{port} {old.export_public_key().decode()}")
+    key = await actions.host_key("box")
+    assert key.state == "changed" and key.expected == (old.get_fingerprint("sha256"),)
+    with pytest.raises(OperationFailed) as info:
+        await actions.accept_host_key(key)
+    assert old.get_fingerprint("sha256") in str(info.value) and host_key.get_fingerprint("sha256") in str(info.value)
+    probe = await actions.probe("box")
+    assert probe.state == "unknown" and probe.reason.startswith("host key changed: expected")
+
+
+async def test_remote_deploys_fail_alone_each_with_its_reason(client_key: Path, sshd, tmp_path: Path):
+    """A real queen (no workers) is running, as deploys spawn remote workers through it."""
+    port = procs.free_port()
+    ctx = make_ctx(client_key, sshd[1], port)
+    inventory = procs.write_inventory(tmp_path / "queen.toml", port=port, worker_port_base=procs.free_port_range(4),
+                                      workers=[])
+    queen = procs.start_queen(tmp_path, inventory, tmp_path / "queen-home", port)
     fleet = FleetService(ctx)
-    actions = KeeperHostActions(fleet)
     try:
-        steps = await actions.plan(["home", "gpu"])
-        assert [(s.alias, s.what, s.status) for s in steps] == [
-            ("home", "queen", "change"), ("home", "home-smollm2-0", "change"), ("gpu", "hive", "unavailable")]
-        assert "needs the SSH deploy layer" in steps[-1].detail
-        # Remote hosts fail alone, each with its reason.
-        outcomes = await actions.deploy(["gpu", "nas"])
-        assert [(o.alias, o.ok) for o in outcomes] == [("gpu", False), ("nas", False)]
-        assert all("issue 3" in (o.error or "") for o in outcomes)
+        events: list[tuple[str, str]] = []
+        outcomes = await KeeperHostActions(fleet).deploy(["gone", "box"], lambda label, ev: events.append((label, ev.message)))
+        assert [(o.alias, o.ok) for o in outcomes] == [("gone", False), ("box", False)]
+        assert "connection refused" in (outcomes[0].error or "")
+        assert "unknown host key" in (outcomes[1].error or "")
+        assert ("gone", f"failed: {outcomes[0].error}") in events and ("box", f"failed: {outcomes[1].error}") in events
     finally:
         await fleet.close()
-
-
-async def test_what_each_host_kind_can_do(ctx: KeeperContext):
-    fleet = FleetService(ctx)
-    actions = KeeperHostActions(fleet)
-    try:
-        with pytest.raises(DeployUnavailable, match="hive install on gpu needs the SSH deploy layer"):
-            await actions.hive("gpu", HiveAction.INSTALL)
-        with pytest.raises(OperationFailed, match="embedded hive"):
-            await actions.hive("home", HiveAction.UNINSTALL)
-        with pytest.raises(OperationFailed, match="no host 'ghost'"):
-            await actions.hive("ghost", HiveAction.START)
-        with pytest.raises(OperationFailed, match="does not reach it over SSH"):
-            await actions.host_key("home")
-        with pytest.raises(DeployUnavailable):
-            await actions.host_key("gpu")
-        with pytest.raises(DeployUnavailable):
-            await actions.accept_host_key(HostKey("gpu", "gpu.lan", 22, "ssh-ed25519", "SHA256:x", known=False))
-        with pytest.raises(DeployUnavailable):
-            actions.follow_log("gpu")
-        # Stopping a local queen that is not running changes nothing and says so.
-        assert await actions.hive("home", HiveAction.STOP) == {"stopped": False}
-        assert [a for a in HiveAction if a.destructive] == [HiveAction.STOP, HiveAction.RESTART, HiveAction.UNINSTALL]
-    finally:
-        await fleet.close()
-
-
-def test_ssh_command_lines(ctx: KeeperContext):
-    key = os.path.expanduser("~/.ssh/fleet")
-    assert ssh_command(ctx, "gpu") == ["ssh", "-i", key, "-J", "bastion", "bee@gpu.lan"]
-    assert ssh_command(ctx, "nas") == ["ssh", "-p", "2222", "-i", key, "ops@10.0.0.9"]
-    with pytest.raises(OperationFailed):
-        ssh_command(ctx, "ghost")
+        queen.stop()
 
 
 async def test_follow_file_waits_tails_and_survives_truncation_and_replacement(tmp_path: Path):

@@ -1,17 +1,20 @@
-"""The fleet per inventory host: the inventory's declarations joined with what the queen reports.
+"""The fleet per inventory host: the inventory's declarations joined with what the queen reports, and,
+for remote hosts the queen has no live hive of, what an SSH probe found (``HostProbe``).
 
-Pure functions over ``Inventory`` and ``FleetStatus``, so the TUI and tests share one definition of a
-host's state.
+Pure functions over ``Inventory``, ``FleetStatus`` and probes, so the TUI and tests share one definition
+of a host's state.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
 from rbee_fleet.common.inventory import HiveDecl, Inventory
 from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, HiveView, SupervisedWorker, WorkerView
+from rbee_fleet.keeper.remote_hosts import HostProbe
 
 
 class HostState(str, Enum):
@@ -103,20 +106,43 @@ def _host_workers(inv: Inventory, alias: str, hive: HiveView | None, views: list
     return tuple(HostWorker(wid, wid in declared, supervised.get(wid), live.get(wid)) for wid in ids)
 
 
+def _probed(probe: HostProbe, queen_up: bool) -> tuple[HostState, str]:
+    """A remote host's state from its SSH probe (used when the queen has no live hive there)."""
+    if probe.state == "not installed":
+        return HostState.NOT_INSTALLED, probe.reason
+    if probe.state == "stopped":
+        return HostState.STOPPED, probe.reason
+    if probe.state == "unreachable":
+        return HostState.UNREACHABLE, f"ssh: {probe.reason}"
+    if probe.state == "running":
+        if queen_up:
+            return HostState.DEGRADED, f"{probe.reason}, but the queen gets no heartbeat from it"
+        return HostState.UNKNOWN, f"{probe.reason}; the queen is not answering"
+    return HostState.UNKNOWN, f"ssh: {probe.reason}"
+
+
 def _state(decl: HiveDecl, hive: HiveView | None, workers: tuple[HostWorker, ...],
-           queen_up: bool, busy: str | None) -> tuple[HostState, str]:
+           queen_up: bool, busy: str | None, probe: HostProbe | None = None) -> tuple[HostState, str]:
     if busy is not None:
         return BUSY_STATES.get(busy, HostState.STARTING), f"{busy} running"
     if not queen_up:
         if decl.embedded:
             return HostState.STOPPED, "the queen (and its embedded hive) is not running"
+        if probe is not None:
+            return _probed(probe, queen_up)
         return HostState.UNKNOWN, "the queen is not answering"
     if hive is None:
         if decl.embedded:
             return HostState.STARTING, "the embedded hive has not reported yet"
+        if probe is not None:
+            return _probed(probe, queen_up)
         return HostState.UNKNOWN, "no heartbeat from this hive yet (not deployed, stopped or unreachable)"
     if not hive.live:
-        return HostState.UNREACHABLE, f"no heartbeat for {hive.last_seen_s:.0f} s"
+        silent = f"no heartbeat for {hive.last_seen_s:.0f} s"
+        if probe is not None and not decl.embedded:
+            state, why = _probed(probe, queen_up)
+            return state, f"{silent}; {why}"
+        return HostState.UNREACHABLE, silent
     if any(w.state in ("loading", "starting", "restarting") for w in workers):
         return HostState.STARTING, "workers are loading"
     bad = [w.worker_id for w in workers
@@ -126,15 +152,23 @@ def _state(decl: HiveDecl, hive: HiveView | None, workers: tuple[HostWorker, ...
     return HostState.UP, "all declared workers are serving"
 
 
-def host_rows(inv: Inventory, status: FleetStatus | None, busy: dict[str, str] | None = None) -> list[HostRow]:
-    """One row per inventory host, in inventory order; ``busy`` maps an alias to a running host action."""
+def needs_probe(decl: HiveDecl, hive: HiveView | None) -> bool:
+    """Whether only SSH can tell this host's state: a remote host the queen has no live hive of."""
+    return not decl.embedded and (hive is None or not hive.live)
+
+
+def host_rows(inv: Inventory, status: FleetStatus | None, busy: Mapping[str, str] | None = None,
+              probes: Mapping[str, HostProbe] | None = None) -> list[HostRow]:
+    """One row per inventory host, in inventory order; ``busy`` maps an alias to a running host action,
+    ``probes`` to what SSH found there."""
     hives = {h.hive_id: h for h in status.hives} if status else {}
     views = status.workers if status else []
     rows = []
     for alias, decl in inv.hives.items():
         hive = hives.get(alias)
         workers = _host_workers(inv, alias, hive, views)
-        state, reason = _state(decl, hive, workers, status is not None, (busy or {}).get(alias))
+        probe = (probes or {}).get(alias) if needs_probe(decl, hive) else None
+        state, reason = _state(decl, hive, workers, status is not None, (busy or {}).get(alias), probe)
         live = [w.view for w in workers if w.view is not None and w.view.live]
         rows.append(HostRow(
             alias=alias, address=host_address(alias, decl), embedded=decl.embedded, state=state, reason=reason,

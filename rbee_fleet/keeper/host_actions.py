@@ -1,9 +1,8 @@
 """Actions on a whole host: hive lifecycle, deploy (plan first), host keys, the host's log, an ssh login.
 
-``HostActions`` is the one interface the TUI (and later the CLI's ``hive`` and ``deploy`` commands) use.
-The embedded hive on the queen's machine is handled here for real: it lives and dies with the local queen.
-Remote hosts need the SSH deploy layer (issue 3); until it is on this branch their actions raise
-``DeployUnavailable`` with that reason, and nothing pretends to have happened.
+``HostActions`` is the interface the TUI uses. The embedded hive on the queen's machine lives and dies
+with the local queen; remote hosts are reached over SSH through the same service functions as the CLI's
+``deploy`` and ``hive`` commands (``keeper.remote_hosts``), so every action means the same in both.
 """
 
 from __future__ import annotations
@@ -19,11 +18,28 @@ from typing import Any, Literal, Protocol
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import HiveDecl
 from rbee_fleet.contracts.fleet import FleetStatus, JobEvent
+from rbee_fleet.deploy.errors import DeployError, WheelhouseError
+from rbee_fleet.deploy.hosts import host_spec, ssh_target
+from rbee_fleet.deploy.plan import HostSpec
+from rbee_fleet.deploy.runner import CANCELLED, CHANGED, FAILED, OK, HostResult, RunContext, deploy
+from rbee_fleet.deploy.transport import HostKey, SSHTarget, scan_host_key
 from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.keeper.queen_client import QueenUnreachable
+from rbee_fleet.keeper.remote_hosts import (
+    PROBE_GRACE_S,
+    HostProbe,
+    control_hive,
+    host_keys,
+    install_hosts,
+    probe_host,
+    run_context,
+    stream_log,
+    workers_via_queen,
+)
 from rbee_fleet.keeper.services import EventSink, KeeperContext, ensure_workers, start_queen, stop_queen
 
 LOG_POLL_S = 0.5
+PARALLEL = 8  # remote hosts deployed or checked at a time
 
 
 class HiveAction(str, Enum):
@@ -40,18 +56,11 @@ class HiveAction(str, Enum):
         return self in (HiveAction.STOP, HiveAction.RESTART, HiveAction.UNINSTALL)
 
 
-class DeployUnavailable(OperationFailed):
-    """The action needs the SSH deploy layer, which this build does not have yet."""
-
-    def __init__(self, what: str, alias: str) -> None:
-        super().__init__(f"{what} on {alias} needs the SSH deploy layer (issue 3), which is not in this build yet")
-
-
 @dataclass(frozen=True)
 class PlanStep:
     alias: str
-    what: str  # the thing checked: "queen", a worker id, "hive"
-    status: Literal["ok", "change", "unavailable"]
+    what: str  # the thing checked: "queen", "install", "start", a worker id, "host"
+    status: Literal["ok", "change", "failed"]
     detail: str
 
 
@@ -61,16 +70,6 @@ class DeployOutcome:
     ok: bool
     changed: bool
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class HostKey:
-    alias: str
-    host: str
-    port: int
-    key_type: str
-    fingerprint: str  # SHA256:…
-    known: bool  # already trusted (in known_hosts)
 
 
 class HostActions(Protocol):
@@ -84,14 +83,17 @@ class HostActions(Protocol):
 
     async def accept_host_key(self, key: HostKey) -> None: ...
 
+    async def probe(self, alias: str) -> HostProbe: ...
+
     def follow_log(self, alias: str, lines: int = 200) -> AsyncIterator[str]: ...
 
 
 class KeeperHostActions:
-    """Host actions through the keeper: the embedded hive locally, remote hosts over SSH (issue 3)."""
+    """Host actions through the keeper: the embedded hive locally, remote hosts over SSH."""
 
     def __init__(self, fleet: FleetService) -> None:
         self.fleet = fleet
+        self._queen_lock = asyncio.Lock()
 
     @property
     def ctx(self) -> KeeperContext:
@@ -103,11 +105,51 @@ class KeeperHostActions:
             raise OperationFailed(f"no host {alias!r} in the inventory")
         return decl
 
+    def _spec(self, alias: str) -> HostSpec:
+        self._decl(alias)
+        try:
+            return host_spec(self.ctx.inventory, alias)
+        except ValueError as exc:  # a jump host that loops or cannot be parsed
+            raise OperationFailed(f"{alias}: {exc}") from None
+
+    def _run(self, sink: EventSink | None, *, check: bool = False) -> RunContext:
+        """A run over SSH whose progress goes to ``sink``; new host keys are never trusted implicitly."""
+        try:
+            run = run_context(self.ctx, check=check)
+        except WheelhouseError as exc:
+            raise OperationFailed(str(exc)) from None
+        run.update = lambda alias, message: _say(sink, alias, message)
+        return run
+
+    async def _with_queen(self, run: RunContext, sink: EventSink | None) -> None:
+        """Remote hosts' workers are spawned through the local queen: start it unless it runs."""
+        async with self._queen_lock:
+            started, _ = await start_queen(self.ctx, self.fleet.client)
+        if started:
+            _say(sink, "queen", f"queen started at {self.ctx.queen_url}")
+        run.ensure_workers = workers_via_queen(self.fleet.client, sink)
+
     # -- hive lifecycle ----------------------------------------------------------------------------
 
     async def hive(self, alias: str, action: HiveAction, sink: EventSink | None = None) -> dict[str, Any]:
-        if not self._decl(alias).embedded:
-            raise DeployUnavailable(f"hive {action.value}", alias)
+        if self._decl(alias).embedded:
+            return await self._local_hive(alias, action, sink)
+        spec = self._spec(alias)
+        run = self._run(sink)
+        if action in (HiveAction.INSTALL, HiveAction.UPGRADE):
+            await self._with_queen(run, sink)
+            (result,) = await install_hosts([spec], run, upgrade=action is HiveAction.UPGRADE)
+            if result.status not in (OK, CHANGED):
+                raise OperationFailed(f"{alias}: {result.reason}")
+            return {"changed": result.status == CHANGED, "message": result.reason, "version": result.version}
+        try:
+            outcome = await control_hive(spec, run, action.value)  # type: ignore[arg-type]
+        except DeployError as exc:
+            raise OperationFailed(f"{alias}: {exc.reason}") from None
+        _say(sink, alias, outcome.message)
+        return {"changed": outcome.changed, "message": outcome.message}
+
+    async def _local_hive(self, alias: str, action: HiveAction, sink: EventSink | None) -> dict[str, Any]:
         if action in (HiveAction.INSTALL, HiveAction.UPGRADE, HiveAction.UNINSTALL):
             raise OperationFailed(f"{alias} runs the embedded hive, part of this keeper's own rbee-fleet install: "
                                   f"{action.value} applies to remote hosts")
@@ -121,7 +163,8 @@ class KeeperHostActions:
 
     async def _start_local(self, alias: str, sink: EventSink | None) -> dict[str, Any]:
         _say(sink, alias, f"starting the queen at {self.ctx.queen_url}")
-        started, _ = await start_queen(self.ctx, self.fleet.client)
+        async with self._queen_lock:
+            started, _ = await start_queen(self.ctx, self.fleet.client)
         _say(sink, alias, "queen started" if started else "queen already running")
         results = await ensure_workers(self.ctx, self.fleet.client, sink)
         failed = [f"{wid}: {err}" for wid, _, err in results if err]
@@ -133,60 +176,163 @@ class KeeperHostActions:
     # -- deploy ----------------------------------------------------------------------------------
 
     async def plan(self, aliases: list[str]) -> list[PlanStep]:
-        """What a deploy would change on each host, changing nothing."""
+        """What a deploy would change on each host, changing nothing; remote hosts are checked over SSH."""
         status: FleetStatus | None
         try:
             status = await self.fleet.status()
         except QueenUnreachable:
             status = None
+        remote = [a for a in aliases if not self._decl(a).embedded]
+        by_host = await self.plan_remote(remote, status) if remote else {}
         steps: list[PlanStep] = []
         for alias in aliases:
-            if not self._decl(alias).embedded:
-                steps.append(PlanStep(alias, "hive", "unavailable", str(DeployUnavailable("checking and deploying", alias))))
+            if alias in by_host:
+                steps += by_host[alias]
                 continue
             steps.append(PlanStep(alias, "queen", "ok" if status else "change",
                                   f"running at {self.ctx.queen_url}" if status else f"start at {self.ctx.queen_url}"))
-            ready = {w.heartbeat.worker_id for w in (status.workers if status else [])
-                     if w.live and w.heartbeat.state.value in ("ready", "loading")}
-            for wid, decl in self.ctx.inventory.worker_plan(alias):
-                if wid in ready:
-                    steps.append(PlanStep(alias, wid, "ok", f"serving {decl.model}"))
-                else:
-                    steps.append(PlanStep(alias, wid, "change", f"spawn {decl.model} with {decl.backend} on {decl.device}"))
+            steps += self._worker_steps(alias, status)
         return steps
+
+    async def plan_remote(self, aliases: list[str], status: FleetStatus | None) -> dict[str, list[PlanStep]]:
+        """The deploy runner's check mode: each step of each host's plan, ok or change, or why the host fails."""
+        try:
+            specs = [self._spec(a) for a in aliases]
+            run = self._run(None, check=True)
+        except OperationFailed as exc:
+            return {a: [PlanStep(a, "host", "failed", str(exc))] for a in aliases}
+        by_host: dict[str, list[PlanStep]] = {}
+        for r in await deploy(specs, run, PARALLEL):
+            if r.plan is None or r.status in (FAILED, CANCELLED):
+                by_host[r.alias] = [PlanStep(r.alias, "host", "failed", r.reason)]
+                continue
+            steps: list[PlanStep] = []
+            for step in r.plan.steps:
+                if step.action == "workers":
+                    steps += self._worker_steps(r.alias, status)
+                else:
+                    steps.append(PlanStep(r.alias, step.action, "change" if step.changes else "ok", step.detail))
+            by_host[r.alias] = steps
+        return by_host
+
+    def _worker_steps(self, alias: str, status: FleetStatus | None) -> list[PlanStep]:
+        """The host's declared workers: serving already, or to be spawned through the queen."""
+        ready = {w.heartbeat.worker_id for w in (status.workers if status else [])
+                 if w.live and w.heartbeat.state.value in ("ready", "loading")}
+        return [PlanStep(alias, wid, "ok", f"serving {decl.model}") if wid in ready
+                else PlanStep(alias, wid, "change", f"spawn {decl.model} with {decl.backend} on {decl.device}")
+                for wid, decl in self.ctx.inventory.worker_plan(alias)]
 
     async def deploy(self, aliases: list[str], sink: EventSink | None = None) -> list[DeployOutcome]:
         """Bring each host to the inventory's state; one failing host never stops the others."""
 
-        async def one(alias: str) -> DeployOutcome:
+        async def local(alias: str) -> DeployOutcome:
             try:
-                if not self._decl(alias).embedded:
-                    raise DeployUnavailable("deploying", alias)
                 result = await self._start_local(alias, sink)
                 return DeployOutcome(alias, ok=True, changed=bool(result.get("changed")))
             except (OperationFailed, QueenUnreachable) as exc:
                 _say(sink, alias, f"failed: {exc}", error=True)
                 return DeployOutcome(alias, ok=False, changed=False, error=str(exc))
 
-        return list(await asyncio.gather(*(one(a) for a in aliases)))
+        remote = [a for a in aliases if not self._decl(a).embedded]
+        done = await asyncio.gather(self._deploy_remote(remote, sink),
+                                    *(local(a) for a in aliases if a not in remote))
+        outcomes = {o.alias: o for o in [*done[0], *done[1:]]}
+        return [outcomes[a] for a in aliases]
+
+    async def _deploy_remote(self, aliases: list[str], sink: EventSink | None) -> list[DeployOutcome]:
+        if not aliases:
+            return []
+        try:
+            specs = [self._spec(a) for a in aliases]
+            run = self._run(sink)
+            await self._with_queen(run, sink)
+        except (OperationFailed, QueenUnreachable) as exc:
+            for alias in aliases:
+                _say(sink, alias, f"failed: {exc}", error=True)
+            return [DeployOutcome(a, ok=False, changed=False, error=str(exc)) for a in aliases]
+        return [_outcome(r, sink) for r in await deploy(specs, run, PARALLEL)]
 
     # -- host keys -------------------------------------------------------------------------------
 
-    async def host_key(self, alias: str) -> HostKey:
+    def _target(self, alias: str) -> SSHTarget:
         if self._decl(alias).embedded:
             raise OperationFailed(f"{alias} is the queen's own machine: the keeper does not reach it over SSH")
-        raise DeployUnavailable("reading the host key", alias)
+        try:
+            return ssh_target(self.ctx.inventory, alias)
+        except ValueError as exc:
+            raise OperationFailed(f"{alias}: {exc}") from None
+
+    async def host_key(self, alias: str) -> HostKey:
+        """The key the host (or its jump host, when that one is not trusted yet) presents; records nothing."""
+        target = self._target(alias)
+        limit = target.connect_timeout_s + PROBE_GRACE_S
+        try:
+            return await asyncio.wait_for(scan_host_key(target, host_keys(self.ctx)), limit)
+        except asyncio.TimeoutError:
+            raise OperationFailed(f"{alias}: no answer over SSH within {limit:g} s") from None
+        except DeployError as exc:
+            raise OperationFailed(f"{alias}: {exc.reason}") from None
 
     async def accept_host_key(self, key: HostKey) -> None:
-        raise DeployUnavailable("trusting a host key", key.alias)
+        """Record a key the operator accepted in the keeper's known_hosts; a changed key is always refused."""
+        try:
+            host_keys(self.ctx).trust(key)
+        except DeployError as exc:
+            raise OperationFailed(f"{key.alias}: {exc.reason}") from None
+
+    # -- what the queen cannot tell ----------------------------------------------------------------
+
+    async def probe(self, alias: str) -> HostProbe:
+        """A remote host's state over SSH (not installed, stopped, running) or why it cannot be reached."""
+        now = time.monotonic()
+        try:
+            spec = self._spec(alias)
+        except OperationFailed as exc:
+            return HostProbe(alias, "unknown", str(exc), now)
+        return await probe_host(spec, host_keys(self.ctx), now)
 
     # -- logs ------------------------------------------------------------------------------------
 
     def follow_log(self, alias: str, lines: int = 200) -> AsyncIterator[str]:
         """The hive's log, last ``lines`` lines first, then new lines as they are written."""
-        if not self._decl(alias).embedded:
-            raise DeployUnavailable("following the hive log", alias)
-        return follow_file(self.ctx.daemon().logfile, lines)
+        if self._decl(alias).embedded:
+            return follow_file(self.ctx.daemon().logfile, lines)
+        return self._follow_remote(self._spec(alias), lines)
+
+    async def _follow_remote(self, spec: HostSpec, lines: int) -> AsyncIterator[str]:
+        """``hive logs -f`` as an iterator: the SSH connection lives as long as the iteration."""
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        tail = asyncio.ensure_future(stream_log(spec, self._run(None), lines, True, queue.put_nowait))
+        getter: asyncio.Future[str] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, tail}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not queue.empty():
+                    yield queue.get_nowait()
+                try:
+                    code = tail.result()
+                except DeployError as exc:
+                    raise OperationFailed(f"{spec.alias}: {exc.reason}") from None
+                yield f"(the log ended: tail exited with {code})"
+                return
+        finally:
+            for task in (getter, tail):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(tail, return_exceptions=True)
+
+
+def _outcome(result: HostResult, sink: EventSink | None) -> DeployOutcome:
+    ok = result.status in (OK, CHANGED)
+    if not ok:
+        _say(sink, result.alias, f"failed: {result.reason}", error=True)
+    return DeployOutcome(result.alias, ok=ok, changed=result.status == CHANGED, error=None if ok else result.reason)
 
 
 def _say(sink: EventSink | None, label: str, message: str, error: bool = False) -> None:
@@ -229,24 +375,3 @@ def _read_from(path: Path, position: int) -> tuple[bytes, int]:
         # Keep a partial last line for the next read.
         cut = data.rfind(b"\n") + 1
         return data[:cut], position + cut
-
-
-def ssh_command(ctx: KeeperContext, alias: str) -> list[str]:
-    """The OpenSSH command line that logs the operator into ``alias`` (for the TUI's shell action)."""
-    decl = ctx.inventory.hives.get(alias)
-    if decl is None:
-        raise OperationFailed(f"no host {alias!r} in the inventory")
-    d = ctx.inventory.defaults
-    host = decl.ssh_host or decl.address
-    user = decl.ssh_user or d.ssh_user
-    port = decl.ssh_port or d.ssh_port
-    identity = decl.identity_file or d.identity_file
-    cmd = ["ssh"]
-    if port != 22:
-        cmd += ["-p", str(port)]
-    if identity:
-        cmd += ["-i", str(Path(identity).expanduser())]
-    if decl.proxy_jump:
-        cmd += ["-J", decl.proxy_jump]
-    cmd.append(f"{user}@{host}" if user else host)
-    return cmd

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
@@ -29,10 +27,11 @@ from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.keeper.fleet_service import FleetService
-from rbee_fleet.keeper.host_actions import HiveAction, HostActions, KeeperHostActions, ssh_command
+from rbee_fleet.keeper.host_actions import HostActions, KeeperHostActions
 from rbee_fleet.keeper.inventory_edit import FieldSpec, FormError, FormValues, coerce_form, form_fields
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.services import EventSink, KeeperContext
+from rbee_fleet.tui.host_ops import HostOpsMixin, ProbeCache
 from rbee_fleet.tui.operations import OperationLog, TrackedOperation
 from rbee_fleet.tui.palette import keeper_commands
 from rbee_fleet.tui.screens.chat import ChatScreen
@@ -40,12 +39,9 @@ from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.fleet import FleetScreen
 from rbee_fleet.tui.screens.form import FormScreen
 from rbee_fleet.tui.screens.help import HelpScreen
-from rbee_fleet.tui.screens.hive_actions import HiveActionsScreen
 from rbee_fleet.tui.screens.host import HostScreen
-from rbee_fleet.tui.screens.host_key import HostKeyScreen
 from rbee_fleet.tui.screens.inventory import InventoryScreen
 from rbee_fleet.tui.screens.jobs import JobsScreen
-from rbee_fleet.tui.screens.plan import PlanScreen
 from rbee_fleet.tui.snapshot import FleetSnapshot, Sampler
 
 log = logging.getLogger(__name__)
@@ -59,7 +55,7 @@ ServiceFactory = Callable[[KeeperContext], FleetService]
 ActionsFactory = Callable[[FleetService], HostActions]
 
 
-class KeeperApp(App[None]):
+class KeeperApp(HostOpsMixin, App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "rbee-keeper"
     MODES = {"fleet": FleetScreen, "jobs": JobsScreen, "chat": ChatScreen, "inventory": InventoryScreen}
@@ -91,6 +87,7 @@ class KeeperApp(App[None]):
         self.inventory_error: str | None = None
         self.sampler = Sampler()
         self.operations = OperationLog()
+        self.probes = ProbeCache()
         self.operations_changed: Signal[TrackedOperation] = Signal(self, "operations-changed")
         self._polling = False
 
@@ -130,6 +127,7 @@ class KeeperApp(App[None]):
                 self._retired.append(self.fleet)  # closed at exit: operations may still use it
             self.fleet = self._service_factory(ctx)
         self.hosts = self._actions_factory(self.fleet)
+        self.probes.forget()  # addresses may have changed
         self.poll()
         return True
 
@@ -161,7 +159,8 @@ class KeeperApp(App[None]):
                     error = f"{type(exc).__name__}: {exc}"
             inventory = fleet.ctx.inventory if fleet else None
             self.snapshot = self.sampler.build(inventory, status, error, time.monotonic(),
-                                               self.operations.busy_hosts(), self.inventory_error)
+                                               self.operations.busy_hosts(), self.inventory_error, self.probes.results)
+            self.probe_due_hosts()
         finally:
             self._polling = False
 
@@ -193,6 +192,8 @@ class KeeperApp(App[None]):
                 op.state, op.error = "failed", f"{type(exc).__name__}: {exc}"
                 self.notify(f"{label} failed: {op.error}", title="operation failed", severity="error", timeout=12)
             finally:
+                if op.host_action and op.hive:
+                    self.probes.forget(op.hive)  # what SSH found there before is stale now
                 self.operations_changed.publish(op)
                 self.poll()
 
@@ -296,107 +297,7 @@ class KeeperApp(App[None]):
             self.start_operation(f"delete {model} on {hive}", "model_delete", hive,
                                  lambda sink: fleet.delete_model(model, hive, sink))
 
-    # -- hosts -----------------------------------------------------------------------------------
-
-    @work(group="dialogs")
-    async def host_menu(self, alias: str) -> None:
-        row = self.snapshot.row(alias)
-        note = f"{row.address}: {row.state.value}, {row.reason}" if row else ""
-        choice = await self.push_screen_wait(HiveActionsScreen(alias, note))
-        if choice is None:
-            return
-        if choice in {a.value for a in HiveAction}:
-            self.hive_action(alias, HiveAction(choice))
-        elif choice == "deploy":
-            self.deploy([alias])
-        elif choice == "host_key":
-            self.check_host_key(alias)
-        elif choice == "log":
-            self.follow_host_log(alias)
-        elif choice == "ssh":
-            self.ssh(alias)
-
-    @work(group="dialogs")
-    async def hive_action(self, alias: str, action: HiveAction) -> None:
-        if (found := self._require_inventory()) is None:
-            return
-        _, hosts = found
-        if action.destructive and not await self.push_screen_wait(ConfirmScreen(
-                f"{action.value.capitalize()} the hive on {alias}?", yes=action.value.capitalize(),
-                detail="Its workers stop serving until it is started again.")):
-            return
-        self.start_operation(f"{action.value} hive on {alias}", f"hive_{action.value}", alias,
-                             lambda sink: hosts.hive(alias, action, sink))
-
-    @work(group="dialogs")
-    async def deploy(self, aliases: list[str] | None = None) -> None:
-        """Check first, show the plan, and deploy each host as its own operation when the operator agrees."""
-        if (found := self._require_inventory()) is None:
-            return
-        fleet, hosts = found
-        targets = aliases or list(fleet.ctx.inventory.hives)
-        try:
-            steps = await hosts.plan(targets)
-        except (OperationFailed, QueenUnreachable, ApiError) as exc:
-            self.notify(f"cannot plan the deploy: {exc}", severity="error", timeout=12)
-            return
-        if not await self.push_screen_wait(PlanScreen(steps)):
-            return
-        for alias in targets:
-            self.start_operation(f"deploy {alias}", "deploy", alias, partial(self._deploy_one, hosts, alias))
-
-    @staticmethod
-    async def _deploy_one(hosts: HostActions, alias: str, sink: EventSink) -> dict[str, Any]:
-        (outcome,) = await hosts.deploy([alias], sink)
-        if not outcome.ok:
-            raise OperationFailed(outcome.error or "failed")
-        return {"changed": outcome.changed}
-
-    @work(group="dialogs")
-    async def check_host_key(self, alias: str) -> None:
-        if (found := self._require_inventory()) is None:
-            return
-        _, hosts = found
-        try:
-            key = await hosts.host_key(alias)
-        except (OperationFailed, OSError) as exc:
-            self.notify(f"host key of {alias}: {exc}", severity="error", timeout=12)
-            return
-        if await self.push_screen_wait(HostKeyScreen(key)):
-            try:
-                await hosts.accept_host_key(key)
-            except (OperationFailed, OSError) as exc:
-                self.notify(f"could not trust the key of {alias}: {exc}", severity="error", timeout=12)
-                return
-            self.notify(f"trusted {key.fingerprint} for {alias}")
-
-    @work(group="navigation")
-    async def follow_host_log(self, alias: str) -> None:
-        await self.switch_mode("jobs")
-        screen = self.screen
-        if isinstance(screen, JobsScreen):
-            screen.show_host_log(alias)
-
-    def ssh(self, alias: str) -> None:
-        """Hand the terminal to an interactive ssh session on ``alias``; the TUI comes back when it ends."""
-        if self.fleet is None:
-            return
-        try:
-            cmd = ssh_command(self.fleet.ctx, alias)
-        except OperationFailed as exc:
-            self.notify(str(exc), severity="error")
-            return
-        if shutil.which(cmd[0]) is None:
-            self.notify("no ssh client on this machine", severity="error")
-            return
-        try:
-            with self.suspend():
-                code = subprocess.call(cmd)
-        except Exception as exc:  # noqa: BLE001 - SuspendNotSupported (tests, web) and friends
-            self.notify(f"cannot open a shell here: {type(exc).__name__} {exc}".strip(), severity="error")
-            return
-        if code not in (0, 130):
-            self.notify(f"ssh {alias} exited with {code}", severity="warning")
+    # -- hosts (the rest is in HostOpsMixin) ------------------------------------------------------
 
     def open_host(self, alias: str) -> None:
         self.push_screen(HostScreen(alias))

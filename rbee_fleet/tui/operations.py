@@ -31,6 +31,11 @@ class TrackedOperation:
         return self.state == "running"
 
     @property
+    def host_action(self) -> bool:
+        """An action on a whole host (a hive's lifecycle, a deploy) rather than on a worker or model."""
+        return self.hive is not None and (self.kind.startswith("hive_") or self.kind == "deploy")
+
+    @property
     def progress(self) -> Progress | None:
         for event in reversed(self.events):
             if event.progress is not None:
@@ -73,5 +78,4 @@ class OperationLog:
 
     def busy_hosts(self) -> dict[str, str]:
         """Host alias -> the host action running on it (install, start, deploy, …)."""
-        return {o.hive: o.kind.removeprefix("hive_") for o in self._ops
-                if o.running and o.hive and (o.kind.startswith("hive_") or o.kind == "deploy")}
+        return {o.hive: o.kind.removeprefix("hive_") for o in self._ops if o.running and o.host_action and o.hive}

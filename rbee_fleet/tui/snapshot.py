@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from rbee_fleet.common.inventory import Inventory
 from rbee_fleet.contracts.fleet import FleetStatus
 from rbee_fleet.keeper.fleet_view import HostRow, RateMeter, host_rows
+from rbee_fleet.keeper.remote_hosts import HostProbe
 
 HISTORY = 60  # samples of tokens/s kept per worker
 
@@ -37,7 +39,8 @@ class Sampler:
     tps: dict[str, deque[float]] = field(default_factory=dict)
 
     def build(self, inventory: Inventory | None, status: FleetStatus | None, error: str | None,
-              at: float, busy: dict[str, str] | None = None, inventory_error: str | None = None) -> FleetSnapshot:
+              at: float, busy: Mapping[str, str] | None = None, inventory_error: str | None = None,
+              probes: Mapping[str, HostProbe] | None = None) -> FleetSnapshot:
         rate = None
         if status is not None:
             rate = self.rate.add(at, status.queen.requests_total)
@@ -48,6 +51,6 @@ class Sampler:
                 self.tps.setdefault(wid, deque(maxlen=HISTORY)).append(w.heartbeat.tokens_per_second if w.live else 0.0)
             for gone in set(self.tps) - seen:
                 del self.tps[gone]
-        rows = tuple(host_rows(inventory, status, busy)) if inventory is not None else ()
+        rows = tuple(host_rows(inventory, status, busy, probes)) if inventory is not None else ()
         return FleetSnapshot(status=status, error=error, rows=rows, request_rate=rate,
                              inventory_error=inventory_error, polled=True)

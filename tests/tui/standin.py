@@ -1,14 +1,17 @@
 """Fixed fleet data for the TUI's snapshot tests.
 
 ``StandInFleetService`` is a stand-in for the queen: it answers the service layer's reads with the fixed
-status below, so snapshots do not change with uptimes, pids, RAM or tokens/s. Everything else the TUI
-does is exercised against a real queen and real workers in ``test_tui_pilot.py``.
+status below, so snapshots do not change with uptimes, pids, RAM or tokens/s. ``StandInHostActions`` stands
+in for what SSH finds on the remote hosts. Everything else the TUI does is exercised against a real queen
+and real workers in ``test_tui_pilot.py``, and against real OpenSSH hosts in ``tests/ssh/test_tui_remote.py``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import ClassVar
 
 from rbee_fleet.contracts.fleet import (
     CpuInfo,
@@ -28,6 +31,8 @@ from rbee_fleet.contracts.fleet import (
     WorkerView,
 )
 from rbee_fleet.keeper.fleet_service import FleetService
+from rbee_fleet.keeper.host_actions import KeeperHostActions, PlanStep
+from rbee_fleet.keeper.remote_hosts import HostProbe
 
 NOW = 1_800_000_000.0  # the stand-in's wall clock
 
@@ -155,3 +160,31 @@ class StandInFleetService(FleetService):
         for event in EVENTS:
             if event.job_id == job_id and event.seq > after:
                 yield event
+
+
+class StandInHostActions(KeeperHostActions):
+    """Stand-in for what SSH would find on the fixed fleet's remote hosts (10.0.0.7 and 10.0.0.12 do not exist
+    here): fixed probes and check results, so snapshots neither reach out nor depend on the source's hash.
+    Everything else is the real ``KeeperHostActions``; the real SSH paths are tested against OpenSSH hosts in
+    ``tests/ssh/test_tui_remote.py``."""
+
+    PROBES: ClassVar[dict[str, tuple[str, str]]] = {
+        "gpu-box": ("running", "the hive runs (pid 4242, 0.1.0-5a1e0b7c2d)"),
+        "old-laptop": ("not installed", "no rbee-fleet under /home/bee/.local/share/rbee-fleet"),
+    }
+
+    async def probe(self, alias: str) -> HostProbe:
+        state, reason = self.PROBES[alias]
+        return HostProbe(alias, state, reason, at=time.monotonic())  # type: ignore[arg-type]
+
+    async def plan_remote(self, aliases: list[str], status: FleetStatus | None) -> dict[str, list[PlanStep]]:
+        steps = {
+            "gpu-box": [PlanStep("gpu-box", "config", "change", "write the hive's configuration"),
+                        PlanStep("gpu-box", "restart", "change", "restart the hive on the new configuration"),
+                        PlanStep("gpu-box", "wait", "ok", "hive answers at http://10.0.0.7:9000"),
+                        PlanStep("gpu-box", "marker", "change", "record the installed version and configuration"),
+                        *self._worker_steps("gpu-box", status)],
+            "old-laptop": [PlanStep("old-laptop", "host", "failed",
+                                    "no answer within 10 s connecting to 10.0.0.12")],
+        }
+        return {a: steps[a] for a in aliases}

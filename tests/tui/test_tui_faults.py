@@ -95,7 +95,8 @@ async def test_a_host_that_stops_answering_is_shown_unreachable(tmp_path: Path):
     inventory = procs.write_inventory(tmp_path / "fleet.toml", port=port, worker_port_base=procs.free_port_range(4),
                                       workers=[])
     with open(inventory, "a") as fh:
-        fh.write(f'\n[hives.far]\naddress = "127.0.0.1"\nport = {hive_port}\n')
+        # Its SSH port is closed: the SSH probe and the remote actions fail with that reason.
+        fh.write(f'\n[hives.far]\naddress = "127.0.0.1"\nport = {hive_port}\nssh_port = {procs.free_port()}\n')
     home = tmp_path / "queen-home"
     queen = procs.start_queen(tmp_path, inventory, home, port)
     hive = procs.spawn("hive", [
@@ -112,17 +113,19 @@ async def test_a_host_that_stops_answering_is_shown_unreachable(tmp_path: Path):
             await wait_for(pilot, lambda: app.snapshot.row("far").state is HostState.UNREACHABLE, timeout=20,
                            what="the hive to be unreachable")
             assert "no heartbeat" in app.snapshot.row("far").reason
+            await wait_for(pilot, lambda: "ssh: connection refused" in app.snapshot.row("far").reason,
+                           what="the SSH probe's reason")
             assert app.snapshot.row("localhost").state is HostState.UP  # the others carry on
             table = app.screen.query_one("#fleet")
             table.move_cursor(row=table.get_row_index("far"))
             await wait_for(pilot, lambda: "far: unreachable" in str(app.screen.query_one("#host-reason", Static).content),
                            what="the reason line", timeout=5)
 
-            # Remote lifecycle actions say plainly what they need instead of pretending.
+            # A remote action on it fails with the host's reason, and the TUI carries on.
             await pilot.press("a")
             await choose(pilot, "install")
-            await wait_for(pilot, lambda: any("needs the SSH deploy layer" in n for n in notifications(app)),
-                           what="the reason the install cannot run")
+            await wait_for(pilot, lambda: any("far: connection refused" in n for n in notifications(app)),
+                           what="the reason the install failed")
             assert app.operations.get(1).state == "failed"
             # A shell needs a real terminal; headless, the TUI says so and stays up.
             await pilot.press("x")

@@ -1,27 +1,34 @@
 """Filtering, sorting and the command palette, on the fixed fleet of ``StandInFleetService`` (the reads
-are a stand-in; the actions run the real service layer)."""
+are a stand-in; the actions run the real service layer); the host-key dialog against asyncssh's
+in-process SSH server."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncssh
 import pytest
 from textual.command import CommandPalette
 from textual.widgets import Button, Label
 
-from rbee_fleet.keeper.host_actions import HiveAction, HostKey, KeeperHostActions
+from rbee_fleet.keeper.fleet_view import HostState
+from rbee_fleet.keeper.host_actions import HiveAction
 from rbee_fleet.tui.app import KeeperApp
 from rbee_fleet.tui.palette import keeper_commands
 from rbee_fleet.tui.screens.host_key import HostKeyScreen
 from rbee_fleet.tui.widgets.fleet_table import FleetTable
+from tests.support.procs import free_port
+from tests.support.sshd import in_process_sshd, write_client_key
 from tests.tui.conftest import notifications, wait_for
-from tests.tui.standin import StandInFleetService, write_inventory
+from tests.tui.standin import StandInFleetService, StandInHostActions, write_inventory
 
 
 @pytest.fixture
 def app(tmp_path: Path) -> KeeperApp:
     return KeeperApp(str(write_inventory(tmp_path / "fleet.toml")), refresh_s=3600,
-                     service_factory=StandInFleetService)
+                     service_factory=StandInFleetService, actions_factory=StandInHostActions)
 
 
 def keys(table: FleetTable) -> list[str]:
@@ -62,48 +69,72 @@ async def test_the_palette_has_every_action(app: KeeperApp):
 
         await pilot.press("ctrl+p")
         await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="the palette")
-        await pilot.press(*"Install the hive on gpu-box")
+        await pilot.press(*"Install the hive on localhost")
         await pilot.pause(0.5)
         await pilot.press("enter")
-        await wait_for(pilot, lambda: any("needs the SSH deploy layer" in n for n in notifications(app)),
+        await wait_for(pilot, lambda: any("install applies to remote hosts" in n for n in notifications(app)),
                        what="the install's reason")
         op = app.operations.get(1)
-        assert (op.kind, op.hive, op.state) == ("hive_install", "gpu-box", "failed")
+        assert (op.kind, op.hive, op.state) == ("hive_install", "localhost", "failed")
 
 
-class StandInHostKeyActions(KeeperHostActions):
-    """Stand-in for the SSH layer's host-key lookup (issue 3 is not merged): a fixed key, and a record of
-    what the operator accepted."""
-
-    KEY = HostKey("gpu-box", "10.0.0.7", 22, "ssh-ed25519", "SHA256:5s8bGUMvQ2Qxq0Xb9x0eWfQq1Yh2r0nH2kK3m4n5o6p",
-                  known=False)
-
-    def __init__(self, fleet) -> None:
-        super().__init__(fleet)
-        self.accepted: list[HostKey] = []
-
-    async def host_key(self, alias: str) -> HostKey:
-        return self.KEY
-
-    async def accept_host_key(self, key: HostKey) -> None:
-        self.accepted.append(key)
+@pytest.fixture
+async def key_fleet(tmp_path: Path) -> AsyncIterator[tuple[KeeperApp, asyncssh.SSHKey, int]]:
+    """One remote host, served by asyncssh's in-process SSH server; no queen."""
+    client_key = write_client_key(tmp_path / "id_test")
+    async with in_process_sshd(client_key) as (host_key, port):
+        inventory = tmp_path / "fleet.toml"
+        inventory.write_text(f"""[queen]\nport = {free_port()}\n[defaults]\nssh_user = "rbee"\n"""
+                             f"""identity_file = "{client_key}"\nconnect_timeout_s = 3\n"""
+                             f"""[hives.box]\naddress = "127.0.0.1"\nssh_port = {port}\n""")
+        yield KeeperApp(str(inventory), refresh_s=3600), host_key, port
 
 
-async def test_a_host_key_is_trusted_only_after_its_fingerprint_is_shown_and_accepted(tmp_path: Path):
-    app = KeeperApp(str(write_inventory(tmp_path / "fleet.toml")), refresh_s=3600,
-                    service_factory=StandInFleetService, actions_factory=StandInHostKeyActions)
+async def test_a_host_key_is_trusted_only_after_its_fingerprint_is_shown_and_accepted(key_fleet):
+    app, host_key, port = key_fleet
+    fp = host_key.get_fingerprint("sha256")
+    known_hosts = Path(os.environ["RBEE_HOME"]) / "known_hosts"
     async with app.run_test(size=(100, 30)) as pilot:
-        await wait_for(pilot, lambda: app.snapshot.polled, what="the first poll")
-        app.check_host_key("gpu-box")
+        # The queen is down, so the host is probed over SSH: its key is not trusted yet.
+        await wait_for(pilot, lambda: "unknown host key" in (app.snapshot.row("box").reason or ""),
+                       what="the probe's reason")
+        assert app.snapshot.row("box").state is HostState.UNKNOWN
+        app.check_host_key("box")
         await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen), what="the host key dialog")
         shown = str(app.screen.query_one("#fingerprint", Label).content)
-        assert StandInHostKeyActions.KEY.fingerprint in shown and "ssh-ed25519" in shown
+        assert fp in shown and "ssh-ed25519" in shown
         assert app.screen.query_one("#reject", Button).has_focus  # the safe answer is the default
         await pilot.press("enter")
         await wait_for(pilot, lambda: not isinstance(app.screen, HostKeyScreen), what="the dialog to close")
-        assert app.hosts.accepted == []
-        app.check_host_key("gpu-box")
+        assert not known_hosts.exists()
+        app.check_host_key("box")
         await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen), what="the host key dialog")
         await pilot.click("#accept")
-        await wait_for(pilot, lambda: app.hosts.accepted == [StandInHostKeyActions.KEY], what="the key to be trusted")
-        assert any("trusted SHA256:" in n for n in notifications(app))
+        await wait_for(pilot, lambda: any(f"trusted {fp}" in n for n in notifications(app)), what="the key to be trusted")
+        assert known_hosts.read_text().startswith(f"[127.0.0.1]:{port} ssh-ed25519 ")
+        # Probed again with the key trusted: the login works (the in-process server has no shell, so no facts).
+        await wait_for(pilot, lambda: "printed nothing useful" in app.snapshot.row("box").reason, what="a new probe")
+        app.check_host_key("box")
+        await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen), what="the host key dialog")
+        assert "already trusted" in str(app.screen.query_one("#key-state", Label).content)
+        assert not app.screen.query("#accept")
+
+
+async def test_a_changed_host_key_shows_both_fingerprints_and_cannot_be_trusted(key_fleet):
+    app, host_key, port = key_fleet
+    old = asyncssh.generate_private_key("ssh-ed25519")
+    known_hosts = Path(os.environ["RBEE_HOME"]) / "known_hosts"
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    known_hosts.write_text(f"[127.0.0.1]:{port} {old.export_public_key().decode()}")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: "host key changed" in (app.snapshot.row("box").reason or ""),
+                       what="the probe's reason")
+        app.check_host_key("box")
+        await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen), what="the host key dialog")
+        assert host_key.get_fingerprint("sha256") in str(app.screen.query_one("#fingerprint", Label).content)
+        state = str(app.screen.query_one("#key-state", Label).content)
+        assert "CHANGED" in state and old.get_fingerprint("sha256") in state
+        assert not app.screen.query("#accept")  # nothing to press
+        await pilot.press("n")
+        await wait_for(pilot, lambda: not isinstance(app.screen, HostKeyScreen), what="the dialog to close")
+    assert known_hosts.read_text().count("\n") == 1

@@ -20,6 +20,7 @@ from rbee_fleet.tui.screens.host import HostScreen
 from rbee_fleet.tui.screens.jobs import JobsScreen
 from rbee_fleet.tui.widgets.fleet_table import FleetTable
 from rbee_fleet.tui.widgets.job_log import JobLog
+from tests.support import procs
 from tests.tui.conftest import LiveFleet, notifications, wait_for
 
 pytestmark = pytest.mark.slow
@@ -199,7 +200,8 @@ async def test_inventory_edit_is_written_back_and_read_again(live_fleet: LiveFle
         await pilot.press("f4", "a")
         await wait_for(pilot, lambda: isinstance(app.screen, FormScreen), what="the host form")
         await fill(pilot, "alias", "gpu-box")
-        await fill(pilot, "address", "10.0.0.9")
+        await fill(pilot, "address", "127.0.0.1")  # loopback, and an SSH port where nothing listens
+        await fill(pilot, "ssh_port", str(closed_ssh_port := procs.free_port()))
         await fill(pilot, "ssh_user", "bee")
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: not isinstance(app.screen, FormScreen), what="the form to close")
@@ -230,11 +232,13 @@ async def test_inventory_edit_is_written_back_and_read_again(live_fleet: LiveFle
 
         inv = load_inventory(path)
         gpu = inv.hives["gpu-box"]
-        assert (gpu.address, gpu.ssh_user) == ("10.0.0.9", "bee")
+        assert (gpu.address, gpu.ssh_port, gpu.ssh_user) == ("127.0.0.1", closed_ssh_port, "bee")
         assert [(w.model, w.device) for w in gpu.workers] == [("smollm2", "cuda:0")]
         # Keys no form knows survive: the queen's port and heartbeat settings, the local worker's threads.
         assert inv.queen.port == live_fleet.port and inv.queen.heartbeat_interval_s == 0.5
         assert inv.hives["localhost"].workers[0].threads == 1
-        # The app re-read the file: the new host is on the fleet screen (not deployed, so state unknown).
-        await wait_for(pilot, lambda: app.snapshot.row("gpu-box") is not None, what="the new host in the fleet")
-        assert app.snapshot.row("gpu-box").state is HostState.UNKNOWN
+        # The app re-read the file: the new host is on the fleet screen, the queen knows nothing of it, and the
+        # SSH probe says why its state cannot be read.
+        await wait_for(pilot, lambda: app.snapshot.row("gpu-box") is not None
+                       and app.snapshot.row("gpu-box").state is HostState.UNREACHABLE, what="the new host, probed")
+        assert f"ssh: connection refused by bee@127.0.0.1:{closed_ssh_port}" == app.snapshot.row("gpu-box").reason

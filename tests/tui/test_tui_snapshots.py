@@ -1,7 +1,8 @@
 """SVG snapshots of the TUI's main screens at fixed terminal sizes.
 
-The queen's answers come from ``StandInFleetService`` (fixed status, times and pids) so the pictures are
-stable; cursor blinking is off and the clock is UTC. Update after an intended change with
+The queen's answers come from ``StandInFleetService`` (fixed status, times and pids) and what SSH finds on
+the remote hosts from ``StandInHostActions``, so the pictures are stable; cursor blinking is off and the
+clock is UTC. Update after an intended change with
 ``pytest tests/tui/test_tui_snapshots.py --snapshot-update`` and review the SVGs in the diff.
 """
 
@@ -17,7 +18,7 @@ from textual.widgets import DataTable, Input
 
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.tui.app import KeeperApp
-from tests.tui.standin import StandInFleetService, write_inventory
+from tests.tui.standin import StandInFleetService, StandInHostActions, write_inventory
 
 WIDE = (120, 34)
 SMALL = (80, 24)
@@ -39,7 +40,7 @@ def app_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...
 
     def make(service=StandInFleetService) -> KeeperApp:
         # One poll only (at start), so histories and rates do not depend on timing.
-        return KeeperApp("fleet.toml", refresh_s=3600, service_factory=service)
+        return KeeperApp("fleet.toml", refresh_s=3600, service_factory=service, actions_factory=StandInHostActions)
 
     yield make
     monkeypatch.delenv("TZ")
@@ -61,8 +62,10 @@ async def still(pilot: Pilot) -> None:
     await pilot.pause(0.2)
 
 
-def polled(pilot: Pilot) -> bool:
-    return pilot.app.snapshot.polled  # type: ignore[attr-defined]
+def polled(pilot: Pilot, probed: tuple[str, ...] = ("old-laptop",)) -> bool:
+    """The first poll has answered and the hosts the queen knows nothing of have been probed."""
+    app = pilot.app
+    return app.snapshot.polled and not app.probes.running and set(probed) <= set(app.probes.results)  # type: ignore[attr-defined]
 
 
 def test_fleet_screen(snap_compare, app_factory):
@@ -83,7 +86,7 @@ def test_fleet_screen_at_80x24(snap_compare, app_factory):
 
 def test_fleet_screen_with_the_queen_down(snap_compare, app_factory):
     async def run_before(pilot: Pilot) -> None:
-        await until(pilot, lambda: polled(pilot))
+        await until(pilot, lambda: polled(pilot, ("gpu-box", "old-laptop")))
         await still(pilot)
 
     assert snap_compare(app_factory(QueenDownStandIn), terminal_size=SMALL, run_before=run_before)
@@ -126,6 +129,7 @@ def test_deploy_plan(snap_compare, app_factory):
         await until(pilot, lambda: polled(pilot))
         await pilot.press("D")
         await until(pilot, lambda: pilot.app.screen.query("#plan"))
+        pilot.app.clear_notifications()  # "checking … over SSH" goes after 3 s: not in the picture
         await still(pilot)
 
     assert snap_compare(app_factory(), terminal_size=WIDE, run_before=run_before)

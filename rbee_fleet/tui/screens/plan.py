@@ -1,4 +1,5 @@
-"""A deploy's plan, checked and shown before anything changes; dismisses with True to go ahead."""
+"""A deploy's plan, checked (remote hosts over SSH, in check mode) and shown before anything changes;
+dismisses with True to go ahead. Hosts that failed the check are not deployed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from textual.widgets import Button, DataTable, Label
 
 from rbee_fleet.keeper.host_actions import PlanStep
 
-STEP_STYLES = {"ok": "green", "change": "yellow", "unavailable": "red"}
+STEP_STYLES = {"ok": "green", "change": "yellow", "failed": "red"}
 
 
 class PlanScreen(ModalScreen[bool]):
@@ -26,10 +27,9 @@ class PlanScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         changes = sum(1 for s in self.steps if s.status == "change")
-        blocked = sum(1 for s in self.steps if s.status == "unavailable")
+        failed = len({s.alias for s in self.steps if s.status == "failed"})
         with Vertical(classes="dialog wide"):
-            yield Label(f"Deploy plan: {changes} change(s), {blocked} host(s) cannot be deployed from here",
-                        classes="dialog-title")
+            yield Label(f"Deploy plan: {changes} change(s), {failed} host(s) failed the check", classes="dialog-title")
             yield DataTable(id="plan", cursor_type="row", zebra_stripes=True)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Deploy (y)", variant="primary", id="go", disabled=changes == 0)
