@@ -45,6 +45,7 @@ class ProbeCache:
     ttl_s: float = PROBE_TTL_S
     results: dict[str, HostProbe] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)
+    forgotten: int = 0  # how many times probes were dropped: a probe started before a drop is stale
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PARALLEL))
 
     def due(self, inventory: Inventory, status: FleetStatus | None, busy: Mapping[str, str], now: float) -> list[str]:
@@ -61,6 +62,7 @@ class ProbeCache:
 
     def forget(self, alias: str | None = None) -> None:
         """Drop a host's probe (all with no alias): it is probed again at the next refresh that needs it."""
+        self.forgotten += 1
         if alias is None:
             self.results.clear()
         else:
@@ -82,6 +84,7 @@ class HostOpsMixin:
 
     @work(group="probes", exit_on_error=False)
     async def _probe(self: KeeperApp, hosts: HostActions, alias: str) -> None:
+        epoch = self.probes.forgotten
         try:
             async with self.probes.slots:
                 probe = await hosts.probe(alias)
@@ -89,9 +92,11 @@ class HostOpsMixin:
             probe = HostProbe(alias, "unknown", f"the probe failed: {type(exc).__name__}: {exc}", time.monotonic())
         finally:
             self.probes.running.discard(alias)
-        if hosts is self.hosts:  # not from an inventory reloaded since
+        if epoch == self.probes.forgotten:  # nothing happened since that makes it stale
             self.probes.results[alias] = probe
             self.redraw_rows()
+        else:
+            self.poll()  # probe again
 
     def redraw_rows(self: KeeperApp) -> None:
         """The host rows again from the last status, with what probes and operations say now."""
