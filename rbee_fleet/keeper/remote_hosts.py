@@ -190,8 +190,9 @@ def ssh_command(ctx: KeeperContext, alias: str) -> list[str]:
         cmd += ["-p", str(target.port)]
     if target.identity_file:
         cmd += ["-i", str(Path(target.identity_file).expanduser())]
-    known = [*host_keys(ctx).user_files, host_keys(ctx).keeper_file]
-    cmd += ["-o", "UserKnownHostsFile=" + " ".join(str(p) for p in known)]
+    keys = host_keys(ctx)
+    known = [str(p) for p in (*keys.user_files, keys.keeper_file)]
+    cmd += ["-o", "UserKnownHostsFile=" + " ".join(f'"{p}"' if " " in p else p for p in known)]
     jumps: list[str] = []
     hop = target.jump
     while hop is not None:

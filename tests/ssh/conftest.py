@@ -43,6 +43,8 @@ def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     good, wrong = asyncssh.generate_private_key("ssh-ed25519"), asyncssh.generate_private_key("ssh-ed25519")
     good.write_private_key(str(d / "id_good"))
     wrong.write_private_key(str(d / "id_wrong"))
+    for name in ("id_good", "id_wrong"):
+        (d / name).chmod(0o600)  # as OpenSSH's client demands of a private key
     return Keys(d / "id_good", d / "id_wrong", good.export_public_key().decode().strip())
 
 

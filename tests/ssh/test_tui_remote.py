@@ -8,7 +8,9 @@ It reuses the session's host image and wheelhouse; only its own container is sta
 
 from __future__ import annotations
 
+import asyncio
 import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from textual.widgets import DataTable, OptionList
 
 from rbee_fleet.keeper.fleet_view import HostState
+from rbee_fleet.keeper.remote_hosts import ssh_command
 from rbee_fleet.tui.app import KeeperApp
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.hive_actions import HiveActionsScreen
@@ -106,6 +109,12 @@ async def test_one_remote_hosts_life_from_the_tui(remote_fleet: RemoteFleet) -> 
         await pilot.click("#accept")
         await wait_for(pilot, lambda: state(app) is HostState.NOT_INSTALLED, timeout=30, what="not installed")
         assert known_hosts.read_text().startswith(f"{ADDRESS} ssh-ed25519 ")
+        # The shell action's OpenSSH command line gets in with the key the keeper recorded (and no other).
+        cmd = ssh_command(app.fleet.ctx, ALIAS)
+        cmd[1:1] = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        login = await asyncio.to_thread(subprocess.run, [*cmd, "echo", "logged-in-as-$(id -un)"],
+                                        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert login.stdout.strip() == "logged-in-as-rbee", login.stderr
 
         # Install: the wheelhouse goes over, the hive starts, the queen spawns the declared worker: up.
         await menu(pilot, "install")
