@@ -50,6 +50,11 @@ class HostSpec:
         return self.bind_host or self.address
 
     @property
+    def needs_gpu(self) -> bool:
+        """Whether a declared worker runs on an NVIDIA GPU (then the host gets the ``gpu`` extra and a check)."""
+        return any(op.backend == "exllamav2" or op.device.startswith("cuda") for op in self.workers)
+
+    @property
     def url(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"http://{host}:{self.port}"
@@ -125,7 +130,7 @@ def marker(release_id: str, version: str, cfg_hash: str, spec: HostSpec, facts: 
 
 @dataclass(frozen=True)
 class Step:
-    action: str  # install | config | switch | start | restart | wait | marker | prune | workers
+    action: str  # install | config | switch | gpu-check | start | restart | wait | marker | prune | workers
     detail: str
     changes: bool = True
 
@@ -159,6 +164,8 @@ def plan_host(spec: HostSpec, facts: HostFacts, release_id: str, token: str) -> 
     installed = release_id in facts.versions
     problems = preflight_problems(facts, spec.python, spec.port, spec.bind, need_install=not installed,
                                   need_pip=spec.install_source == "online")
+    if spec.needs_gpu and not facts.gpus:
+        problems.append("the inventory gives this host GPU workers, but it has no NVIDIA GPU (nvidia-smi lists none)")
     if problems:
         return HostPlan(spec.alias, problems=tuple(problems), release_id=release_id)
     files = render_files(spec, facts, token)
@@ -174,6 +181,9 @@ def plan_host(spec: HostSpec, facts: HostFacts, release_id: str, token: str) -> 
     if switched:
         was = f" (was {facts.current})" if facts.current else ""
         steps.append(Step("switch", f"switch current to {release_id}{was}"))
+    if spec.needs_gpu and (not installed or switched):  # a version the host has not run before
+        steps.append(Step("gpu-check", "check the NVIDIA driver, CUDA torch and exllamav2 (rbee-hive --check)",
+                          changes=False))
     if not facts.hive_running:
         steps.append(Step("start", f"start the hive ({supervision_mode(facts)})"))
     elif switched or config_changed:

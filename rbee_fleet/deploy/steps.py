@@ -74,8 +74,9 @@ async def write_files(t: Transport, python: str, files: list[RemoteFile]) -> Non
 
 def wheelhouse_spec(spec: HostSpec, facts: HostFacts) -> WheelhouseSpec:
     arch = facts.kernel.split()[-1] if facts.kernel else "x86_64"
+    extras = ("cpu", "gpu") if spec.needs_gpu else ("cpu",)
     return WheelhouseSpec(install_source=spec.install_source, python_tag=facts.python_tag or "3", arch=arch,
-                          packages=spec.packages)
+                          extras=extras, packages=spec.packages)
 
 
 async def install(t: Transport, spec: HostSpec, facts: HostFacts, release: Release, builder: WheelhouseBuilder,
@@ -188,6 +189,28 @@ async def wait_hive(t: Transport, spec: HostSpec, facts: HostFacts, token: str,
                                f"log: {tail.splitlines()[-1] if tail else 'empty'}")
 
 
+async def gpu_check(t: Transport, facts: HostFacts, release_id: str) -> None:
+    """Run the installed hive's GPU stack check; a failing check fails the host with the fixes."""
+    hive = f"{facts.install_dir}/versions/{release_id}/venv/bin/rbee-hive"
+    result = await t.run(f"{shlex.quote(hive)} --check", timeout=120)
+    problem = gpu_check_problem(result.stdout, result.exit_status)
+    if problem:
+        raise CommandFailed(t.host, problem)
+
+
+def gpu_check_problem(output: str, exit_status: int | None) -> str | None:
+    """One line saying what is wrong with the host's GPU stack and how to fix it, or None when it is fine."""
+    try:
+        report = json.loads(output)
+    except ValueError:
+        return f"the GPU stack check did not run (exit {exit_status}): {output.strip()[-200:] or 'no output'}"
+    if report.get("ok") and exit_status == 0:
+        return None
+    failed = [f for f in report.get("findings", []) if f.get("status") == "fail"]
+    parts = [f"{f['item']}: {f['detail']}" + (f" (fix: {f['fix']})" if f.get("fix") else "") for f in failed]
+    return "GPU stack check failed: " + ("; ".join(parts) or "see rbee-hive --check on the host")
+
+
 async def write_marker(t: Transport, spec: HostSpec, facts: HostFacts, plan: HostPlan) -> None:
     value = marker(plan.release_id, plan.release_id.split("-", 1)[0], plan.config_hash, spec, facts)
     await write_files(t, spec.python, [RemoteFile(f"{facts.install_dir}/marker.json", marker_json(value) + "\n", 0o644)])
@@ -210,6 +233,8 @@ async def execute(t: Transport, spec: HostSpec, facts: HostFacts, plan: HostPlan
             await write_files(t, spec.python, list(plan.files))
         elif step.action == "switch":
             await switch(t, facts, plan.release_id)
+        elif step.action == "gpu-check":
+            await gpu_check(t, facts, plan.release_id)
         elif step.action in ("start", "restart"):
             await start(t, facts, restart=step.action == "restart")
         elif step.action == "wait":

@@ -45,13 +45,18 @@ def status_tables(status: FleetStatus) -> list[Table]:
         state = "embedded" if h.embedded else ("up" if h.live else "unreachable")
         hives.add_row(*_cells(h.hive_id, h.url, state, h.version, devices_summary(h.devices), len(h.workers)))
     workers = Table(title="workers", title_justify="left", expand=False)
-    for col in ("worker", "model", "backend", "device", "url", "state", "busy/slots", "queue", "tok/s"):
+    gpu = any(w.heartbeat.cache_tokens_total is not None for w in status.workers)
+    for col in ("worker", "model", "backend", "device", "url", "state", "busy/slots", "queue", "tok/s",
+                *(("cache free", "VRAM") if gpu else ())):
         workers.add_column(col)
     for w in status.workers:
         hb = w.heartbeat
-        workers.add_row(*_cells(hb.worker_id, hb.model, hb.backend, hb.device, hb.url, worker_state(w),
-                                f"{w.in_flight}/{hb.slots_total}", hb.queue_depth,
-                                f"{hb.tokens_per_second:.1f}"))
+        cells = [hb.worker_id, hb.model, hb.backend, hb.device, hb.url, worker_state(w),
+                 f"{w.in_flight}/{hb.slots_total}", hb.queue_depth, f"{hb.tokens_per_second:.1f}"]
+        if gpu:
+            cache = (f"{hb.cache_tokens_free}/{hb.cache_tokens_total} tok" if hb.cache_tokens_total is not None else "")
+            cells += [cache, _mb(hb.vram_used_mb) if hb.vram_used_mb is not None else ""]
+        workers.add_row(*_cells(*cells))
     return [head, hives, workers]
 
 

@@ -169,3 +169,37 @@ def test_the_wheelhouse_cache_keeps_only_the_newest_tarballs(tmp_path) -> None:
     WheelhouseBuilder._prune(tmp_path)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["notes.txt", *(f"rbee-fleet-{i}.venv.tgz" for i in range(3, KEEP_WHEELHOUSES + 3))])
+
+
+GPU_WORKER = (WorkerSpawnOp(hive="h2", model="llama-exl2", backend="exllamav2", device="cuda:0", worker_id="h2-llama-0"),)
+
+
+def test_gpu_workers_on_a_host_without_a_gpu_are_refused_before_anything_changes() -> None:
+    plan = plan_host(spec(workers=GPU_WORKER), parse_facts(FRESH_DEBIAN), RELEASE, TOKEN)
+    assert not plan.steps and plan.problems
+    assert "no NVIDIA GPU" in plan.describe()
+
+
+def test_gpu_hosts_get_the_gpu_extra_and_a_stack_check_before_the_hive_starts() -> None:
+    from rbee_fleet.deploy.steps import wheelhouse_spec
+
+    gpu_facts = parse_facts(FRESH_DEBIAN + "gpu=NVIDIA GeForce RTX 3090, 24576\n")
+    plan = plan_host(spec(workers=GPU_WORKER), gpu_facts, RELEASE, TOKEN)
+    actions = [s.action for s in plan.steps]
+    assert actions.index("gpu-check") < actions.index("start")
+    assert wheelhouse_spec(spec(workers=GPU_WORKER), gpu_facts).extras == ("cpu", "gpu")
+    assert wheelhouse_spec(spec(), gpu_facts).extras == ("cpu",)
+
+
+def test_gpu_check_output_becomes_one_line_with_the_fixes() -> None:
+    from pathlib import Path
+
+    from rbee_fleet.deploy.steps import gpu_check_problem
+
+    recorded = (Path(__file__).parents[1] / "fixtures" / "gpu_check" / "cpu-only-host.json").read_text()
+    problem = gpu_check_problem(recorded, 1)
+    assert problem.startswith("GPU stack check failed: nvidia-driver: no NVIDIA GPU or driver found")
+    assert "torch: torch 2.13.0+cpu is a CPU-only build (fix: pip install --force-reinstall" in problem
+    assert "flash-attn" not in problem  # a warning, not a failure
+    assert gpu_check_problem('{"ok": true, "findings": []}', 0) is None
+    assert "did not run (exit 127)" in gpu_check_problem("sh: rbee-hive: not found", 127)
