@@ -188,3 +188,9 @@ async def test_follow_file_waits_tails_and_survives_truncation_and_replacement(t
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_operations_at_once_share_one_wheelhouse_builder(actions: KeeperHostActions):
+    """The TUI deploys each host as its own operation: they must not build the same wheelhouse twice at once."""
+    first, second = actions._run(None), actions._run(None)
+    assert first is not second and first.builder is second.builder

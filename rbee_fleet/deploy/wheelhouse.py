@@ -125,7 +125,8 @@ class WheelhouseBuilder:
 
     async def tarball(self, spec: WheelhouseSpec) -> Path:
         task = self._tasks.get(spec)
-        if task is None:
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            # First ask, or the last build failed: a builder kept for long (the TUI's) tries again.
             task = asyncio.ensure_future(asyncio.to_thread(self.build, spec))
             self._tasks[spec] = task
         return await asyncio.shield(task)

@@ -23,6 +23,7 @@ from rbee_fleet.deploy.hosts import host_spec, ssh_target
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import CANCELLED, CHANGED, FAILED, OK, HostResult, RunContext, deploy
 from rbee_fleet.deploy.transport import HostKey, SSHTarget, scan_host_key
+from rbee_fleet.deploy.wheelhouse import WheelhouseBuilder
 from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.remote_hosts import (
@@ -94,6 +95,7 @@ class KeeperHostActions:
     def __init__(self, fleet: FleetService) -> None:
         self.fleet = fleet
         self._queen_lock = asyncio.Lock()
+        self._builders: dict[str, WheelhouseBuilder] = {}
 
     @property
     def ctx(self) -> KeeperContext:
@@ -118,6 +120,8 @@ class KeeperHostActions:
             run = run_context(self.ctx, check=check)
         except WheelhouseError as exc:
             raise OperationFailed(str(exc)) from None
+        # Hosts deployed as separate operations at once share one builder: one build per wheelhouse.
+        run.builder = self._builders.setdefault(run.release.id, run.builder)
         run.update = lambda alias, message: _say(sink, alias, message)
         return run
 

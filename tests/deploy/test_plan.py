@@ -203,3 +203,27 @@ def test_gpu_check_output_becomes_one_line_with_the_fixes() -> None:
     assert "flash-attn" not in problem  # a warning, not a failure
     assert gpu_check_problem('{"ok": true, "findings": []}', 0) is None
     assert "did not run (exit 127)" in gpu_check_problem("sh: rbee-hive: not found", 127)
+
+
+async def test_a_failed_wheelhouse_build_is_tried_again_by_the_same_builder(tmp_path) -> None:
+    """A builder kept for long (the TUI keeps one per release) must not remember a failure forever."""
+    import shutil
+    from pathlib import Path
+
+    from rbee_fleet.deploy.errors import WheelhouseError
+    from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder, WheelhouseSpec
+
+    repo = Path(__file__).resolve().parents[2]
+    source = tmp_path / "src"
+    source.mkdir()  # nothing to build yet: the wheel build fails
+    release = Release(source, "0.1.0", "f" * 64)
+    builder = WheelhouseBuilder(release, tmp_path / "cache")
+    wanted = WheelhouseSpec("online", "3.11", "x86_64")
+    with pytest.raises(WheelhouseError):
+        await builder.tarball(wanted)
+    shutil.copytree(repo / "rbee_fleet", source / "rbee_fleet", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, source / name)
+    tarball = await builder.tarball(wanted)
+    assert tarball.is_file() and tarball.name.endswith(".wheels.tar")
+    assert await builder.tarball(wanted) == tarball  # built once, then reused
