@@ -15,7 +15,6 @@ import pytest
 from tests.support import procs
 
 
-
 def no_workers_inventory(path: Path, port: int, extra: str = "") -> Path:
     return procs.write_inventory(path, port=port, worker_port_base=procs.free_port_range(5), workers=[], queen_extra=extra)
 

@@ -4,7 +4,13 @@ import time
 
 from rich.console import Console
 
-from rbee_fleet.contracts.fleet import CpuInfo, DeviceInfo, FleetStatus, QueenView, WorkerHeartbeat, WorkerState, WorkerView
+from rbee_fleet.contracts.fleet import (
+    FleetStatus,
+    QueenView,
+    WorkerHeartbeat,
+    WorkerState,
+    WorkerView,
+)
 from rbee_fleet.keeper.render import status_tables
 
 

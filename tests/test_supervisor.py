@@ -58,7 +58,7 @@ async def test_crashed_worker_is_restarted_with_backoff(supervisor, model_path):
     for n in (1, 2):
         pid = supervisor.get("crashy").process.pid
         os.kill(pid, signal.SIGKILL)
-        await _until(lambda: supervisor.get("crashy").restarts == n and supervisor.get("crashy").state == "running")
+        await _until(lambda n=n: supervisor.get("crashy").restarts == n and supervisor.get("crashy").state == "running")
         again = supervisor.view(supervisor.get("crashy"))
         assert again.pid != pid and again.last_exit == "killed by SIGKILL"
 

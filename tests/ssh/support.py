@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,16 +79,5 @@ def write_fleet_inventory(path: Path, queen_port: int, hosts: dict[str, dict[str
             lines += [f"[[hives.{alias}.workers]]", 'model = "smollm2"', "threads = 1", "ctx_size = 512", ""]
     path.write_text("\n".join(lines))
     return path
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 

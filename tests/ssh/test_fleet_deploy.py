@@ -27,8 +27,9 @@ from openai import OpenAI
 
 from tests.ssh.conftest import HostPool
 from tests.ssh.hosts import TestHost
-from tests.ssh.support import REPO, Keeper, Keys, wait_for, write_fleet_inventory
+from tests.ssh.support import REPO, Keeper, Keys, write_fleet_inventory
 from tests.support import procs
+from tests.support.procs import wait_until
 
 pytestmark = [pytest.mark.ssh, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -106,7 +107,7 @@ def test_first_deploy_installs_three_hosts_and_the_faulty_ones_fail_alone(fleet:
 
 
 def test_hives_and_workers_advertise_their_own_addresses(fleet: Fleet) -> None:
-    ready = wait_for(lambda: len(fleet.ready_workers()) >= 3 and fleet.ready_workers(), 120, "3 remote workers")
+    ready = wait_until(lambda: len(fleet.ready_workers()) >= 3 and fleet.ready_workers(), 120, "3 remote workers")
     by_hive = {w["heartbeat"]["hive_id"]: w["heartbeat"] for w in ready}
     assert set(by_hive) == set(GOOD)
     for name, address in GOOD.items():
@@ -148,7 +149,7 @@ def test_openai_requests_through_the_queen_land_on_every_remote_worker(fleet: Fl
                for w in fleet.workers()}
         return now if sum(now.values()) >= 9 else None
 
-    counts = wait_for(served, 10, "heartbeats counting the requests")
+    counts = wait_until(served, 10, "heartbeats counting the requests")
     assert set(counts) == {f"{h}-smollm2-0" for h in GOOD}
     assert all(n >= 1 for n in counts.values()), counts
 
@@ -170,7 +171,7 @@ def test_check_mode_reports_without_changing(fleet: Fleet) -> None:
     assert "running" not in fleet.hosts["h3"].exec(f"{INSTALL}/bin/rbee-hive-ctl status").stdout
     code, results, _ = fleet.keeper.deploy("--limit", "h3")
     assert code == 0 and results["h3"]["status"] == "changed"
-    wait_for(lambda: len(fleet.ready_workers()) >= 3, 90, "h3's worker back")
+    wait_until(lambda: len(fleet.ready_workers()) >= 3, 90, "h3's worker back")
 
 
 def test_status_and_logs_of_one_hive(fleet: Fleet) -> None:
@@ -240,7 +241,7 @@ def test_upgrade_to_a_new_version_and_back(fleet: Fleet) -> None:
     body = json.loads(proc.stdout)
     assert proc.returncode == 0, proc.stderr
     assert body["hosts"][0]["status"] == "changed" and body["hosts"][0]["version"].startswith("0.1.1-")
-    wait_for(lambda: _hive_version(fleet, "h2") == "0.1.1", 60, "h2 reporting 0.1.1")
+    wait_until(lambda: _hive_version(fleet, "h2") == "0.1.1", 60, "h2 reporting 0.1.1")
     old_current = fleet.hosts["h2"].exec(f"ls {INSTALL}/versions").stdout.split()
     assert len(old_current) == 2  # the old version is kept for a rollback
     # Back: the previous version is still there, so going back is a switch and a restart, no install.
@@ -249,8 +250,8 @@ def test_upgrade_to_a_new_version_and_back(fleet: Fleet) -> None:
     assert results["h2"]["status"] == "changed"
     assert not any(c.startswith("install") for c in results["h2"]["changes"]), results["h2"]["changes"]
     assert any(c.startswith("switch current") for c in results["h2"]["changes"])
-    wait_for(lambda: _hive_version(fleet, "h2") == "0.1.0", 60, "h2 back on 0.1.0")
-    wait_for(lambda: len(fleet.ready_workers()) >= 3, 90, "h2's worker back")
+    wait_until(lambda: _hive_version(fleet, "h2") == "0.1.0", 60, "h2 back on 0.1.0")
+    wait_until(lambda: len(fleet.ready_workers()) >= 3, 90, "h2's worker back")
 
 
 def test_ctrl_c_during_an_upgrade_leaves_the_host_on_its_old_version(fleet: Fleet) -> None:
@@ -282,7 +283,7 @@ def test_a_paused_host_leaves_rotation_is_reported_and_comes_back(fleet: Fleet) 
     paused = fleet.hosts["h4"]
     paused.pause()
     try:
-        wait_for(lambda: not any(w["live"] for w in fleet.workers() if w["heartbeat"]["hive_id"] == "h4"),
+        wait_until(lambda: not any(w["live"] for w in fleet.workers() if w["heartbeat"]["hive_id"] == "h4"),
                  30, "h4's worker to leave rotation")
         client = OpenAI(base_url=f"{fleet.queen.url}/v1", api_key="unused", max_retries=0, timeout=60)
         assert all(_ask(client, i) for i in range(3))  # the others serve
@@ -293,7 +294,7 @@ def test_a_paused_host_leaves_rotation_is_reported_and_comes_back(fleet: Fleet) 
         assert results["h2"]["status"] == "ok" and results["h3"]["status"] == "ok"
     finally:
         paused.unpause()
-    wait_for(lambda: any(w["live"] and w["heartbeat"]["state"] == "ready" for w in fleet.workers()
+    wait_until(lambda: any(w["live"] and w["heartbeat"]["state"] == "ready" for w in fleet.workers()
                          if w["heartbeat"]["hive_id"] == "h4"), 30, "h4's worker back in rotation")
 
 
@@ -301,7 +302,7 @@ def test_a_stopped_host_is_refused_then_redeployed_when_it_returns(fleet: Fleet)
     host = fleet.hosts["h3"]
     container = host.container.get_wrapped_container()  # type: ignore[attr-defined]
     container.stop(timeout=5)
-    wait_for(lambda: not any(w["live"] for w in fleet.workers() if w["heartbeat"]["hive_id"] == "h3"),
+    wait_until(lambda: not any(w["live"] for w in fleet.workers() if w["heartbeat"]["hive_id"] == "h3"),
              30, "h3's worker to leave rotation")
     code, results, _ = fleet.keeper.deploy("--limit", "h3")
     assert code == 1 and results["h3"]["error"] == "refused", results["h3"]
@@ -311,7 +312,7 @@ def test_a_stopped_host_is_refused_then_redeployed_when_it_returns(fleet: Fleet)
     code, results, proc = fleet.keeper.deploy("--limit", "h3")
     assert code == 0, proc.stderr
     assert results["h3"]["status"] == "changed" and "start the hive" in results["h3"]["reason"]
-    wait_for(lambda: len(fleet.ready_workers()) >= 3, 90, "h3's worker back")
+    wait_until(lambda: len(fleet.ready_workers()) >= 3, 90, "h3's worker back")
 
 
 def test_uninstall_leaves_nothing_behind(fleet: Fleet) -> None:
@@ -326,7 +327,7 @@ def test_uninstall_leaves_nothing_behind(fleet: Fleet) -> None:
                           "-not -name motd.dynamic 2>/dev/null",  # sshd's login message, not ours
                           user="root").stdout.split()
     assert leftovers == [], leftovers
-    wait_for(lambda: not any(w["live"] for w in fleet.workers() if w["heartbeat"]["hive_id"] == "h2"), 30,
+    wait_until(lambda: not any(w["live"] for w in fleet.workers() if w["heartbeat"]["hive_id"] == "h2"), 30,
              "h2's worker gone")
     again = fleet.keeper.run("hive", "uninstall", "h2", "--json")
     assert again.returncode == 0 and not json.loads(again.stdout)["changed"]

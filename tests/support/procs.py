@@ -18,7 +18,6 @@ from typing import Any
 
 from rbee_fleet.hive.catalog import builtin_path
 
-
 # Greedy decoding of SmolLM2 continues this count for hundreds of tokens without an end-of-sequence:
 # what tests use when a generation must surely still be running.
 LONG = {"prompt": "1, 2, 3, 4, 5,", "temperature": 0.0}
@@ -49,7 +48,7 @@ def free_port_range(n: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port range")
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
