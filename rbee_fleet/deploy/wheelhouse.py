@@ -159,6 +159,7 @@ class WheelhouseBuilder:
             if spec.install_source == "offline":
                 root = Path(tmp) / "venv"
                 install_tree(sorted(wheels.glob("*.whl")), root, spec.python_tag)
+                trim_tree(root / "lib" / f"python{spec.python_tag}" / "site-packages")
                 with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
                     for entry in sorted(root.iterdir()):
                         tar.add(entry, arcname=entry.name)
@@ -264,3 +265,34 @@ def install_tree(wheels: list[Path], root: Path, python_tag: str) -> None:
                 interpreter="/usr/bin/python3", script_kind="posix", bytecode_optimization_levels=[],
             )
             install(source, destination, {"INSTALLER": b"rbee-keeper\n"})
+
+
+def trim_tree(site: Path) -> int:
+    """Drop what llama-cpp-python's wheel carries twice; return the bytes saved.
+
+    Its wheel holds the shared libraries in ``llama_cpp/lib`` (what it loads, RUNPATH ``$ORIGIN``) and
+    again, with CMake and pkg-config files, in a top-level ``lib/`` that nothing imports; wheels cannot
+    hold symlinks, so each library also comes as three identical files (``.so``, ``.so.0``, ``.so.0.x``).
+    """
+    saved = 0
+    libs = site / "llama_cpp" / "lib"
+    if not libs.is_dir():
+        return 0
+    stray = site / "lib"
+    if stray.is_dir() and all(p.name.startswith(("libggml", "libllama", "libmtmd")) or p.name in ("cmake", "pkgconfig")
+                              for p in stray.iterdir()):
+        saved += sum(p.stat().st_size for p in stray.rglob("*") if p.is_file())
+        shutil.rmtree(stray)
+    by_content: dict[tuple[int, str], Path] = {}
+    for path in sorted(libs.iterdir(), key=lambda p: (-len(p.name), p.name)):  # keep the most specific name
+        if path.is_symlink() or not path.is_file():
+            continue
+        key = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+        kept = by_content.get(key)
+        if kept is None:
+            by_content[key] = path
+            continue
+        saved += path.stat().st_size
+        path.unlink()
+        path.symlink_to(kept.name)
+    return saved
