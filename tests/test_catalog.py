@@ -89,6 +89,16 @@ async def test_failed_download_leaves_nothing_behind(tmp_path, file_server):
         await run_download(catalog, f"{file_server}/smol.gguf", "../escape")
 
 
+async def test_a_url_cannot_place_its_file_outside_the_catalog(tmp_path, file_server):
+    """An encoded '../' in the URL's last segment names nothing but a file inside the download."""
+    catalog = Catalog(tmp_path / "models")
+    with pytest.raises(OperationFailed):
+        await run_download(catalog, f"{file_server}/..%2F..%2F..%2Fplanted.txt", "innocent")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["models"]
+    with pytest.raises(OperationFailed, match="refusing the file name"):
+        await run_download(catalog, f"{file_server}/%2E%2Ebashrc", "innocent")
+
+
 async def test_cancelled_download_leaves_nothing_behind(tmp_path):
     """A server that trickles bytes, so the download is surely in flight when it is cancelled."""
     async def trickle(request: web.Request) -> web.StreamResponse:
@@ -130,3 +140,6 @@ def test_hf_source_syntax():
     assert HfSource.parse("hf:a/b/sub/file.gguf").default_name() == "file"
     with pytest.raises(OperationFailed):
         HfSource.parse("hf:justonepart")
+    for bad in ("hf:a/b/../../../etc/passwd", "hf:../b/file.gguf", "hf:a/b//x.gguf"):
+        with pytest.raises(OperationFailed):
+            HfSource.parse(bad)

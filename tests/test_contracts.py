@@ -55,3 +55,14 @@ def test_include_usage_only_when_streaming():
     base = {"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}
     assert not validate(CompletionRequest, base).include_usage()
     assert validate(CompletionRequest, {**base, "stream": True}).include_usage()
+
+
+def test_worker_ids_cannot_be_paths():
+    from rbee_fleet.contracts.fleet import JobRequest
+
+    for bad in ("../../../outside/evil", "a/b", ".hidden", ""):
+        with pytest.raises(BadRequest) as info:
+            validate(JobRequest, {"operation": {"kind": "worker_spawn", "model": "m", "worker_id": bad}})
+        assert info.value.param == "operation.worker_spawn.worker_id"
+    ok = validate(JobRequest, {"operation": {"kind": "worker_stop", "worker_id": "home-smollm2-0"}})
+    assert ok.operation.worker_id == "home-smollm2-0"

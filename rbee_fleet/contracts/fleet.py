@@ -123,6 +123,9 @@ class HiveHeartbeat(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # Operations (the payload of POST /v1/jobs)
 
+# Worker ids name files (logs) and processes: letters, digits, '.', '_' and '-' only, never a path.
+WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
+
 
 class _Op(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -135,7 +138,7 @@ class WorkerSpawnOp(_Op):
     backend: Literal["auto", "llamacpp", "exllamav2"] = "auto"
     device: str = "cpu"  # cpu, cuda:N[,M], or auto: the hive picks GPUs by free VRAM
     placement: Literal["binpack", "spread"] = "binpack"  # how device="auto" chooses among GPUs
-    worker_id: str | None = None
+    worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
     ctx_size: int | None = Field(default=None, ge=128)
     threads: int | None = Field(default=None, ge=1)
     max_queue: int | None = Field(default=None, ge=0)
@@ -144,7 +147,7 @@ class WorkerSpawnOp(_Op):
 
 class WorkerStopOp(_Op):
     kind: Literal["worker_stop"] = "worker_stop"
-    worker_id: str
+    worker_id: str = Field(pattern=WORKER_ID_PATTERN)
 
 
 class ModelDownloadOp(_Op):

@@ -29,6 +29,7 @@ from rbee_fleet.contracts.fleet import ModelEntry
 from rbee_fleet.hive.hf_fetch import run_in_child
 
 META = "rbee-model.json"
+HF_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHUNK = 4 * 2**20
 
@@ -100,6 +101,16 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def safe_filename(name: str, source: str) -> str:
+    """A file name taken from a URL, kept inside the download directory whatever the URL encodes."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if not name:
+        return "model.gguf"
+    if name.startswith(".") or "\0" in name:
+        raise OperationFailed(f"{source!r}: refusing the file name {name!r} taken from the URL")
+    return name
+
+
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise OperationFailed(
@@ -119,9 +130,11 @@ class HfSource:
         body = source[3:] if source.startswith("hf:") else source
         body, _, revision = body.partition("@")
         parts = body.strip("/").split("/")
-        if len(parts) < 2 or not all(parts[:2]):
+        if len(parts) < 2 or not all(HF_ID_RE.match(p) for p in parts[:2]):
             raise OperationFailed(f"{source!r}: expected hf:OWNER/REPO[/FILE][@REVISION]")
         filename = "/".join(parts[2:]) or None
+        if filename and any(part in ("", ".", "..") for part in filename.split("/")):
+            raise OperationFailed(f"{source!r}: the file path inside the repository must not contain '.', '..' or '//'")
         return cls("/".join(parts[:2]), filename, revision or None)
 
     def default_name(self) -> str:
@@ -251,7 +264,7 @@ class Catalog:
 
     def _plan(self, source: str) -> tuple[Callable[[Path, Emitter], Awaitable[None]], str]:
         if source.startswith(("http://", "https://")):
-            filename = unquote(Path(urlparse(source).path).name) or "model.gguf"
+            filename = safe_filename(unquote(urlparse(source).path).rsplit("/", 1)[-1], source)
             stem = filename[: -len(".gguf")] if filename.lower().endswith(".gguf") else filename
             return lambda dst, emit: _fetch_url(source, dst / filename, emit), stem
         if source.startswith("hf:"):
