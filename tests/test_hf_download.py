@@ -73,7 +73,7 @@ def queen(module_tmp, hub):
 async def run(queen, op) -> tuple[dict, list]:
     events: list = []
     async with aiohttp.ClientSession() as session:
-        result = await JobClient(session, queen.url).run(op, on_event=events.append)
+        result = await JobClient(session, queen.url, procs.admin_headers(queen.extra["home"])).run(op, on_event=events.append)
     return result, events
 
 
@@ -151,7 +151,7 @@ async def test_cancelled_download_leaves_nothing_behind(queen, hub):
     before = sorted(p.name for p in models_dir(queen).iterdir())
     hub.completed.clear()
     async with aiohttp.ClientSession() as session:
-        jobs = JobClient(session, queen.url)
+        jobs = JobClient(session, queen.url, procs.admin_headers(queen.extra["home"]))
         job_id = await jobs.submit(ModelDownloadOp(source=f"hf:{GGUF_REPO}/{GGUF_FILE}", name="cancelled"))
         async for event in jobs.events(job_id):
             if event.progress and event.progress.current:

@@ -98,3 +98,15 @@ async def test_bad_job_request_is_400_in_openai_shape(client):
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"].startswith("operation")
     async with session.get(f"{base}v1/jobs/nope/stream") as resp:
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+
+
+async def test_the_browser_guard_refuses_foreign_pages_and_rebound_names(client):
+    _, _, session, base = client
+    async with session.get(f"{base}v1/jobs", headers={"Origin": "https://evil.example"}) as resp:
+        assert resp.status == 403 and (await resp.json())["error"]["code"] == "forbidden"
+    async with session.get(f"{base}v1/jobs", headers={"Origin": "null"}) as resp:
+        assert resp.status == 403
+    async with session.get(f"{base}v1/jobs", headers={"Host": "attacker.example:80"}) as resp:
+        assert resp.status == 403
+    async with session.get(f"{base}v1/jobs", headers={"Origin": "http://127.0.0.1:5173"}) as resp:
+        assert resp.status == 200

@@ -42,8 +42,9 @@ def test_no_command_off_a_terminal_prints_help():
     assert "--refresh" in keeper("tui", "--help").stdout
 
 
-def test_stopping_an_unknown_worker_fails_with_the_reason(fleet):
-    _, inventory = fleet
+def test_stopping_an_unknown_worker_fails_with_the_reason(fleet, monkeypatch):
+    queen, inventory = fleet
+    monkeypatch.setenv("RBEE_HOME", str(queen.extra["home"]))  # the operator's home, with the cluster token
     stop = keeper("worker", "stop", "no-such-worker", "-i", str(inventory))
     assert stop.returncode == 1 and "no-such-worker" in stop.stderr
 
@@ -53,3 +54,11 @@ def test_down_leaves_a_queen_it_did_not_start(fleet):
     done = keeper("down", "-i", str(inventory))
     assert done.returncode == 1 and "not started by this keeper" in done.stderr
     assert queen.alive()
+
+
+def test_operations_without_the_cluster_token_say_where_it_is_looked_for(fleet, tmp_path, monkeypatch):
+    _, inventory = fleet
+    monkeypatch.setenv("RBEE_HOME", str(tmp_path / "elsewhere"))
+    stop = keeper("worker", "stop", "x", "--hive", "localhost", "-i", str(inventory))
+    assert stop.returncode == 1
+    assert "cluster token" in stop.stderr and str(tmp_path / "elsewhere" / "secrets" / "cluster.token") in stop.stderr

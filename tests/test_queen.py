@@ -191,7 +191,7 @@ async def test_job_api_spawns_and_stops_a_worker_on_the_embedded_hive(fleet):
         from rbee_fleet.common.jobs import JobClient
         from rbee_fleet.contracts.fleet import WorkerSpawnOp, WorkerStopOp
 
-        jobs = JobClient(session, fleet.url)
+        jobs = JobClient(session, fleet.url, procs.admin_headers(fleet.extra["home"]))
         events = []
         result = await jobs.run(WorkerSpawnOp(model="smollm2", worker_id="extra", threads=1, ctx_size=512),
                                 on_event=events.append)

@@ -137,7 +137,7 @@ async def test_hive_auto_through_a_real_queen(module_tmp, model_path):
     queen = procs.start_queen(module_tmp, inventory, module_tmp / "home", port)
     try:
         async with aiohttp.ClientSession() as session:
-            jobs = JobClient(session, queen.url)
+            jobs = JobClient(session, queen.url, procs.admin_headers(queen.extra["home"]))
             result = await jobs.run(WorkerSpawnOp(hive="auto", model="smollm2", device="auto", ctx_size=512, threads=2))
             assert result["hive"] == "localhost" and result["worker"]["device"] == "cpu"
             with pytest.raises(OperationFailed, match="no hive has the model 'nope'"):

@@ -162,3 +162,31 @@ async def test_paused_worker_mid_stream_ends_the_stream_instead_of_hanging(pair)
     assert "no heartbeat" in str(info.value.message)
     # A hang would last the 300 s read timeout; the watchdog ends it about the 2 s heartbeat timeout.
     assert waited < 30, f"the stream hung for {waited:.1f} s"
+
+
+def test_operations_need_the_cluster_token_and_web_pages_are_refused(tmp_path):
+    """A web page's POST (CSRF) or a rebound DNS name must not reach the job API of a loopback queen."""
+    port = procs.free_port()
+    inv = no_workers_inventory(tmp_path / "inv.toml", port, 'api_keys = ["sk-client"]')
+    queen = procs.start_queen(tmp_path, inv, tmp_path / "home", port)
+    job = {"operation": {"kind": "model_download", "source": "http://127.0.0.1:1/x.gguf"}}
+    try:
+        status, body, _ = procs.http_json(f"{queen.url}/v1/jobs", method="POST", body=job,
+                                          headers={"Authorization": "Bearer sk-client"})
+        assert status == 401, "an inference key does not make its holder an operator"
+        admin = procs.admin_headers(tmp_path / "home")
+        status, body, _ = procs.http_json(f"{queen.url}/v1/jobs", method="POST", body=job, headers=admin)
+        assert status == 202 and body["job_id"]
+        status, body, _ = procs.http_json(f"{queen.url}/v1/jobs", method="POST", body=job,
+                                          headers={**admin, "Origin": "https://evil.example"})
+        assert status == 403 and body["error"]["type"] == "permission_error"
+        status, _, _ = procs.http_json(f"{queen.url}/v1/models",
+                                       headers={"Authorization": "Bearer sk-client", "Host": "rebound.evil.example"})
+        assert status == 403
+        status, _, _ = procs.http_json(f"{queen.url}/v1/models",
+                                       headers={"Authorization": "Bearer sk-client", "Origin": "http://localhost:3000"})
+        assert status == 200  # a page served from this machine may call it
+        status, _, _ = procs.http_json(f"{queen.url}/v1/models", headers={"Authorization": "Bearer sk-client"})
+        assert status == 200
+    finally:
+        queen.stop()

@@ -49,7 +49,7 @@ async def test_queen_runs_operations_on_a_remote_hive(queen_and_hive):
     from rbee_fleet.contracts.fleet import WorkerSpawnOp, WorkerStopOp
 
     async with aiohttp.ClientSession() as session:
-        jobs = JobClient(session, queen.url)
+        jobs = JobClient(session, queen.url, procs.admin_headers(queen.extra["home"]))
         events = []
         result = await jobs.run(WorkerSpawnOp(hive="box2", model="smollm2", worker_id="remote-0", threads=2, ctx_size=512),
                                 on_event=events.append)

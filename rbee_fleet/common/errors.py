@@ -53,6 +53,12 @@ class Unauthorized(ApiError):
     code = "invalid_api_key"
 
 
+class Forbidden(ApiError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class NotFound(ApiError):
     status = 404
     type = "invalid_request_error"
@@ -112,6 +118,7 @@ def error_event(message: str, *, type: str = "server_error", code: str | None = 
 _STATUS_CLASSES: dict[int, type[ApiError]] = {
     400: BadRequest,
     401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     413: PayloadTooLarge,

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rbee_fleet.common.errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized, error_body
+from rbee_fleet.common.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unauthorized, error_body
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,47 @@ def bearer_auth(accepted_for: Callable[[web.Request], Collection[str]]) -> Any:
     return auth_middleware
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def _host_of(value: str) -> str:
+    """The host part of a Host header or an Origin URL, lower-cased, without port or scheme."""
+    value = value.split("://", 1)[-1].split("/", 1)[0].lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _is_loopback_name(host: str) -> bool:
+    return host in LOOPBACK_NAMES or host.startswith("127.")
+
+
+def browser_guard(bind_host: str, allowed_origins: Collection[str] = ()) -> Any:
+    """Refuse what a web page could make a browser send to a server on this machine.
+
+    A page on another site can POST to loopback ports (no preflight for ``text/plain``) and, through DNS
+    rebinding, even read the answers. Browsers always send ``Origin`` on such requests and the page's
+    own name in ``Host``; OpenAI clients, curl and the fleet's components send no ``Origin``.
+    """
+    allowed = {_host_of(o) for o in allowed_origins}
+    loopback_only = bind_host in ("127.0.0.1", "localhost", "::1") or bind_host.startswith("127.")
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin and origin != "null":
+            host = _host_of(origin)
+            if not (_is_loopback_name(host) or host in allowed):
+                raise Forbidden(f"requests from web pages at {origin} are not allowed (allowed_origins)")
+        elif origin == "null":
+            raise Forbidden("requests from sandboxed or file:// web pages are not allowed")
+        if loopback_only and not _is_loopback_name(_host_of(request.headers.get("Host", "localhost"))):
+            raise Forbidden("this server answers only to localhost names (Host header)")
+        return await handler(request)
+
+    return guard
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
     return parse_json(await request.read())
@@ -110,9 +151,11 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def new_app(middlewares: list[Any] | None = None) -> web.Application:
+def new_app(middlewares: list[Any] | None = None, *, bind_host: str = "127.0.0.1",
+            allowed_origins: Collection[str] = ()) -> web.Application:
     return web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware, *(middlewares or [])]
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[error_middleware, browser_guard(bind_host, allowed_origins), *(middlewares or [])],
     )
 
 

@@ -43,6 +43,7 @@ class QueenConfig(_Section):
     advertise_url: str | None = None
     api_keys: list[str] = []
     api_keys_env: str | None = "RBEE_API_KEYS"
+    allowed_origins: list[str] = []  # web pages whose browsers may call the queen (localhost pages always may)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     heartbeat_timeout_s: float = Field(default=15.0, gt=0)
     admission_timeout_s: float = Field(default=30.0, ge=0)

@@ -252,7 +252,7 @@ class JobClient:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, headers: dict[str, str] | None = None):
         self._session = session
         self._base = base_url.rstrip("/")
-        self._headers = headers or {}
+        self._headers = headers if headers is not None else {}  # shared: the caller may update it
 
     async def submit(self, operation: BaseModel | dict[str, Any]) -> str:
         op = operation.model_dump(mode="json") if isinstance(operation, BaseModel) else operation

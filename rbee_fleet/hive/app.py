@@ -56,7 +56,7 @@ async def devices(request: web.Request) -> web.Response:
 
 def create_app(settings: HiveSettings) -> web.Application:
     token = settings.token
-    app = new_app([bearer_auth(lambda _req: (token,) if token else ())])
+    app = new_app([bearer_auth(lambda _req: (token,) if token else ())], bind_host=settings.bind_host)
     app[SETTINGS] = settings
     app.router.add_get("/health", health)
     app.router.add_get("/v1/workers", workers)

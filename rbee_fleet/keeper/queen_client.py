@@ -23,10 +23,17 @@ class QueenUnreachable(Exception):
 class QueenClient:
     def __init__(self, url: str, api_key: str | None = None, session: aiohttp.ClientSession | None = None) -> None:
         self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers: dict[str, str] = {}
+        self.set_credential(api_key)
         self._own_session = session is None
         self.session = session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         self.jobs = JobClient(self.session, self.url, self.headers)
+
+    def set_credential(self, secret: str | None) -> None:
+        """Send ``secret`` as the bearer from now on (the job client shares these headers)."""
+        self.headers.pop("Authorization", None)
+        if secret:
+            self.headers["Authorization"] = f"Bearer {secret}"
 
     async def close(self) -> None:
         if self._own_session:

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rbee_fleet.common.errors import OperationFailed
+from rbee_fleet.common.errors import OperationFailed, Unauthorized
 from rbee_fleet.common.inventory import Inventory, default_inventory, load_inventory
 from rbee_fleet.common.paths import Layout
+from rbee_fleet.common.secrets import read_secret
 from rbee_fleet.contracts.fleet import JobEvent, WorkerSpawnOp
 from rbee_fleet.keeper.daemon import QueenDaemon
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
@@ -47,8 +48,19 @@ class KeeperContext:
 
     @property
     def api_key(self) -> str | None:
+        """What the keeper shows the queen: the cluster token when it has one (operations need it),
+        else an API key from the environment or the inventory."""
+        token = self.cluster_token()
+        if token:
+            return token
         keys = self.inventory.queen.effective_api_keys()
         return os.environ.get("RBEE_API_KEY") or (keys[0] if keys else None)
+
+    def cluster_token(self) -> str | None:
+        try:
+            return read_secret(self.layout.secrets / "cluster.token")
+        except (OSError, ValueError):
+            return None
 
     def client(self) -> QueenClient:
         return QueenClient(self.queen_url, self.api_key)
@@ -77,6 +89,7 @@ async def start_queen(ctx: KeeperContext, client: QueenClient, *, foreground: bo
             proc.terminate()
         tail = daemon.log_tail() if not foreground else ""
         raise OperationFailed(f"{exc}\n{tail}".rstrip()) from None
+    client.set_credential(ctx.api_key)  # a first start creates the cluster token
     return True, proc
 
 
@@ -94,7 +107,13 @@ async def stop_queen(ctx: KeeperContext, client: QueenClient) -> bool:
 
 
 async def run_job(client: QueenClient, operation: Any, label: str, sink: EventSink | None) -> dict[str, Any]:
-    return await client.jobs.run(operation, on_event=(lambda ev: sink(label, ev)) if sink else None)
+    try:
+        return await client.jobs.run(operation, on_event=(lambda ev: sink(label, ev)) if sink else None)
+    except Unauthorized as exc:
+        raise OperationFailed(
+            f"{exc.message}. Operations need the fleet's cluster token, which the keeper reads from "
+            f"{Layout.default().secrets / 'cluster.token'}: run it with the RBEE_HOME of the queen's machine"
+        ) from None
 
 
 async def ensure_workers(ctx: KeeperContext, client: QueenClient, sink: EventSink | None) -> list[tuple[str, dict[str, Any] | None, str | None]]:

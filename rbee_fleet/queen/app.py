@@ -20,14 +20,22 @@ PUBLIC_PATHS = frozenset({"/health"})
 
 
 def _auth_rules(settings: QueenSettings):
-    """Heartbeats need the cluster token; everything else an API key, when keys are configured."""
+    """Who may call what.
+
+    Heartbeats and operations (starting or stopping jobs: spawning workers, downloading and deleting
+    models) need the cluster token, which only the fleet's own components and the keeper hold; an API
+    key for the OpenAI endpoints does not make its holder an operator. Everything else needs an API key
+    (or the token) once keys are configured.
+    """
     token = (settings.cluster_token,) if settings.cluster_token else ()
-    keys = settings.api_keys
+    keys = (*settings.api_keys, *token) if settings.api_keys else ()
 
     def accepted(request: web.Request) -> Collection[str]:
         if request.path in PUBLIC_PATHS:
             return ()
         if request.path in COMPONENT_PATHS:
+            return token
+        if request.path.startswith("/v1/jobs") and request.method in ("POST", "DELETE"):
             return token
         return keys
 
@@ -36,7 +44,8 @@ def _auth_rules(settings: QueenSettings):
 
 def create_app(settings: QueenSettings, *, reconcile: bool = True) -> web.Application:
     settings.check_security()
-    app = new_app([bearer_auth(_auth_rules(settings))])
+    app = new_app([bearer_auth(_auth_rules(settings))], bind_host=settings.host,
+                  allowed_origins=settings.allowed_origins)
     app[SETTINGS] = settings
     openai.add_routes(app)
     fleet.add_routes(app)

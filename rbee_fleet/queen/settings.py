@@ -22,6 +22,7 @@ class QueenSettings:
     url: str  # what hives and workers use to reach the queen
     layout: Layout
     api_keys: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()  # web pages (besides localhost ones) whose browsers may call the API
     cluster_token: str | None = None
     cluster_token_file: str | None = None
     heartbeat_interval_s: float = 5.0
@@ -84,6 +85,7 @@ def settings_from_inventory(
         url=q.url(),
         layout=layout,
         api_keys=tuple(q.effective_api_keys()),
+        allowed_origins=tuple(q.allowed_origins),
         cluster_token=token,
         cluster_token_file=str(token_file),
         heartbeat_interval_s=q.heartbeat_interval_s,

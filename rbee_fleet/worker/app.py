@@ -38,7 +38,7 @@ async def models(request: web.Request) -> web.Response:
 def create_app(settings: WorkerSettings) -> web.Application:
     runtime = Runtime(settings)
     token = settings.token
-    app = new_app([bearer_auth(lambda _req: (token,) if token else ())])
+    app = new_app([bearer_auth(lambda _req: (token,) if token else ())], bind_host=settings.host)
     app[RUNTIME] = runtime
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)

@@ -179,6 +179,11 @@ def write_inventory(path: Path, *, port: int, worker_port_base: int, workers: li
     return path
 
 
+def admin_headers(home: Path) -> dict[str, str]:
+    """What an operator (the keeper) sends to start jobs on a queen: the cluster token of its home."""
+    return {"Authorization": f"Bearer {(home / 'secrets' / 'cluster.token').read_text().strip()}"}
+
+
 def start_queen(tmp: Path, inventory: Path, home: Path, port: int, env: dict[str, str] | None = None) -> Proc:
     cmd = [sys.executable, "-m", "rbee_fleet.queen", "--inventory", str(inventory), "--home", str(home)]
     proc = spawn("queen", cmd, tmp / "queen.log", f"http://127.0.0.1:{port}", env=env, home=home)

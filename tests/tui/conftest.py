@@ -38,6 +38,13 @@ def live_fleet(module_tmp: Path) -> Iterator[LiveFleet]:
         queen.stop()
 
 
+@pytest.fixture(autouse=True)
+def _keeper_shares_the_queens_home(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a real operator machine, the TUI and the queen it talks to share RBEE_HOME (and its token)."""
+    if "live_fleet" in request.fixturenames:
+        monkeypatch.setenv("RBEE_HOME", str(request.getfixturevalue("live_fleet").home))
+
+
 async def wait_for(pilot: Pilot, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the TUI") -> Any:
     """Let the app run until ``predicate()`` is truthy; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
