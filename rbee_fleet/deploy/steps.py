@@ -245,8 +245,17 @@ async def execute(t: Transport, spec: HostSpec, facts: HostFacts, plan: HostPlan
             await prune(t, facts, plan.prune)
 
 
+# Everything an install puts under its directory (the hive's --home is the install directory too).
+OWN_PATHS = ("bin", "versions", "current", "current.rbee-tmp", "secrets", "logs", "run", "models", "cache",
+             "marker.json")
+
+
 async def uninstall(t: Transport, spec: HostSpec, facts: HostFacts) -> bool:
-    """Stop the hive and its workers, remove the service and every file of ours; False if none was there."""
+    """Stop the hive and its workers, remove the service and every file of ours; False if none was there.
+
+    Only what an install creates is removed, and only from a directory that holds an install (a marker or
+    versions): an ``install_dir`` pointing at a home or a data directory by mistake loses nothing.
+    """
     inst = facts.install_dir
     if not facts.marker and not facts.versions and not facts.hive_running:
         found = await t.run(f"test -e {shlex.quote(inst)}", timeout=20)
@@ -258,14 +267,23 @@ async def uninstall(t: Transport, spec: HostSpec, facts: HostFacts) -> bool:
     service = (f"{systemctl} disable --now rbee-hive.service 2>/dev/null; rm -f {shlex.quote(unit)}; "
                f"{systemctl} daemon-reload 2>/dev/null; ") if unit else ""
     pattern = shlex.quote(f"rbee_fleet.(hive|worker) .*{inst}")
+    q = shlex.quote(inst)
+    own = " ".join(f"{q}/{name}" for name in OWN_PATHS)
     command = f"""
-if [ -x {shlex.quote(inst)}/bin/rbee-hive-ctl ]; then {shlex.quote(inst)}/bin/rbee-hive-ctl stop >/dev/null; fi
+if [ ! -e {q}/marker.json ] && [ ! -d {q}/versions ]; then
+  echo "{inst} holds no rbee-fleet install (no marker.json, no versions/): nothing removed" >&2; exit 3
+fi
+real=$(cd {q} && pwd -P)
+if [ "$real" = "$(cd "$HOME" && pwd -P)" ] || [ "$real" = / ]; then
+  echo "{inst} is the home directory or /: refusing to remove anything there" >&2; exit 3
+fi
+if [ -x {q}/bin/rbee-hive-ctl ]; then {q}/bin/rbee-hive-ctl stop >/dev/null; fi
 {service}
 # Anything of ours still running from this install (a worker whose hive was killed, say).
 pkill -TERM -f {pattern} 2>/dev/null; sleep 0.5; pkill -KILL -f {pattern} 2>/dev/null
-rm -rf {shlex.quote(inst)}
-# Parent directories the install created, if nothing else lives there (never the home itself).
-d=$(dirname {shlex.quote(inst)})
+rm -rf {own}
+# The directory itself and parents the install created, if nothing else lives there (never the home).
+d={q}
 while [ "$d" != "$HOME" ] && [ "$d" != / ] && rmdir "$d" 2>/dev/null; do d=$(dirname "$d"); done
 true
 """
