@@ -174,6 +174,11 @@ def plan_host(spec: HostSpec, facts: HostFacts, release_id: str, token: str) -> 
     steps: list[Step] = []
     if not installed:
         steps.append(Step("install", f"install rbee-fleet {release_id} ({spec.install_source}, Python {facts.python_tag})"))
+    if spec.needs_gpu and mark.get("release") != release_id:
+        # Before anything the running hive uses changes: a failing check leaves the host as it was. The
+        # marker is written only at the end of a deploy, so a check that failed runs again next time.
+        steps.append(Step("gpu-check", "check the NVIDIA driver, CUDA torch and exllamav2 (rbee-hive --check)",
+                          changes=False))
     config_changed = mark.get("config_hash") != cfg
     if config_changed:
         steps.append(Step("config", "write the hive's configuration" if mark else "write the hive's configuration (first time)"))
@@ -181,9 +186,6 @@ def plan_host(spec: HostSpec, facts: HostFacts, release_id: str, token: str) -> 
     if switched:
         was = f" (was {facts.current})" if facts.current else ""
         steps.append(Step("switch", f"switch current to {release_id}{was}"))
-    if spec.needs_gpu and (not installed or switched):  # a version the host has not run before
-        steps.append(Step("gpu-check", "check the NVIDIA driver, CUDA torch and exllamav2 (rbee-hive --check)",
-                          changes=False))
     if not facts.hive_running:
         steps.append(Step("start", f"start the hive ({supervision_mode(facts)})"))
     elif switched or config_changed:

@@ -186,7 +186,11 @@ def test_gpu_hosts_get_the_gpu_extra_and_a_stack_check_before_the_hive_starts() 
     gpu_facts = parse_facts(FRESH_DEBIAN + "gpu=NVIDIA GeForce RTX 3090, 24576\n")
     plan = plan_host(spec(workers=GPU_WORKER), gpu_facts, RELEASE, TOKEN)
     actions = [s.action for s in plan.steps]
-    assert actions.index("gpu-check") < actions.index("start")
+    assert actions[:2] == ["install", "gpu-check"], "checked before the config, the switch and the start"
+    # A check that failed left no marker for this release: the next deploy checks again.
+    failed_before = parse_facts(FRESH_DEBIAN + "gpu=NVIDIA GeForce RTX 3090, 24576\ncurrent=versions/0.1.0-aaaa\n"
+                                "version_dir=0.1.0-aaaa\n")
+    assert "gpu-check" in [s.action for s in plan_host(spec(workers=GPU_WORKER), failed_before, RELEASE, TOKEN).steps]
     assert wheelhouse_spec(spec(workers=GPU_WORKER), gpu_facts).extras == ("cpu", "gpu")
     assert wheelhouse_spec(spec(), gpu_facts).extras == ("cpu",)
 
