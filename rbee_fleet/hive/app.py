@@ -71,6 +71,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     session = aiohttp.ClientSession()
     service = HiveService(settings, session)
+    await service.start()
     app[JOBS] = HiveJobs(service)
     beat = asyncio.create_task(_heartbeats(service, session), name="hive-heartbeat")
     try:

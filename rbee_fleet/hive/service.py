@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from rbee_fleet.hive.placement import GpuPlacer
 from rbee_fleet.hive.supervisor import LaunchSpec, Supervisor, SupervisorSettings
 
 DEVICE_REFRESH_S = 5.0
+
+log = logging.getLogger(__name__)
 DEVICE_RE = re.compile(r"^(cpu|auto|cuda:\d+(,\d+)*)$")
 
 
@@ -77,16 +80,29 @@ class HiveService:
         )
         self._devices: DeviceInfo | None = None
         self._devices_at = 0.0
+        self._refresher: asyncio.Task[None] | None = None
         self.gpus = GpuPlacer(settings.hive_id, self.supervisor, self.fresh_devices, settings.default_ctx_size)
 
     # -- queries ---------------------------------------------------------------------------------
 
     def devices(self) -> DeviceInfo:
-        now = time.monotonic()
-        if self._devices is None or now - self._devices_at > DEVICE_REFRESH_S:
-            self._devices = devices.detect()
-            self._devices_at = now
+        """The devices as last probed: probing (NVML, nvidia-smi) never runs on the event loop here."""
+        if self._devices is None:  # only before start()
+            self._devices, self._devices_at = devices.detect(), time.monotonic()
         return self._devices
+
+    async def start(self) -> None:
+        """Probe the devices once, then keep the answer fresh in the background."""
+        await self.fresh_devices()
+        self._refresher = asyncio.create_task(self._refresh_devices(), name=f"devices-{self.settings.hive_id}")
+
+    async def _refresh_devices(self) -> None:
+        while True:
+            await asyncio.sleep(DEVICE_REFRESH_S)
+            try:
+                await self.fresh_devices()
+            except Exception:  # noqa: BLE001 - detect() reports GPU trouble itself; keep the last answer
+                log.warning("device probe failed", exc_info=True)
 
     async def fresh_devices(self) -> DeviceInfo:
         """Devices probed now (off the event loop), for decisions that cannot use a 5 s old answer."""
@@ -178,4 +194,7 @@ class HiveService:
         return {"model": entry.model_dump(mode="json"), "changed": True}
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
         await self.supervisor.close()

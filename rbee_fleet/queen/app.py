@@ -60,6 +60,7 @@ def _lifecycle(reconcile: bool):
         session = aiohttp.ClientSession(connector=connector)
         queen = Queen(app[SETTINGS], session)
         app[QUEEN] = queen
+        await queen.start()
         sweeper = asyncio.create_task(queen.sweep_forever(), name="registry-sweep")
         if reconcile:
             queen.ensure_declared_workers()

@@ -101,6 +101,10 @@ class Queen:
             self.registry.sweep()
             self.scheduler.wake()
 
+    async def start(self) -> None:
+        if self.embedded is not None:
+            await self.embedded.service.start()
+
     async def close(self) -> None:
         await self.jobs.close()
         if self.embedded is not None:
