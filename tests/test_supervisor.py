@@ -78,3 +78,62 @@ async def _until(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert loop.time() < deadline, "timed out"
         await asyncio.sleep(0.1)
+
+
+def _processes_of(worker_id: str) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "rbee_fleet.worker" in cmd and worker_id in cmd:
+            found.append(proc.info["pid"])
+    return found
+
+
+async def test_concurrent_spawns_of_one_id_start_one_process(supervisor, model_path):
+    a, b = await asyncio.gather(supervisor.spawn(spec("twin", model_path), emitter()),
+                                supervisor.spawn(spec("twin", model_path), emitter()))
+    assert a[0].pid == b[0].pid and sorted([a[1], b[1]]) == [False, True]
+    assert _processes_of("twin") == [a[0].pid]
+
+
+@pytest.fixture
+async def supervisor_with(tmp_path):
+    """Supervisors with a chosen restart back-off, all closed at the end."""
+    made = []
+    async with aiohttp.ClientSession() as session:
+        def make(backoff: tuple[float, ...]) -> Supervisor:
+            settings = SupervisorSettings(hive_id="t", logs_dir=tmp_path / "logs", port_base=procs.free_port_range(20),
+                                          stop_grace_s=1.0, restart_backoff_s=backoff, ready_timeout_s=60)
+            made.append(Supervisor(settings, session))
+            return made[-1]
+
+        yield make
+        for sup in made:
+            await sup.close()
+
+
+async def test_stop_during_a_restart_back_off_ends_it_and_leaves_no_process(supervisor_with, model_path):
+    slow_restarts = supervisor_with((30.0,))
+    await slow_restarts.spawn(spec("flappy", model_path), emitter())
+    os.kill(slow_restarts.get("flappy").process.pid, signal.SIGKILL)
+    await _until(lambda: slow_restarts.get("flappy").state == "restarting")
+    await asyncio.wait_for(slow_restarts.stop("flappy"), 15)  # not held up by the back-off
+    assert slow_restarts.get("flappy") is None and _processes_of("flappy") == []
+
+
+async def test_a_restart_that_fails_to_load_is_retried_until_it_loads(supervisor_with, model_path, tmp_path):
+    slow_restarts = supervisor_with((0.2, 0.4, 0.8, 1.6))
+    model = tmp_path / "model.gguf"
+    model.write_bytes(open(model_path, "rb").read())
+    await slow_restarts.spawn(spec("phoenix", str(model)), emitter())
+    good = model.read_bytes()
+    model.write_bytes(b"not a model any more")
+    os.kill(slow_restarts.get("phoenix").process.pid, signal.SIGKILL)
+    # The reloads fail (bad file) and are retried with growing delays; supervision goes on.
+    await _until(lambda: slow_restarts.get("phoenix").restarts >= 3)
+    assert slow_restarts.get("phoenix").state == "restarting"
+    model.write_bytes(good)
+    await _until(lambda: slow_restarts.get("phoenix").state == "running", timeout=60)
+    assert slow_restarts.view(slow_restarts.get("phoenix")).pid in _processes_of("phoenix")

@@ -70,6 +70,8 @@ class Managed:
     started_at: float = 0.0
     stopping: bool = False
     monitor: asyncio.Task[None] | None = None
+    watcher: asyncio.Task[None] | None = None  # waits for a restarted process to be ready
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)  # ends a restart's back-off early
     ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -116,25 +118,30 @@ class Supervisor:
     # -- spawning --------------------------------------------------------------------------------
 
     async def spawn(self, spec: LaunchSpec, emit: Emitter) -> tuple[SupervisedWorker, bool]:
-        """Start ``spec`` and wait until it is ready; idempotent by worker id."""
-        existing = self._workers.get(spec.worker_id)
-        if existing is not None and existing.state not in ("stopped", "failed"):
-            if existing.spec != spec:
-                raise OperationFailed(
-                    f"worker {spec.worker_id} already runs {existing.spec.model_id} with other settings; stop it first"
-                )
-            emit.log(f"worker {spec.worker_id} is already {existing.state} on port {existing.port}")
-            await self._await_ready(existing, emit)
-            return self.view(existing), False
-        async with self._port_lock:
-            port = self._free_port(existing.port if existing else None)
-            m = Managed(spec=spec, port=port, log_path=self.settings.logs_dir / f"worker-{spec.worker_id}.log")
-            self._workers[spec.worker_id] = m
-            await self._start(m)
-        emit.progress(f"worker {spec.worker_id}: process {m.process.pid if m.process else '?'} on port {port}, loading {spec.model_id}")
-        m.monitor = asyncio.create_task(self._monitor(m), name=f"monitor-{spec.worker_id}")
+        """Start ``spec`` and wait until it is ready; idempotent by worker id, even for concurrent calls."""
+        async with self._port_lock:  # decide and register in one step: two spawns of one id start one process
+            existing = self._workers.get(spec.worker_id)
+            active = existing is not None and existing.state not in ("stopped", "failed")
+            if active:
+                assert existing is not None
+                if existing.spec != spec:
+                    raise OperationFailed(
+                        f"worker {spec.worker_id} already runs {existing.spec.model_id} with other settings; stop it first"
+                    )
+                m = existing
+            else:
+                port = self._free_port(existing.port if existing else None)
+                m = Managed(spec=spec, port=port, log_path=self.settings.logs_dir / f"worker-{spec.worker_id}.log")
+                self._workers[spec.worker_id] = m
+                await self._start(m)
+                m.monitor = asyncio.create_task(self._monitor(m), name=f"monitor-{spec.worker_id}")
+        if active:
+            emit.log(f"worker {spec.worker_id} is already {m.state} on port {m.port}")
+        else:
+            emit.progress(f"worker {spec.worker_id}: process {m.process.pid if m.process else '?'} on port {m.port}, "
+                          f"loading {spec.model_id}")
         await self._await_ready(m, emit)
-        return self.view(m), True
+        return self.view(m), not active
 
     def _free_port(self, preferred: int | None) -> int:
         taken = {m.port for m in self._workers.values() if m.state not in ("stopped", "failed")}
@@ -213,14 +220,18 @@ class Supervisor:
                 if not m.ready.done():
                     m.ready.set_result(None)
                 return None
-            if state == "failed":
-                error = body.get("error") or "unknown error"
-                await self._give_up(m, f"the model failed to load: {error}")
-                return m.ready.result()
             now = time.monotonic()
-            if now > deadline:
-                await self._give_up(m, f"not ready after {self.settings.ready_timeout_s:.0f} s")
-                return m.ready.result()
+            problem = (f"the model failed to load: {body.get('error') or 'unknown error'}" if state == "failed"
+                       else f"not ready after {self.settings.ready_timeout_s:.0f} s" if now > deadline else None)
+            if problem is not None:
+                if m.restarts == 0:
+                    await self._give_up(m, problem)
+                    return m.ready.result()
+                # A restart that does not load: end this process; the monitor retries after its back-off.
+                log.warning("worker %s: %s; will retry", m.spec.worker_id, problem)
+                await self._terminate(m)
+                deadline = time.monotonic() + self.settings.ready_timeout_s
+                continue
             if emit is not None and now - last_note >= 2.0:
                 emit.progress(f"worker {m.spec.worker_id}: {state or 'starting'} ({now - m.started_at:.0f} s)")
                 last_note = now
@@ -236,7 +247,11 @@ class Supervisor:
             m.ready.exception()  # retrieved here; callers get it from result()
 
     async def _monitor(self, m: Managed) -> None:
-        """Restart the worker when it exits without being asked to, with backoff."""
+        """Restart the worker whenever it exits without being asked to, with growing delays.
+
+        Only the first load failing ends supervision (the spawn reports why); a restart that fails to
+        load is one more failure, retried after the next, longer delay.
+        """
         failures = 0
         while True:
             assert m.process is not None
@@ -245,25 +260,26 @@ class Supervisor:
             if m.stopping:
                 m.state = "stopped" if m.state != "failed" else "failed"
                 return
-            if not m.ready.done():
-                if code == EXIT_PORT_IN_USE:
-                    async with self._port_lock:
-                        m.port = self._free_port(None)
-                        await self._start(m)
-                    continue
+            if code == EXIT_PORT_IN_USE and not m.ready.done():
+                async with self._port_lock:
+                    m.port = self._free_port(None)
+                    await self._start(m)
+                continue
+            if m.restarts == 0 and not m.ready.done():
                 m.state = "failed"
                 m.ready.set_exception(OperationFailed(
                     f"worker {m.spec.worker_id} exited while loading ({m.last_exit}){_log_tail(m.log_path)}"
                 ))
                 m.ready.exception()
                 return
-            lived = time.monotonic() - m.started_at
-            failures = 0 if lived >= self.settings.stable_after_s else failures + 1
+            stable = m.ready.done() and time.monotonic() - m.started_at >= self.settings.stable_after_s
+            failures = 0 if stable else failures + 1
             delay = self.settings.restart_backoff_s[min(failures, len(self.settings.restart_backoff_s) - 1)]
             m.state = "restarting"
             m.restarts += 1
             log.warning("worker %s %s; restarting in %.0f s", m.spec.worker_id, m.last_exit, delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(m.stop_requested.wait(), delay)
             if m.stopping:
                 m.state = "stopped"
                 return
@@ -271,7 +287,12 @@ class Supervisor:
                 if not _port_free(self.settings.bind_host, m.port):
                     m.port = self._free_port(None)
                 await self._start(m)
-            asyncio.create_task(self._watch_restart(m))
+            if m.stopping:  # stop() came while the new process was starting, and could not see it
+                await self._terminate(m)
+                m.state = "stopped"
+                return
+            if m.watcher is None or m.watcher.done():
+                m.watcher = asyncio.create_task(self._watch_restart(m), name=f"ready-{m.spec.worker_id}")
 
     async def _watch_restart(self, m: Managed) -> None:
         with contextlib.suppress(Exception):
@@ -287,12 +308,16 @@ class Supervisor:
             del self._workers[worker_id]
             return self.view(m)
         m.stopping = True
+        m.stop_requested.set()
         m.state = "stopping"
         if emit is not None:
             emit.progress(f"stopping worker {worker_id} (pid {m.process.pid if m.process else '?'})")
         await self._terminate(m)
         if m.monitor is not None:
             await asyncio.gather(m.monitor, return_exceptions=True)
+        if m.watcher is not None:
+            m.watcher.cancel()
+            await asyncio.gather(m.watcher, return_exceptions=True)
         m.state = "stopped"
         del self._workers[worker_id]
         return self.view(m)
