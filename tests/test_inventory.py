@@ -72,3 +72,15 @@ def test_api_keys_from_environment(monkeypatch):
     monkeypatch.setenv("RBEE_API_KEYS", "k1, k2")
     inv = parse_inventory('[queen]\napi_keys = ["k0"]\n')
     assert inv.queen.effective_api_keys() == ["k0", "k1", "k2"]
+
+
+def test_embedded_workers_listen_where_they_are_advertised(tmp_path):
+    from rbee_fleet.common.paths import Layout
+    from rbee_fleet.queen.settings import settings_from_inventory
+
+    inv = parse_inventory('[queen]\nhost = "127.0.0.1"\n[hives.ws]\nembedded = true\naddress = "10.0.0.5"\n')
+    hive = settings_from_inventory(inv, Layout(tmp_path)).embedded_hive
+    assert hive.bind_host == hive.advertise_host == "127.0.0.1"  # a loopback queen reaches them there
+    inv = parse_inventory('[queen]\nhost = "0.0.0.0"\napi_keys = ["k"]\n[hives.ws]\nembedded = true\naddress = "10.0.0.5"\n')
+    hive = settings_from_inventory(inv, Layout(tmp_path)).embedded_hive
+    assert hive.bind_host == hive.advertise_host == "10.0.0.5"

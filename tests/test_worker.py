@@ -203,3 +203,16 @@ def test_worker_with_a_token_refuses_callers_without_it(tmp_path):
     finally:
         worker.stop()
     assert worker.popen.returncode == 0, worker.log_text()[-2000:]
+
+
+def test_a_worker_beyond_loopback_without_a_token_refuses_to_start(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "rbee_fleet.worker", "--model-path", procs.model_path(),
+                           "--model-id", "smollm2", "--host", "0.0.0.0", "--port", str(procs.free_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "without a cluster token" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "rbee_fleet.hive", "--host", "0.0.0.0", "--port", str(procs.free_port()),
+                           "--home", str(tmp_path / "h")], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "without a cluster token" in done.stderr

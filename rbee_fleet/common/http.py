@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from rbee_fleet.common.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unauthorized, error_body
+from rbee_fleet.common.net import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +94,12 @@ def bearer_auth(accepted_for: Callable[[web.Request], Collection[str]]) -> Any:
     return auth_middleware
 
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-
-
 def _host_of(value: str) -> str:
     """The host part of a Host header or an Origin URL, lower-cased, without port or scheme."""
     value = value.split("://", 1)[-1].split("/", 1)[0].lower()
     if value.startswith("["):
         return value[: value.find("]") + 1]
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-def _is_loopback_name(host: str) -> bool:
-    return host in LOOPBACK_NAMES or host.startswith("127.")
 
 
 def browser_guard(bind_host: str, allowed_origins: Collection[str] = ()) -> Any:
@@ -116,18 +110,18 @@ def browser_guard(bind_host: str, allowed_origins: Collection[str] = ()) -> Any:
     own name in ``Host``; OpenAI clients, curl and the fleet's components send no ``Origin``.
     """
     allowed = {_host_of(o) for o in allowed_origins}
-    loopback_only = bind_host in ("127.0.0.1", "localhost", "::1") or bind_host.startswith("127.")
+    loopback_only = is_loopback(bind_host)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if origin and origin != "null":
             host = _host_of(origin)
-            if not (_is_loopback_name(host) or host in allowed):
+            if not (is_loopback(host) or host in allowed):
                 raise Forbidden(f"requests from web pages at {origin} are not allowed (allowed_origins)")
         elif origin == "null":
             raise Forbidden("requests from sandboxed or file:// web pages are not allowed")
-        if loopback_only and not _is_loopback_name(_host_of(request.headers.get("Host", "localhost"))):
+        if loopback_only and not is_loopback(_host_of(request.headers.get("Host", "localhost"))):
             raise Forbidden("this server answers only to localhost names (Host header)")
         return await handler(request)
 

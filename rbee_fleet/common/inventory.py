@@ -6,7 +6,6 @@ Errors name the file, the line and the key, and nothing is started on a bad inve
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 import sys
@@ -15,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rbee_fleet.common.net import is_loopback
 from rbee_fleet.common.ssh_config import is_config_alias
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 
@@ -175,14 +175,6 @@ class Inventory(_Section):
                 plan.append((wid, decl))
         return plan
 
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _url_host(host: str) -> str:

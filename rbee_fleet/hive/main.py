@@ -11,6 +11,7 @@ from pathlib import Path
 from rbee_fleet import __version__
 from rbee_fleet.common.http import run_daemon, serve
 from rbee_fleet.common.logs import setup_logging
+from rbee_fleet.common.net import refuse_open_bind
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import read_secret
 from rbee_fleet.hive.app import create_app
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         token = read_secret(args.token_file) if args.token_file else None
     except (OSError, ValueError) as exc:
         sys.exit(f"rbee-hive: {exc}")
+    refuse_open_bind("rbee-hive", args.host, token)
     advertise = args.advertise_host or (args.host if args.host not in ("0.0.0.0", "::") else socket.gethostname())
     settings = HiveSettings(
         hive_id=args.hive_id,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rbee_fleet.common.inventory import Inventory, is_loopback
+from rbee_fleet.common.inventory import Inventory
+from rbee_fleet.common.net import is_loopback
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import load_or_create
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
@@ -60,11 +61,14 @@ def settings_from_inventory(
     found = inv.embedded_hive()
     if found is not None:
         alias, hive = found
+        worker_host = "127.0.0.1" if is_loopback(q.host) else hive.address
         embedded = HiveSettings(
             hive_id=alias,
             layout=layout,
-            bind_host=hive.address if not is_loopback(q.host) else "127.0.0.1",
-            advertise_host=hive.address,
+            # Only the queen calls these workers: on a loopback queen they live on loopback too, whatever
+            # address the hive has for others; otherwise they listen where they are advertised.
+            bind_host=worker_host,
+            advertise_host=worker_host,
             port=q.port,  # the embedded hive answers through the queen
             queen_url=q.url(),
             token=token,

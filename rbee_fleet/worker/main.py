@@ -9,6 +9,7 @@ import sys
 from rbee_fleet import __version__
 from rbee_fleet.common.http import run_daemon, serve
 from rbee_fleet.common.logs import setup_logging
+from rbee_fleet.common.net import refuse_open_bind
 from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.common.secrets import read_secret
 from rbee_fleet.worker.app import create_app, drain
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = settings_from(args)
     except (OSError, ValueError) as exc:
         sys.exit(f"llm-worker-rbee: {exc}")
+    refuse_open_bind("llm-worker-rbee", settings.host, settings.token)
     app = create_app(settings)
     run_daemon(serve(app, settings.host, settings.port, before_shutdown=drain))
 

@@ -1,0 +1,25 @@
+"""Addresses: what counts as this machine only."""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name, with or without IPv6 brackets) reaches this machine only."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_open_bind(program: str, host: str, token: str | None) -> None:
+    """Exit when a daemon would serve beyond this machine with nothing guarding its endpoints."""
+    if not is_loopback(host) and not token:
+        raise SystemExit(
+            f"{program}: refusing to listen on {host} without a cluster token: anyone on the network could use "
+            "it; pass --token-file (rbee-keeper deploy does) or bind 127.0.0.1"
+        )
