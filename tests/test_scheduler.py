@@ -140,3 +140,36 @@ async def test_late_heartbeat_of_a_stopped_instance_is_ignored_but_a_restart_is_
     assert "a" not in reg.workers
     reg.worker_heartbeat(beat.model_copy(update={"pid": 11, "started_at": 2.0}))  # restarted: a new instance
     assert "a" in reg.workers
+
+
+async def test_waiters_are_served_in_arrival_order_and_newcomers_queue_behind():
+    _, sched = fleet(hb("a"), admission=5)
+    held = await sched.acquire("m")
+    first = asyncio.create_task(sched.acquire("m"))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(sched.acquire("m"))
+    await asyncio.sleep(0.01)
+    held.release()
+    newcomer = asyncio.create_task(sched.acquire("m"))  # arrives as the slot frees: must not jump the queue
+    lease = await asyncio.wait_for(first, 1)
+    await asyncio.sleep(0.01)
+    assert not second.done() and not newcomer.done() and sched.waiting == 2
+    lease.release()
+    lease = await asyncio.wait_for(second, 1)
+    await asyncio.sleep(0.01)
+    assert not newcomer.done()
+    lease.release()
+    (await asyncio.wait_for(newcomer, 1)).release()
+    assert sched.waiting == 0
+
+
+async def test_waiters_for_another_model_do_not_hold_up_a_free_worker():
+    _, sched = fleet(hb("a", model="m"), hb("b", model="n"), admission=5)
+    held = await sched.acquire("m")
+    waiting_for_m = asyncio.create_task(sched.acquire("m"))
+    await asyncio.sleep(0.01)
+    lease = await asyncio.wait_for(sched.acquire("n"), 1)
+    assert lease.record.id == "b" and not waiting_for_m.done()
+    lease.release()
+    held.release()
+    (await asyncio.wait_for(waiting_for_m, 1)).release()

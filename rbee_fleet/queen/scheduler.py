@@ -7,9 +7,10 @@ exactly once when the request ends, however it ends, so the counters cannot drif
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
-from collections import deque
+from dataclasses import dataclass
 
 from rbee_fleet.common.errors import ModelNotFound, RateLimited, Unavailable
 from rbee_fleet.queen.registry import Registry, WorkerRecord
@@ -17,6 +18,13 @@ from rbee_fleet.queen.registry import Registry, WorkerRecord
 
 class NoOtherWorker(Exception):
     """A retry found no worker left to try."""
+
+
+@dataclass
+class _Waiter:
+    ticket: int
+    model: str
+    fut: asyncio.Future[None]
 
 
 class Lease:
@@ -41,19 +49,19 @@ class Scheduler:
         self.registry = registry
         self.admission_timeout_s = admission_timeout_s
         self.max_waiting = max_waiting
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._queue: list[_Waiter] = []  # in arrival order; a waiter leaves it when served or given up
+        self._tickets = itertools.count()
         registry.on_capacity.append(self.wake)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self._queue)
 
     def wake(self) -> None:
-        """Let every waiter look again (in the order they came)."""
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
+        """Let every waiter look again; they look in the order they came."""
+        for waiter in self._queue:
+            if not waiter.fut.done():
+                waiter.fut.set_result(None)
 
     def pick(self, model: str, exclude: set[str]) -> WorkerRecord | None:
         best: list[WorkerRecord] = []
@@ -69,39 +77,47 @@ class Scheduler:
         return random.choice(best) if best else None
 
     async def acquire(self, model: str, exclude: set[str] | None = None) -> Lease:
+        """A slot on a worker of ``model``: at once, or after the requests that came first (FIFO per model).
+
+        A retry (``exclude`` set) was admitted before and does not queue behind newcomers.
+        """
         exclude = exclude or set()
         if not self.registry.knows(model):
             served = ", ".join(self.registry.models()) or "none yet"
             raise ModelNotFound(f"the model {model!r} does not exist in this fleet (serving: {served})", param="model")
         deadline = time.monotonic() + self.admission_timeout_s
         loop = asyncio.get_running_loop()
-        while True:
-            rec = self.pick(model, exclude)
-            if rec is not None:
-                return Lease(rec, self)
-            if exclude and not self.registry.others(model, exclude):
-                raise NoOtherWorker()
-            if len(self._waiters) >= self.max_waiting:
-                raise RateLimited(
-                    f"{len(self._waiters)} requests are already waiting for a worker; retry later",
-                    code="rate_limit_exceeded", retry_after=2,
-                )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._unavailable(model)
-            fut: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(fut)
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), remaining)
-            except asyncio.TimeoutError:
-                raise self._unavailable(model) from None
-            finally:
-                if not fut.done():
-                    fut.cancel()
-                    try:
-                        self._waiters.remove(fut)
-                    except ValueError:
-                        pass
+        me = _Waiter(next(self._tickets), model, loop.create_future())
+        queued = False
+        try:
+            while True:
+                first = exclude or not any(w.model == model and w.ticket < me.ticket for w in self._queue)
+                rec = self.pick(model, exclude) if first else None
+                if rec is not None:
+                    return Lease(rec, self)
+                if exclude and not self.registry.others(model, exclude):
+                    raise NoOtherWorker()
+                if not queued and len(self._queue) >= self.max_waiting:
+                    raise RateLimited(
+                        f"{len(self._queue)} requests are already waiting for a worker; retry later",
+                        code="rate_limit_exceeded", retry_after=2,
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._unavailable(model)
+                if not queued:
+                    self._queue.append(me)
+                    queued = True
+                elif me.fut.done():
+                    me.fut = loop.create_future()
+                try:
+                    await asyncio.wait_for(asyncio.shield(me.fut), remaining)
+                except asyncio.TimeoutError:
+                    raise self._unavailable(model) from None
+        finally:
+            if queued:
+                self._queue.remove(me)
+                self.wake()  # the next in line may go now
 
     def _unavailable(self, model: str) -> Unavailable:
         ready = self.registry.serving(model)
