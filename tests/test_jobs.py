@@ -110,3 +110,14 @@ async def test_the_browser_guard_refuses_foreign_pages_and_rebound_names(client)
         assert resp.status == 403
     async with session.get(f"{base}v1/jobs", headers={"Origin": "http://127.0.0.1:5173"}) as resp:
         assert resp.status == 200
+
+
+async def test_stream_position_must_be_a_number_and_never_replays(client):
+    jobs, _, session, base = client
+    job_id = await jobs.submit(ModelDownloadOp(source="x"))
+    await asyncio.sleep(0.1)
+    async with session.get(f"{base}v1/jobs/{job_id}/stream", params={"after": "abc"}) as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "after"
+    events = [e async for e in jobs.events(job_id, after=-5)]
+    assert [e.seq for e in events] == list(range(len(events)))  # from the start, each once
+    assert [e.seq for e in [e async for e in jobs.events(job_id, after=2)]] == list(range(3, len(events)))

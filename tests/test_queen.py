@@ -131,19 +131,45 @@ def test_heartbeats_need_the_cluster_token(fleet):
     assert "intruder" not in workers(fleet)
 
 
-def test_metrics_count_requests_tokens_and_first_tokens(fleet):
-    text = procs.http_text(f"{fleet.url}/metrics")
+def metric_samples(queen) -> dict[str, float]:
     samples = {}
-    for line in text.splitlines():
+    for line in procs.http_text(f"{queen.url}/metrics").splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
+    return samples
+
+
+async def test_metrics_count_requests_tokens_and_first_tokens(client, fleet):
+    stream = await client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=8, stream=True)
+    assert [c async for c in stream]
+    samples = metric_samples(fleet)
     ok = [v for k, v in samples.items() if k.startswith("rbee_requests_total{") and 'status="200"' in k]
     assert sum(ok) >= 1
     assert samples['rbee_time_to_first_token_seconds_count{model="smollm2"}'] >= 1
     assert samples['rbee_tokens_total{kind="completion",model="smollm2"}'] > 0
     assert samples['rbee_workers{model="smollm2",state="ready"}'] == 2
     assert 'rbee_requests_in_flight{model="smollm2"}' in samples
+
+
+async def test_a_client_that_hangs_up_is_counted_as_such_not_as_a_dead_worker(fleet):
+    died = 'rbee_request_errors_total{model="smollm2",reason="worker_died_mid_stream"}'
+    before = metric_samples(fleet).get(died, 0.0)
+    body = {"model": "smollm2", **procs.LONG, "max_tokens": 400, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{fleet.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            await resp.content.readany()
+        # leaving the block closes the connection mid-answer
+
+    def hung_up() -> bool:
+        return any(k.startswith("rbee_requests_total{") and 'status="499"' in k for k in metric_samples(fleet))
+
+    procs.wait_until(hung_up, 15, what="the queen to record the request as closed by the client (499)")
+    procs.wait_until(lambda: metric_samples(fleet)['rbee_requests_in_flight{model="smollm2"}'] == 0, 15,
+                     what="the hung-up request to leave the in-flight gauge")
+    assert metric_samples(fleet).get(died, 0.0) == before
+    procs.wait_workers_ready(fleet, 2)
 
 
 async def test_worker_killed_mid_stream_ends_the_stream_with_an_error_and_is_restarted(client, fleet):

@@ -19,7 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from rbee_fleet.common import sse
-from rbee_fleet.common.errors import NotFound, OperationFailed, error_from_body
+from rbee_fleet.common.errors import BadRequest, NotFound, OperationFailed, error_from_body
 from rbee_fleet.common.http import read_json
 from rbee_fleet.common.validation import validate
 from rbee_fleet.contracts.fleet import JobCreated, JobEvent, JobInfo, JobRequest, JobState, Progress
@@ -228,7 +228,11 @@ def job_routes(host_key: web.AppKey[Any]) -> web.RouteTableDef:
     @routes.get("/v1/jobs/{job_id}/stream")
     async def stream(request: web.Request) -> web.StreamResponse:
         job = request.app[host_key].jobs.get(request.match_info["job_id"])
-        after = int(request.headers.get("Last-Event-ID") or request.query.get("after", "-1"))
+        raw = request.headers.get("Last-Event-ID") or request.query.get("after", "-1")
+        try:
+            after = max(-1, int(raw))
+        except ValueError:
+            raise BadRequest(f"'after' (or Last-Event-ID) must be an event number, not {raw!r}", param="after") from None
         response = await sse.start_stream(request)
         async for event in job.follow(after, ping_s=PING_INTERVAL_S):
             if event is None:

@@ -26,6 +26,7 @@ MAX_ATTEMPTS = 3
 TAIL = 512  # bytes of the stream kept to read the closing usage comment and [DONE]
 USAGE_MARK = b": usage "
 DONE_MARK = b"data: [DONE]"
+ERROR_MARK = b'data: {"error"'
 
 
 WATCH_INTERVAL_S = 0.5
@@ -100,6 +101,9 @@ class WorkerProxy:
         except ApiError as exc:
             status = exc.status
             m.errors.labels(label, exc.code or exc.type).inc()
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499  # the client closed the connection (nginx's name for it)
             raise
         finally:
             gauge.dec()
@@ -196,14 +200,21 @@ class WorkerProxy:
         tail = first[-TAIL:]
         failure = None
         read = upstream.content.readany
-        try:
-            while chunk := await read():
-                await out.write(chunk)
-                tail = (tail + chunk)[-TAIL:]
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            failure = dog.lost or _why(exc)
+        while True:
+            try:
+                chunk = await read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failure = dog.lost or _why(exc)
+                break
+            if not chunk:
+                break
+            await out.write(chunk)  # a client that went away raises here: not the worker's doing
+            tail = (tail + chunk)[-TAIL:]
         if DONE_MARK in tail:
             self.metrics.count_usage(model, _usage_from(tail))
+        elif ERROR_MARK in tail and failure is None:
+            # The worker ended its own stream with an error event: the client has it already.
+            self.metrics.errors.labels(model, "worker_error_mid_stream").inc()
         else:
             reason = failure or "the connection closed"
             log.warning("worker %s stopped mid-stream: %s", worker_id, reason)
