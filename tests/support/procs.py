@@ -29,6 +29,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def port_open(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port now."""
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
+
+
 def free_port_range(n: int, host: str = "127.0.0.1") -> int:
     """The first of ``n`` consecutive free ports (checked now; good enough for tests)."""
     for _ in range(50):
