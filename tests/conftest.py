@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from tests.support import procs
+from tests.support.sshd import openssh_server, write_client_key
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +44,19 @@ def standalone_worker(module_tmp: Path) -> procs.Proc:
     proc = procs.start_worker(module_tmp, max_queue=1, ctx_size=512)
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def client_key(tmp_path: Path) -> Path:
+    """A fresh ed25519 key for the keeper to log in with."""
+    return write_client_key(tmp_path / "id_test")
+
+
+@pytest.fixture
+def sshd(client_key: Path, tmp_path: Path) -> Iterator[tuple[asyncssh.SSHKey, int]]:
+    """A real OpenSSH server on loopback that lets ``client_key`` in: (its host key, its port)."""
+    with openssh_server(client_key, tmp_path / "sshd") as server:
+        yield server
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -1,5 +1,5 @@
-"""Host actions: the embedded hive's plan, remote hosts over SSH (unreachable ones, an in-process SSH
-server's key), the log tail. Against real OpenSSH hosts: tests/ssh/test_tui_remote.py."""
+"""Host actions: the embedded hive's plan, remote hosts over SSH (unreachable ones, a real OpenSSH server
+on loopback), the log tail. Against real OpenSSH hosts: tests/ssh/test_tui_remote.py."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.keeper.host_actions import HiveAction, KeeperHostActions, follow_file
 from rbee_fleet.keeper.services import KeeperContext
 from tests.support import procs
-from tests.support.sshd import in_process_sshd, write_client_key
+from tests.support.sshd import USER
 
 INVENTORY = """
 [queen]
 port = {port}
 [defaults]
-ssh_user = "rbee"
+ssh_user = "{user}"
 identity_file = "{key}"
 connect_timeout_s = 3
 [hives.home]
@@ -41,29 +41,20 @@ model = "smollm2"
 address = "127.0.0.1"
 port = {hive2}
 ssh_port = {sshd}
+install_dir = "{install}"
 """
 
 
-@pytest.fixture
-def client_key(tmp_path: Path) -> Path:
-    return write_client_key(tmp_path / "id_test")
-
-
-@pytest.fixture
-async def sshd(client_key: Path) -> AsyncIterator[tuple[asyncssh.SSHKey, int]]:
-    async with in_process_sshd(client_key) as server:
-        yield server
-
-
-def make_ctx(client_key: Path, sshd_port: int, queen_port: int | None = None) -> KeeperContext:
+def make_ctx(client_key: Path, sshd_port: int, install: Path, queen_port: int | None = None) -> KeeperContext:
     inv = parse_inventory(INVENTORY.format(port=queen_port or procs.free_port(), key=client_key, closed=procs.free_port(),
-                                           sshd=sshd_port, hive1=procs.free_port(), hive2=procs.free_port()))
+                                           sshd=sshd_port, hive1=procs.free_port(), hive2=procs.free_port(),
+                                           user=USER, install=install))
     return KeeperContext(inventory=inv, inventory_path=None, layout=Layout.default())
 
 
 @pytest.fixture
-async def actions(client_key: Path, sshd) -> AsyncIterator[KeeperHostActions]:
-    fleet = FleetService(make_ctx(client_key, sshd[1]))
+async def actions(client_key: Path, sshd, tmp_path: Path) -> AsyncIterator[KeeperHostActions]:
+    fleet = FleetService(make_ctx(client_key, sshd[1], tmp_path / "box-install"))
     yield KeeperHostActions(fleet)
     await fleet.close()
 
@@ -74,16 +65,16 @@ async def test_the_plan_checks_remote_hosts_and_says_why_one_fails(actions: Keep
     assert [(s.alias, s.what, s.status) for s in steps] == [
         ("home", "queen", "change"), ("home", "home-smollm2-0", "change"),
         ("gone", "host", "failed"), ("box", "host", "failed")]
-    assert "connection refused by rbee@127.0.0.1:" in steps[2].detail
+    assert f"connection refused by {USER}@127.0.0.1:" in steps[2].detail
     assert f"unknown host key {host_key.get_fingerprint('sha256')}" in steps[3].detail
     assert not (Path(os.environ["RBEE_HOME"]) / "known_hosts").exists()
 
 
 async def test_remote_hive_actions_fail_with_the_hosts_reason(actions: KeeperHostActions):
     events = []
-    with pytest.raises(OperationFailed, match="gone: connection refused by rbee@127.0.0.1:"):
+    with pytest.raises(OperationFailed, match=f"gone: connection refused by {USER}@127.0.0.1:"):
         await actions.hive("gone", HiveAction.STOP, lambda label, ev: events.append((label, ev.message)))
-    assert events[0][0] == "gone" and events[0][1].startswith("connecting to rbee@127.0.0.1:")
+    assert events[0][0] == "gone" and events[0][1].startswith(f"connecting to {USER}@127.0.0.1:")
     with pytest.raises(OperationFailed, match="gone: connection refused"):
         async for _ in actions.follow_log("gone"):
             pass
@@ -96,7 +87,7 @@ async def test_remote_hive_actions_fail_with_the_hosts_reason(actions: KeeperHos
     assert [a for a in HiveAction if a.destructive] == [HiveAction.STOP, HiveAction.RESTART, HiveAction.UNINSTALL]
 
 
-async def test_a_new_host_key_is_shown_then_trusted_only_when_accepted(actions: KeeperHostActions, sshd):
+async def test_a_new_host_key_is_shown_then_trusted_only_when_accepted(actions: KeeperHostActions, sshd, tmp_path):
     host_key, port = sshd
     with pytest.raises(OperationFailed, match="does not reach it over SSH"):
         await actions.host_key("home")
@@ -107,8 +98,8 @@ async def test_a_new_host_key_is_shown_then_trusted_only_when_accepted(actions: 
     await actions.accept_host_key(key)
     assert known_hosts.read_text().startswith(f"[127.0.0.1]:{port} ssh-ed25519 ")
     assert (await actions.host_key("box")).state == "known"
-    probe = await actions.probe("box")  # the login works now; the stand-in server is no shell, so no facts
-    assert probe.state == "unknown" and "the host probe printed nothing useful" in probe.reason
+    probe = await actions.probe("box")  # the login works now: the host's real facts
+    assert (probe.state, probe.reason) == ("not installed", f"no rbee-fleet under {tmp_path / 'box-install'}")
 
 
 async def test_a_changed_host_key_is_refused_with_both_fingerprints(actions: KeeperHostActions, sshd):
@@ -129,7 +120,7 @@ async def test_a_changed_host_key_is_refused_with_both_fingerprints(actions: Kee
 async def test_remote_deploys_fail_alone_each_with_its_reason(client_key: Path, sshd, tmp_path: Path):
     """A real queen (no workers) is running, as deploys spawn remote workers through it."""
     port = procs.free_port()
-    ctx = make_ctx(client_key, sshd[1], port)
+    ctx = make_ctx(client_key, sshd[1], tmp_path / "box-install", port)
     inventory = procs.write_inventory(tmp_path / "queen.toml", port=port, worker_port_base=procs.free_port_range(4),
                                       workers=[])
     queen = procs.start_queen(tmp_path, inventory, tmp_path / "queen-home", port)

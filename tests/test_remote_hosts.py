@@ -1,5 +1,5 @@
 """The keeper's remote-host service functions (shared by the CLI and the TUI) without any real host:
-recorded facts, closed ports, asyncssh's in-process SSH server, and the ssh command line.
+recorded facts, closed ports, a real OpenSSH server on loopback, and the ssh command line.
 
 (The same functions against real OpenSSH hosts: tests/ssh.)
 """
@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from rbee_fleet.common.inventory import InventoryError, parse_inventory
@@ -31,7 +29,7 @@ from rbee_fleet.keeper.remote_hosts import (
 from rbee_fleet.keeper.services import KeeperContext
 from tests.deploy.test_facts import DEPLOYED, FRESH_DEBIAN
 from tests.support import procs
-from tests.support.sshd import in_process_sshd, write_client_key
+from tests.support.sshd import USER
 
 
 def closed_port() -> int:
@@ -42,23 +40,12 @@ def context(text: str) -> KeeperContext:
     return KeeperContext(inventory=parse_inventory(text), inventory_path=None, layout=Layout.default())
 
 
-@pytest.fixture
-def client_key(tmp_path: Path) -> Path:
-    return write_client_key(tmp_path / "id_test")
-
-
-@pytest.fixture
-async def sshd(client_key: Path) -> AsyncIterator[tuple[asyncssh.SSHKey, int]]:
-    async with in_process_sshd(client_key) as server:
-        yield server
-
-
-def fleet(ssh_port: int, key: Path, extra: str = "") -> KeeperContext:
+def fleet(ssh_port: int, key: Path, extra: str = "", user: str = "rbee") -> KeeperContext:
     return context(f"""
 [queen]
 port = {procs.free_port()}
 [defaults]
-ssh_user = "rbee"
+ssh_user = "{user}"
 identity_file = "{key}"
 connect_timeout_s = 3
 [hives.box]
@@ -92,6 +79,24 @@ async def test_probes_of_hosts_that_cannot_be_seen_say_why(client_key: Path, ssh
     probe = await probe_host(remote_specs(ctx, None)[0], host_keys(ctx), at=5.0)
     assert probe.state == "unknown" and probe.reason.startswith(f"unknown host key {host_key.get_fingerprint('sha256')}")
     assert not host_keys(ctx).keeper_file.exists()  # a probe never trusts a key
+
+
+async def test_a_probe_over_ssh_reads_the_hosts_real_facts(client_key: Path, sshd, tmp_path: Path) -> None:
+    host_key, port = sshd
+    install = tmp_path / "install"
+    ctx = fleet(port, client_key, extra=f'install_dir = "{install}"\n', user=USER)
+    spec = remote_specs(ctx, None)[0]
+    host_keys(ctx).record("127.0.0.1", port, host_key.export_public_key().decode())
+    probe = await probe_host(spec, host_keys(ctx), at=1.0)
+    assert (probe.state, probe.reason) == ("not installed", f"no rbee-fleet under {install}")
+    # A release left half-unpacked does not count; a complete one, switched to, does (the hive not running).
+    release = install / "versions" / "0.1.0-test"
+    release.mkdir(parents=True)
+    (install / "current").symlink_to(release)
+    assert (await probe_host(spec, host_keys(ctx), at=1.5)).state == "not installed"
+    (release / ".complete").touch()
+    probe = await probe_host(spec, host_keys(ctx), at=2.0)
+    assert (probe.state, probe.version) == ("stopped", "0.1.0-test"), probe.reason
 
 
 async def test_a_silent_host_is_unreachable_within_the_connect_timeout(client_key: Path) -> None:

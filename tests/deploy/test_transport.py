@@ -1,5 +1,5 @@
-"""Connection logic, the host-key policy and looking at a key before trusting it, against asyncssh's
-in-process SSH server.
+"""Connection logic, the host-key policy and looking at a key before trusting it, against real OpenSSH
+servers on loopback (tests/support/sshd.py).
 
 (End-to-end deploys use real OpenSSH in containers: tests/ssh.)
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncssh
@@ -23,46 +22,11 @@ from rbee_fleet.deploy.errors import (
     HostKeyUnknown,
 )
 from rbee_fleet.deploy.transport import HostKeyStore, SSHTarget, connect, fingerprint, scan_host_key
-
-
-class _Server(asyncssh.SSHServer):
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
-        return True  # lets a test use this server as a jump host
-
-
-def _answer(process: asyncssh.SSHServerProcess) -> None:
-    process.stdout.write(f"ran: {process.command}\n")
-    process.exit(0)
-
-
-async def _serve(host_key: asyncssh.SSHKey, client_key: asyncssh.SSHKey) -> tuple[asyncssh.SSHAcceptor, int]:
-    server = await asyncssh.create_server(
-        _Server, "127.0.0.1", 0, server_host_keys=[host_key],
-        authorized_client_keys=asyncssh.import_authorized_keys(client_key.export_public_key().decode()),
-        process_factory=_answer,
-    )
-    return server, server.sockets[0].getsockname()[1]
-
-
-@pytest.fixture
-def client_key(tmp_path: Path) -> Path:
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    path = tmp_path / "id_test"
-    key.write_private_key(str(path))
-    return path
-
-
-@pytest.fixture
-async def server(client_key: Path) -> AsyncIterator[tuple[asyncssh.SSHKey, int]]:
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    srv, port = await _serve(host_key, asyncssh.read_private_key(str(client_key)))
-    yield host_key, port
-    srv.close()
-    await srv.wait_closed()
+from tests.support.sshd import USER, openssh_server
 
 
 def _target(port: int, key: Path, **kw: object) -> SSHTarget:
-    return SSHTarget("box", "127.0.0.1", port=port, user="rbee", identity_file=str(key), connect_timeout_s=3, **kw)  # type: ignore[arg-type]
+    return SSHTarget("box", "127.0.0.1", port=port, user=USER, identity_file=str(key), connect_timeout_s=3, **kw)  # type: ignore[arg-type]
 
 
 def _store(tmp_path: Path, user_text: str = "") -> HostKeyStore:
@@ -71,19 +35,19 @@ def _store(tmp_path: Path, user_text: str = "") -> HostKeyStore:
     return HostKeyStore(tmp_path / "rbee" / "known_hosts", user_files=(user,))
 
 
-async def test_unknown_key_is_refused_with_its_fingerprint(server, client_key: Path, tmp_path: Path) -> None:
-    host_key, port = server
+async def test_unknown_key_is_refused_with_its_fingerprint(sshd, client_key: Path, tmp_path: Path) -> None:
+    host_key, port = sshd
     with pytest.raises(HostKeyUnknown) as info:
         await connect(_target(port, client_key), _store(tmp_path))
     assert fingerprint(host_key) in info.value.reason and "--accept-new-host-keys" in info.value.reason
     assert not (tmp_path / "rbee" / "known_hosts").exists()
 
 
-async def test_accept_new_records_the_key_and_later_runs_need_no_flag(server, client_key: Path, tmp_path: Path) -> None:
-    _, port = server
+async def test_accept_new_records_the_key_and_later_runs_need_no_flag(sshd, client_key: Path, tmp_path: Path) -> None:
+    _, port = sshd
     store = _store(tmp_path)
     t = await connect(_target(port, client_key), store, accept_new=True)
-    assert (await t.run("echo hi")).stdout == "ran: echo hi\n"
+    assert (await t.run("echo hi")).stdout == "hi\n"
     await t.close()
     recorded = (tmp_path / "rbee" / "known_hosts").read_text()
     assert recorded.startswith(f"[127.0.0.1]:{port} ssh-ed25519 ")
@@ -92,15 +56,15 @@ async def test_accept_new_records_the_key_and_later_runs_need_no_flag(server, cl
     assert (tmp_path / "rbee" / "known_hosts").read_text() == recorded  # recorded once
 
 
-async def test_the_users_known_hosts_is_trusted(server, client_key: Path, tmp_path: Path) -> None:
-    host_key, port = server
+async def test_the_users_known_hosts_is_trusted(sshd, client_key: Path, tmp_path: Path) -> None:
+    host_key, port = sshd
     line = f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}"
     t = await connect(_target(port, client_key), _store(tmp_path, line))
     await t.close()
 
 
-async def test_a_changed_key_is_refused_with_both_fingerprints_even_with_accept_new(server, client_key: Path, tmp_path: Path) -> None:
-    host_key, port = server
+async def test_a_changed_key_is_refused_with_both_fingerprints_even_with_accept_new(sshd, client_key: Path, tmp_path: Path) -> None:
+    host_key, port = sshd
     old = asyncssh.generate_private_key("ssh-ed25519")
     store = _store(tmp_path)
     store.record("127.0.0.1", port, old.export_public_key().decode())
@@ -110,13 +74,13 @@ async def test_a_changed_key_is_refused_with_both_fingerprints_even_with_accept_
     assert info.value.host == "box (127.0.0.1)"
 
 
-async def test_wrong_key_fails_authentication(server, tmp_path: Path) -> None:
-    _, port = server
+async def test_wrong_key_fails_authentication(sshd, tmp_path: Path) -> None:
+    _, port = sshd
     wrong = tmp_path / "id_wrong"
     asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(wrong))
     with pytest.raises(AuthFailed) as info:
         await connect(_target(port, wrong), _store(tmp_path), accept_new=True)
-    assert "authentication failed for rbee with" in info.value.reason
+    assert f"authentication failed for {USER} with" in info.value.reason
 
 
 async def test_closed_port_is_refused(client_key: Path, tmp_path: Path) -> None:
@@ -131,7 +95,7 @@ async def test_closed_port_is_refused(client_key: Path, tmp_path: Path) -> None:
 async def test_a_silent_server_times_out(client_key: Path, tmp_path: Path) -> None:
     silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
-    target = SSHTarget("box", "127.0.0.1", port=port, user="rbee", identity_file=str(client_key), connect_timeout_s=0.5)
+    target = SSHTarget("box", "127.0.0.1", port=port, user=USER, identity_file=str(client_key), connect_timeout_s=0.5)
     try:
         with pytest.raises(ConnectTimeout) as info:
             await connect(target, _store(tmp_path))
@@ -140,30 +104,28 @@ async def test_a_silent_server_times_out(client_key: Path, tmp_path: Path) -> No
         silent.close()
 
 
-async def test_jump_host_tunnels_the_connection_and_both_keys_are_checked(server, client_key: Path, tmp_path: Path) -> None:
-    _, port = server
-    jump_key = asyncssh.generate_private_key("ssh-ed25519")
-    jump_srv, jump_port = await _serve(jump_key, asyncssh.read_private_key(str(client_key)))
-    try:
+async def test_jump_host_tunnels_the_connection_and_both_keys_are_checked(sshd, client_key: Path, tmp_path: Path) -> None:
+    _, port = sshd
+    with openssh_server(client_key, tmp_path / "jump") as (jump_key, jump_port):
         store = _store(tmp_path)
-        target = _target(port, client_key, jump=_target(jump_port, client_key))
-        with pytest.raises(HostKeyUnknown):  # the jump host's key is checked first
+        jump = SSHTarget("bastion", "127.0.0.1", port=jump_port, user=USER, identity_file=str(client_key),
+                         connect_timeout_s=3)
+        target = _target(port, client_key, jump=jump)
+        with pytest.raises(HostKeyUnknown) as info:  # the jump host's key is checked first
             await connect(target, store)
+        assert info.value.host.startswith("bastion") and fingerprint(jump_key) in info.value.reason
         t = await connect(target, store, accept_new=True)
-        assert (await t.run("hostname")).ok
+        assert (await t.run("echo through the jump")).stdout == "through the jump\n"
         await t.close()
         recorded = (tmp_path / "rbee" / "known_hosts").read_text()
         assert f"[127.0.0.1]:{jump_port} " in recorded and f"[127.0.0.1]:{port} " in recorded
-    finally:
-        jump_srv.close()
-        await jump_srv.wait_closed()
 
 
 # -- looking at a key before trusting it (the TUI's host-key dialog) ----------------------------------
 
 
-async def test_scan_shows_an_unknown_key_and_records_nothing(server, client_key: Path, tmp_path: Path) -> None:
-    host_key, port = server
+async def test_scan_shows_an_unknown_key_and_records_nothing(sshd, client_key: Path, tmp_path: Path) -> None:
+    host_key, port = sshd
     store = _store(tmp_path)
     key = await scan_host_key(_target(port, client_key), store)
     assert (key.alias, key.host, key.port, key.state) == ("box", "127.0.0.1", port, "unknown")
@@ -172,9 +134,9 @@ async def test_scan_shows_an_unknown_key_and_records_nothing(server, client_key:
     assert not store.keeper_file.exists()
 
 
-async def test_trusting_the_scanned_key_lets_connections_in_and_is_recorded_once(server, client_key: Path,
+async def test_trusting_the_scanned_key_lets_connections_in_and_is_recorded_once(sshd, client_key: Path,
                                                                                  tmp_path: Path) -> None:
-    _, port = server
+    _, port = sshd
     store = _store(tmp_path)
     key = await scan_host_key(_target(port, client_key), store)
     assert store.trust(key) is True
@@ -187,8 +149,8 @@ async def test_trusting_the_scanned_key_lets_connections_in_and_is_recorded_once
     assert again.state == "known" and again.fingerprint == key.fingerprint
 
 
-async def test_a_known_key_is_reported_known_even_when_the_login_fails(server, tmp_path: Path) -> None:
-    host_key, port = server
+async def test_a_known_key_is_reported_known_even_when_the_login_fails(sshd, tmp_path: Path) -> None:
+    host_key, port = sshd
     wrong = tmp_path / "id_wrong"
     asyncssh.generate_private_key("ssh-ed25519").write_private_key(str(wrong))
     store = _store(tmp_path, f"[127.0.0.1]:{port} {host_key.export_public_key().decode()}")
@@ -196,9 +158,9 @@ async def test_a_known_key_is_reported_known_even_when_the_login_fails(server, t
     assert key.state == "known" and key.fingerprint == fingerprint(host_key)
 
 
-async def test_a_changed_key_is_shown_with_both_fingerprints_and_never_trusted(server, client_key: Path,
+async def test_a_changed_key_is_shown_with_both_fingerprints_and_never_trusted(sshd, client_key: Path,
                                                                                 tmp_path: Path) -> None:
-    host_key, port = server
+    host_key, port = sshd
     old = asyncssh.generate_private_key("ssh-ed25519")
     store = _store(tmp_path)
     store.record("127.0.0.1", port, old.export_public_key().decode())
@@ -215,8 +177,8 @@ async def test_a_changed_key_is_shown_with_both_fingerprints_and_never_trusted(s
     assert store.keeper_file.read_text() == before
 
 
-async def test_trust_refuses_a_key_that_is_not_the_one_shown(server, client_key: Path, tmp_path: Path) -> None:
-    _, port = server
+async def test_trust_refuses_a_key_that_is_not_the_one_shown(sshd, client_key: Path, tmp_path: Path) -> None:
+    _, port = sshd
     store = _store(tmp_path)
     key = await scan_host_key(_target(port, client_key), store)
     other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
@@ -225,14 +187,12 @@ async def test_trust_refuses_a_key_that_is_not_the_one_shown(server, client_key:
     assert not store.keeper_file.exists()
 
 
-async def test_behind_an_untrusted_jump_host_the_jump_hosts_key_comes_first(server, client_key: Path,
+async def test_behind_an_untrusted_jump_host_the_jump_hosts_key_comes_first(sshd, client_key: Path,
                                                                             tmp_path: Path) -> None:
-    host_key, port = server
-    jump_key = asyncssh.generate_private_key("ssh-ed25519")
-    jump_srv, jump_port = await _serve(jump_key, asyncssh.read_private_key(str(client_key)))
-    try:
+    host_key, port = sshd
+    with openssh_server(client_key, tmp_path / "jump") as (jump_key, jump_port):
         store = _store(tmp_path)
-        jump = SSHTarget("bastion", "127.0.0.1", port=jump_port, user="rbee", identity_file=str(client_key),
+        jump = SSHTarget("bastion", "127.0.0.1", port=jump_port, user=USER, identity_file=str(client_key),
                          connect_timeout_s=3)
         target = _target(port, client_key, jump=jump)
         first = await scan_host_key(target, store)
@@ -240,6 +200,3 @@ async def test_behind_an_untrusted_jump_host_the_jump_hosts_key_comes_first(serv
         store.trust(first)
         second = await scan_host_key(target, store)
         assert (second.alias, second.state, second.fingerprint) == ("box", "unknown", fingerprint(host_key))
-    finally:
-        jump_srv.close()
-        await jump_srv.wait_closed()

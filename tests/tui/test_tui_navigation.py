@@ -1,11 +1,11 @@
 """Filtering, sorting and the command palette, on the fixed fleet of ``StandInFleetService`` (the reads
-are a stand-in; the actions run the real service layer); the host-key dialog against asyncssh's
-in-process SSH server."""
+are a stand-in; the actions run the real service layer); the host-key dialog against a real
+OpenSSH server on loopback."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncssh
@@ -20,7 +20,7 @@ from rbee_fleet.tui.palette import keeper_commands
 from rbee_fleet.tui.screens.host_key import HostKeyScreen
 from rbee_fleet.tui.widgets.fleet_table import FleetTable
 from tests.support.procs import free_port
-from tests.support.sshd import in_process_sshd, write_client_key
+from tests.support.sshd import USER, openssh_server, write_client_key
 from tests.tui.conftest import notifications, wait_for
 from tests.tui.standin import StandInFleetService, StandInHostActions, write_inventory
 
@@ -79,14 +79,15 @@ async def test_the_palette_has_every_action(app: KeeperApp):
 
 
 @pytest.fixture
-async def key_fleet(tmp_path: Path) -> AsyncIterator[tuple[KeeperApp, asyncssh.SSHKey, int]]:
-    """One remote host, served by asyncssh's in-process SSH server; no queen."""
+def key_fleet(tmp_path: Path) -> Iterator[tuple[KeeperApp, asyncssh.SSHKey, int]]:
+    """One remote host, served by a real OpenSSH server on loopback; no queen."""
     client_key = write_client_key(tmp_path / "id_test")
-    async with in_process_sshd(client_key) as (host_key, port):
+    with openssh_server(client_key, tmp_path / "sshd") as (host_key, port):
         inventory = tmp_path / "fleet.toml"
-        inventory.write_text(f"""[queen]\nport = {free_port()}\n[defaults]\nssh_user = "rbee"\n"""
+        inventory.write_text(f"""[queen]\nport = {free_port()}\n[defaults]\nssh_user = "{USER}"\n"""
                              f"""identity_file = "{client_key}"\nconnect_timeout_s = 3\n"""
-                             f"""[hives.box]\naddress = "127.0.0.1"\nssh_port = {port}\n""")
+                             f"""[hives.box]\naddress = "127.0.0.1"\nssh_port = {port}\n"""
+                             f"""install_dir = "{tmp_path / 'box-install'}"\n""")
         yield KeeperApp(str(inventory), refresh_s=3600), host_key, port
 
 
@@ -112,8 +113,8 @@ async def test_a_host_key_is_trusted_only_after_its_fingerprint_is_shown_and_acc
         await pilot.click("#accept")
         await wait_for(pilot, lambda: any(f"trusted {fp}" in n for n in notifications(app)), what="the key to be trusted")
         assert known_hosts.read_text().startswith(f"[127.0.0.1]:{port} ssh-ed25519 ")
-        # Probed again with the key trusted: the login works (the in-process server has no shell, so no facts).
-        await wait_for(pilot, lambda: "printed nothing useful" in app.snapshot.row("box").reason, what="a new probe")
+        # Probed again with the key trusted: the login works and the host's real facts come back.
+        await wait_for(pilot, lambda: app.snapshot.row("box").state is HostState.NOT_INSTALLED, what="a new probe")
         app.check_host_key("box")
         await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen), what="the host key dialog")
         assert "already trusted" in str(app.screen.query_one("#key-state", Label).content)
