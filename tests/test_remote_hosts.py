@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ from rbee_fleet.keeper.remote_hosts import (
 from rbee_fleet.keeper.services import KeeperContext
 from tests.deploy.test_facts import DEPLOYED, FRESH_DEBIAN
 from tests.support import procs
-from tests.support.sshd import USER
+from tests.support.sshd import USER, openssh_server
 
 
 def closed_port() -> int:
@@ -171,23 +173,65 @@ def jumps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeeperContext:
     return context(JUMPS)
 
 
-def test_a_jump_host_named_by_its_hive_alias_becomes_its_ssh_address(jumps: KeeperContext) -> None:
+def test_a_jump_host_named_by_its_hive_alias_is_reached_with_its_own_port_and_key(jumps: KeeperContext) -> None:
     key = os.path.expanduser("~/.ssh/fleet")
     known = f"UserKnownHostsFile={Path('~/.ssh/known_hosts').expanduser()} {host_keys(jumps).keeper_file}"
-    # gpu -> bastion (a hive) -> edge (a hive): the chain, outermost first, each as user@host:port.
-    assert ssh_command(jumps, "gpu") == ["ssh", "-i", key, "-o", known, "-J", "ops@203.0.113.1:2201,jump@10.0.0.1",
-                                         "bee@gpu.lan"]
-    assert ssh_command(jumps, "bastion") == ["ssh", "-i", key, "-o", known, "-J", "ops@203.0.113.1:2201", "jump@10.0.0.1"]
+    creds = ["-i", key, "-o", "IdentitiesOnly=yes", "-o", known]
+    # bastion -> edge (a hive): one ProxyCommand reaching edge on its port with the inventory's key.
+    edge = shlex.join(["ssh", "-p", "2201", *creds, "-W", "%h:%p", "ops@203.0.113.1"])
+    assert ssh_command(jumps, "bastion") == ["ssh", *creds, "-o", f"ProxyCommand={edge}", "jump@10.0.0.1"]
+    # gpu -> bastion -> edge: the inner hop's tokens are escaped for the ssh that runs it.
+    inner = edge.replace("%", "%%")
+    bastion = shlex.join(["ssh", *creds, "-o", f"ProxyCommand={inner}", "-W", "%h:%p", "jump@10.0.0.1"])
+    assert ssh_command(jumps, "gpu") == ["ssh", *creds, "-o", f"ProxyCommand={bastion}", "bee@gpu.lan"]
 
 
 def test_other_jump_hosts_pass_through(jumps: KeeperContext) -> None:
+    def proxy(cmd: list[str]) -> list[str]:
+        return shlex.split(next(a for a in cmd if a.startswith("ProxyCommand=")).removeprefix("ProxyCommand="))
+
     cfg = ssh_command(jumps, "cfg")
-    assert cfg[cfg.index("-J") + 1] == "corp-bastion" and cfg[-1] == "ops@10.0.0.9"
+    assert proxy(cfg)[-3:] == ["-W", "%h:%p", "corp-bastion"] and cfg[-1] == "ops@10.0.0.9"
     direct = ssh_command(jumps, "direct")
-    assert direct[:3] == ["ssh", "-p", "2222"]
-    assert direct[direct.index("-J") + 1] == "admin@198.51.100.4:2022" and direct[-1] == "ops@10.0.0.10"
+    assert direct[:3] == ["ssh", "-p", "2222"] and direct[-1] == "ops@10.0.0.10"
+    assert proxy(direct)[:3] == ["ssh", "-p", "2022"] and proxy(direct)[-1] == "admin@198.51.100.4"
     v6 = ssh_command(jumps, "v6")
-    assert v6[v6.index("-J") + 1] == "[fd00::1]:2200" and v6[-1] == "ops@fd00::8"
+    assert proxy(v6)[:3] == ["ssh", "-p", "2200"] and proxy(v6)[-1] == "fd00::1" and v6[-1] == "ops@fd00::8"
+
+
+async def test_the_shell_command_logs_in_through_a_jump_host_with_the_inventorys_key(
+        client_key: Path, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real OpenSSH on both ends: the key is in no default place, the host keys only in the keeper's file."""
+    host_key, port = sshd
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh of the operator's to lean on
+    with openssh_server(client_key, tmp_path / "jump") as (jump_key, jump_port):
+        ctx = context(f"""
+[defaults]
+ssh_user = "{USER}"
+identity_file = "{client_key}"
+[hives.gate]
+address = "127.0.0.1"
+port = {procs.free_port()}
+ssh_port = {jump_port}
+[hives.box]
+address = "127.0.0.1"
+port = {procs.free_port()}
+ssh_port = {port}
+proxy_jump = "gate"
+""")
+        keys = host_keys(ctx)
+        keys.record("127.0.0.1", jump_port, jump_key.export_public_key().decode())
+        keys.record("127.0.0.1", port, host_key.export_public_key().decode())
+        cmd = ssh_command(ctx, "box")
+        cmd[1:1] = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        login = await asyncio.to_thread(subprocess.run, [*cmd, "echo", "in-through-the-gate"], capture_output=True,
+                                        text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert login.stdout.strip() == "in-through-the-gate", login.stderr
+        # A gate whose key is not trusted stops the login: the jump is checked against the same files.
+        keys.keeper_file.write_text(keys.keeper_file.read_text().splitlines()[1] + "\n")
+        refused = await asyncio.to_thread(subprocess.run, [*cmd, "true"], capture_output=True, text=True,
+                                          timeout=30, stdin=subprocess.DEVNULL)
+        assert refused.returncode != 0 and "Host key verification failed" in refused.stderr
 
 
 def test_ssh_command_refuses_what_it_cannot_reach(jumps: KeeperContext) -> None:

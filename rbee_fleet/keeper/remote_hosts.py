@@ -8,6 +8,7 @@ host and the cause); printing, tables and notifications are the front ends' busi
 from __future__ import annotations
 
 import asyncio
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,9 +176,10 @@ async def stream_log(spec: HostSpec, run: RunContext, lines: int, follow: bool, 
 def ssh_command(ctx: KeeperContext, alias: str) -> list[str]:
     """The OpenSSH command line that logs the operator into ``alias`` (for the TUI's shell action).
 
-    Built from the same SSH target as deploys: a ``proxy_jump`` naming a hive of the inventory becomes that
-    hive's ``user@host:port`` (jump hosts chain), anything else (a ``~/.ssh/config`` Host, ``user@host[:port]``)
-    is passed as it is. Host keys trusted through the keeper count too.
+    Built from the same SSH target as deploys, with the inventory's port, key and the keeper's trusted host
+    keys. Behind a ``proxy_jump`` each hop is reached through a ``ProxyCommand`` carrying that hop's own port,
+    key and known hosts (``ssh -J`` would log into a jump host with the user's ssh config alone); a jump
+    host that is not a hive (a ``~/.ssh/config`` Host, ``user@host[:port]``) is passed as it is.
     """
     if alias not in ctx.inventory.hives:
         raise OperationFailed(f"no host {alias!r} in the inventory")
@@ -185,30 +187,36 @@ def ssh_command(ctx: KeeperContext, alias: str) -> list[str]:
         target = ssh_target(ctx.inventory, alias)
     except ValueError as exc:
         raise OperationFailed(f"{alias}: {exc}") from None
-    cmd = ["ssh"]
-    if target.port not in (None, 22):
-        cmd += ["-p", str(target.port)]
-    if target.identity_file:
-        cmd += ["-i", str(Path(target.identity_file).expanduser())]
     keys = host_keys(ctx)
-    known = [str(p) for p in (*keys.user_files, keys.keeper_file)]
-    cmd += ["-o", "UserKnownHostsFile=" + " ".join(f'"{p}"' if " " in p else p for p in known)]
-    jumps: list[str] = []
-    hop = target.jump
-    while hop is not None:
-        jumps.insert(0, _ssh_destination(hop, with_port=True))
-        hop = hop.jump
-    if jumps:
-        cmd += ["-J", ",".join(jumps)]
-    cmd.append(_ssh_destination(target, with_port=False))
-    return cmd
+    files = [str(p) for p in (*keys.user_files, keys.keeper_file)]
+    known = "UserKnownHostsFile=" + " ".join(f'"{p}"' if " " in p else p for p in files)
+    return ["ssh", *_ssh_options(target, known), _ssh_destination(target)]
 
 
-def _ssh_destination(t: SSHTarget, *, with_port: bool) -> str:
-    """``[user@]host[:port]`` as ``ssh -J`` takes it (an IPv6 address in brackets when a port follows)."""
-    host = f"[{t.host}]" if with_port and t.port and ":" in t.host else t.host
-    port = f":{t.port}" if with_port and t.port else ""
-    return f"{t.user}@{host}{port}" if t.user else f"{host}{port}"
+def _ssh_options(t: SSHTarget, known: str) -> list[str]:
+    opts: list[str] = []
+    if t.port not in (None, 22):
+        opts += ["-p", str(t.port)]
+    if t.identity_file:
+        opts += ["-i", str(Path(t.identity_file).expanduser()), "-o", "IdentitiesOnly=yes"]
+    opts += ["-o", known]
+    if t.jump is not None:
+        opts += ["-o", "ProxyCommand=" + _proxy_command(t.jump, known)]
+    return opts
+
+
+def _proxy_command(hop: SSHTarget, known: str) -> str:
+    """The command ssh runs to reach its next host through ``hop``; ``%h:%p`` is that next host.
+
+    ssh expands ``%`` tokens in a ProxyCommand, so everything but that one token is escaped (``%%``),
+    which also keeps a nested hop's tokens for the ssh that runs it.
+    """
+    args = [a.replace("%", "%%") for a in ("ssh", *_ssh_options(hop, known))]
+    return shlex.join([*args, "-W", "%h:%p", _ssh_destination(hop).replace("%", "%%")])
+
+
+def _ssh_destination(t: SSHTarget) -> str:
+    return f"{t.user}@{t.host}" if t.user else t.host
 
 
 # -- what a host is, when the queen does not know ----------------------------------------------------
