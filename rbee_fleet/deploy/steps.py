@@ -81,29 +81,33 @@ def wheelhouse_spec(spec: HostSpec, facts: HostFacts) -> WheelhouseSpec:
 
 async def install(t: Transport, spec: HostSpec, facts: HostFacts, release: Release, builder: WheelhouseBuilder,
                   say: Say) -> None:
-    """Ship the wheelhouse as one tarball and build ``versions/<release>/venv`` from it."""
+    """Ship the wheelhouse's tarballs and build ``versions/<release>/venv`` from them."""
     wh = wheelhouse_spec(spec, facts)
     say(f"preparing the {wh.install_source} wheelhouse for Python {wh.python_tag}")
-    tarball = await builder.tarball(wh)
+    payload = await builder.payload(wh)
     inst = facts.install_dir
-    remote_tar = f"{inst}/cache/{tarball.name}"
+    remote = [f"{inst}/cache/{f.name}" for f in payload.files]
     await checked(t, f"mkdir -p {shlex.quote(inst)}/cache", "creating the install directory", timeout=30)
-    size = tarball.stat().st_size
-    last = [0.0]
+    size = payload.size
+    done = 0
+    last = 0.0
 
     def progress(sent: int, total: int) -> None:
+        nonlocal last
         now = time.monotonic()
-        if now - last[0] > 0.5 or sent == total:
-            last[0] = now
-            say(f"uploading {tarball.name}: {sent * 100 // max(total, 1)}% of {size / 2**20:.0f} MiB")
+        if now - last > 0.5 or done + sent == size:
+            last = now
+            say(f"uploading {local.name}: {(done + sent) * 100 // max(size, 1)}% of {size / 2**20:.0f} MiB")
 
-    await t.put(tarball, remote_tar, progress)
+    for local, remote_path in zip(payload.files, remote):
+        await t.put(local, remote_path, progress)
+        done += local.stat().st_size
     say(f"installing {release.id} into a new venv")
-    await checked(t, install_command(spec, facts, release, remote_tar), "installing rbee-fleet",
+    await checked(t, install_command(spec, facts, release, remote), "installing rbee-fleet",
                   timeout=spec.command_timeout_s)
 
 
-def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_tar: str) -> str:
+def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_tars: list[str]) -> str:
     py = shlex.quote(spec.python)
     v = shlex.quote(f"{facts.install_dir}/versions/{release.id}")
     pip_opts = "--disable-pip-version-check --no-input --no-compile --no-cache-dir -q"
@@ -113,11 +117,13 @@ def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_t
     else:
         venv = f"{py} -m venv {v}/venv"
         pip = f"{v}/venv/bin/python -m pip install {pip_opts}"
-    tar = shlex.quote(remote_tar)
+    tars = [shlex.quote(path) for path in remote_tars]
     if spec.install_source == "offline":
         # The payload is the venv's contents, unpacked from the wheelhouse on the operator machine.
+        untar = "\n".join(f"tar -x{'z' if path.endswith('.tgz') else ''}f {shlex.quote(path)} -C {v}/venv"
+                          for path in remote_tars)
         body = f"""{py} -m venv --without-pip {v}/venv
-tar -xzf {tar} -C {v}/venv"""
+{untar}"""
     else:
         # The operator's wheel by its path: an index's package of the same name never wins.
         rbee = f"{facts.install_dir}/versions/{release.id}/wheels/rbee_fleet-{release.version}-py3-none-any.whl[cpu]"
@@ -125,14 +131,14 @@ tar -xzf {tar} -C {v}/venv"""
         if spec.packages:
             installs += f" && {pip} --no-deps " + " ".join(shlex.quote(p) for p in spec.packages)
         body = f"""mkdir -p {v}/wheels
-tar -xf {tar} -C {v}/wheels
+tar -xf {tars[0]} -C {v}/wheels
 {venv}
 if ! {{ {installs} ; }} > {v}/pip.log 2>&1; then tail -n 15 {v}/pip.log >&2; echo "pip install failed" >&2; exit 1; fi"""
     return f"""set -e
 rm -rf {v}
 mkdir -p {v}
 {body}
-rm -rf {v}/wheels {tar}
+rm -rf {v}/wheels {" ".join(tars)}
 {v}/venv/bin/python -c 'import rbee_fleet.hive.main, llama_cpp' || {{ echo "the new venv cannot import rbee-fleet and llama-cpp-python" >&2; exit 1; }}
 touch {v}/.complete
 """

@@ -6,10 +6,11 @@ rbee-fleet itself is always built from the operator's checkout, so every hive ru
 portable build of llama-cpp-python (compiled once with ``-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF``, so it
 runs on any x86-64 CPU without libgomp, and cached: pip's own wheel cache ignores ``CMAKE_ARGS``), is
 unpacked here, once, into a tree laid out like a venv (with ``installer``, which only unpacks wheels
-and so can target another Python), and that tree travels as a gzipped tarball. The host makes an empty
-venv and untars into it, so it needs neither pip nor ensurepip. (It is not faster: on the test hosts
-the untar and a ``pip install --no-index --no-deps`` of the same wheels both take about 4 s, spent
-writing 264 MB of files.)
+and so can target another Python). The host makes an empty venv and untars into it, so it needs neither
+pip nor ensurepip. The tree travels as two tarballs: the code gzipped, and the model weights plain (a
+quantized GGUF does not compress, and inflating it cost each host more CPU than the rest of the venv).
+Where this machine's Python is the host's, the bytecode of what the hive and its workers import at start
+is compiled here once, instead of on every host.
 
 ``online``: only rbee-fleet's wheel (and model packages) travel; the host's pip fetches the rest.
 """
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,11 @@ LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF"
 PLATFORMS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}", "linux_{arch}")
 BUILD_TIMEOUT_S = 1800
 KEEP_WHEELHOUSES = 6
+# Files that travel uncompressed (model weights: quantized, they do not compress).
+WEIGHT_SUFFIXES = (".gguf", ".safetensors")
+# What the hive and its workers import at start: compiled to bytecode before shipping.
+STARTUP_IMPORTS = "rbee_fleet.hive.main, rbee_fleet.worker.main, llama_cpp"
+PRECOMPILE_TIMEOUT_S = 120
 
 
 def cache_dir() -> Path:
@@ -103,6 +110,17 @@ class WheelhouseSpec:
     packages: tuple[str, ...] = ()  # extra pinned packages, installed without dependencies (model packages)
 
 
+@dataclass(frozen=True)
+class Payload:
+    """What a host receives: tarballs unpacked in this order (``.tgz`` gzipped, ``.tar`` plain)."""
+
+    files: tuple[Path, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
 def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **(env or {})},
@@ -123,7 +141,7 @@ class WheelhouseBuilder:
         self.python = python
         self._tasks: dict[WheelhouseSpec, asyncio.Task[Path]] = {}
 
-    async def tarball(self, spec: WheelhouseSpec) -> Path:
+    async def payload(self, spec: WheelhouseSpec) -> Payload:
         task = self._tasks.get(spec)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             # First ask, or the last build failed: a builder kept for long (the TUI's) tries again.
@@ -137,15 +155,17 @@ class WheelhouseBuilder:
             parts.append(self.llama_id())
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
-    def build(self, spec: WheelhouseSpec) -> Path:
-        """The tarball for ``spec``: a venv tree (offline, ``.tgz``) or a directory of wheels (online, ``.tar``)."""
-        suffix = "venv.tgz" if spec.install_source == "offline" else "wheels.tar"
-        name = f"rbee-fleet-{self.release.id}-{spec.install_source}-py{spec.python_tag}-{spec.arch}-{self.key(spec)}.{suffix}"
-        out = self.cache / "wheelhouses" / name
-        if out.is_file():
-            return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="wheelhouse-", dir=out.parent) as tmp:
+    def build(self, spec: WheelhouseSpec) -> Payload:
+        """The payload for ``spec``: a venv tree (offline: code ``.venv.tgz`` and ``.weights.tar``) or a
+        directory of wheels (online, ``.wheels.tar``)."""
+        base = f"rbee-fleet-{self.release.id}-{spec.install_source}-py{spec.python_tag}-{spec.arch}-{self.key(spec)}"
+        suffixes = ("venv.tgz", "weights.tar") if spec.install_source == "offline" else ("wheels.tar",)
+        directory = self.cache / "wheelhouses"
+        payload = Payload(tuple(directory / f"{base}.{suffix}" for suffix in suffixes))
+        if all(f.is_file() for f in payload.files):
+            return payload
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="wheelhouse-", dir=directory) as tmp:
             wheels = Path(tmp) / "wheels"
             wheels.mkdir()
             rbee = self.rbee_wheel()
@@ -155,29 +175,44 @@ class WheelhouseBuilder:
             if spec.packages:
                 _run([self.python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                       "--dest", str(wheels), *spec.packages], f"downloading {', '.join(spec.packages)}")
-            partial = out.with_name(out.name + ".partial")
             if spec.install_source == "offline":
                 root = Path(tmp) / "venv"
                 install_tree(sorted(wheels.glob("*.whl")), root, spec.python_tag)
-                trim_tree(root / "lib" / f"python{spec.python_tag}" / "site-packages")
-                with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
-                    for entry in sorted(root.iterdir()):
-                        tar.add(entry, arcname=entry.name)
+                site = root / "lib" / f"python{spec.python_tag}" / "site-packages"
+                trim_tree(site)
+                self._precompile(site, spec.python_tag)
+                code, weights = payload.files
+                _write_tar(code, root, lambda p: p.suffix not in WEIGHT_SUFFIXES, gzip=True)
+                _write_tar(weights, root, lambda p: p.suffix in WEIGHT_SUFFIXES, gzip=False)
             else:
-                with tarfile.open(partial, "w") as tar:
-                    for wheel in sorted(wheels.iterdir()):
-                        tar.add(wheel, arcname=wheel.name)
-            os.replace(partial, out)
-        self._prune(out.parent)
-        return out
+                _write_tar(payload.files[0], wheels, lambda p: True, gzip=False)
+        self._prune(directory)
+        return payload
+
+    def _precompile(self, site: Path, python_tag: str) -> None:
+        """Compile the bytecode of what the hive and its workers import at start into ``site``, when this
+        machine runs the host's Python version; otherwise each host compiles it on its first start (about
+        0.8 CPU-seconds on a small host). Best effort: a failure here only leaves that work to the host."""
+        code = (f"import sys\nif '%d.%d' % sys.version_info[:2] == {python_tag!r}:\n"
+                f"    sys.path.insert(0, {str(site)!r})\n    import {STARTUP_IMPORTS}\n")
+        try:
+            # -I: no user site and no PYTHON* variables (PYTHONDONTWRITEBYTECODE among them).
+            subprocess.run([self.python, "-I", "-c", code], check=False, capture_output=True,
+                           timeout=PRECOMPILE_TIMEOUT_S, cwd=site)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
 
     @staticmethod
     def _prune(directory: Path) -> None:
-        """Keep the newest ``KEEP_WHEELHOUSES`` tarballs: every source change makes a new one."""
-        tarballs = sorted((p for p in directory.iterdir() if p.suffix in (".tgz", ".tar")),
-                          key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in tarballs[KEEP_WHEELHOUSES:]:
-            old.unlink(missing_ok=True)
+        """Keep the newest ``KEEP_WHEELHOUSES`` payloads (all their files): every source change makes a new one."""
+        groups: dict[str, list[Path]] = {}
+        for path in directory.iterdir():
+            if path.is_file() and path.name.endswith((".tgz", ".tar")):
+                groups.setdefault(path.name.rsplit(".", 2)[0], []).append(path)
+        newest = sorted(groups.values(), key=lambda files: max(f.stat().st_mtime for f in files), reverse=True)
+        for files in newest[KEEP_WHEELHOUSES:]:
+            for old in files:
+                old.unlink(missing_ok=True)
 
     def rbee_wheel(self) -> Path:
         """rbee-fleet's own wheel, built from the source checkout (cached by source digest)."""
@@ -242,6 +277,19 @@ class WheelhouseBuilder:
                                       "on that architecture; use install_source = \"online\" for this host")
             cmd += ["--find-links", str(self.llama_dir())]
         _run(cmd + [f"{rbee}{extras}"], f"downloading dependencies for Python {spec.python_tag} on {spec.arch}")
+
+
+def _write_tar(out: Path, root: Path, keep: Callable[[Path], bool], *, gzip: bool) -> None:
+    """Tar the files of ``root`` that ``keep`` accepts (with every directory), written atomically."""
+    partial = out.with_name(out.name + ".partial")
+
+    def only(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return info if info.isdir() or keep(Path(info.name)) else None
+
+    with tarfile.open(partial, "w:gz", compresslevel=1) if gzip else tarfile.open(partial, "w") as tar:
+        for entry in sorted(root.iterdir()):
+            tar.add(entry, arcname=entry.name, filter=only)
+    os.replace(partial, out)
 
 
 def install_tree(wheels: list[Path], root: Path, python_tag: str) -> None:

@@ -30,16 +30,22 @@ FOUR = {"b2": "127.0.0.22", "b3": "127.0.0.23", "b4": "127.0.0.24", "b5": "127.0
 class Run:
     wall: float
     results: dict[str, dict]
-    cpu: float  # CPU seconds: the keeper, the queen and every test host, during the run
+    keeper_cpu: float  # CPU seconds during the run: the keeper process
+    queen_cpu: float  # the queen (and the workers it starts nowhere: they run on the hosts)
+    hosts_cpu: float  # every test host (sshd, untar, the hive, its workers)
+
+    @property
+    def cpu(self) -> float:
+        return self.keeper_cpu + self.queen_cpu + self.hosts_cpu
 
     def slowest(self) -> float:
         return max(float(r["elapsed_s"]) for r in self.results.values())
 
 
-def _cpu(hosts: list[TestHost], queen: procs.Proc) -> float:
+def _cpu(hosts: list[TestHost], queen: procs.Proc) -> tuple[float, float, float]:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     q = psutil.Process(queen.pid).cpu_times()
-    return children.ru_utime + children.ru_stime + q.user + q.system + sum(h.cpu_seconds() or 0.0 for h in hosts)
+    return (children.ru_utime + children.ru_stime, q.user + q.system, sum(h.cpu_seconds() or 0.0 for h in hosts))
 
 
 def _deploy(keeper: Keeper, limit: str, hosts: list[TestHost], queen: procs.Proc) -> Run:
@@ -49,7 +55,8 @@ def _deploy(keeper: Keeper, limit: str, hosts: list[TestHost], queen: procs.Proc
     wall = time.monotonic() - started
     if code != 0:
         raise RuntimeError(f"deploy of {limit} failed:\n{json.dumps(results, indent=2)}\n{proc.stderr[-2000:]}")
-    return Run(wall, results, _cpu(hosts, queen) - cpu0)
+    keeper, queen_cpu, hosts_cpu = (after - before for after, before in zip(_cpu(hosts, queen), cpu0))
+    return Run(wall, results, keeper, queen_cpu, hosts_cpu)
 
 
 def _prebuild() -> float:
@@ -83,7 +90,9 @@ def main() -> int:
             ratio = four.wall / one.wall
             print(f"wheelhouse ready in {build:.1f} s (cached after the first build)")
             print(f"deploy 1 fresh host:            {one.wall:6.2f} s wall (in-run {one.slowest():.2f} s), {one.cpu:5.1f} CPU-s")
+            print(f"  CPU-s of that: keeper {one.keeper_cpu:.1f}, queen {one.queen_cpu:.1f}, host {one.hosts_cpu:.1f}")
             print(f"deploy 4 fresh hosts at once:   {four.wall:6.2f} s wall (slowest host {four.slowest():.2f} s), {four.cpu:5.1f} CPU-s")
+            print(f"  CPU-s of that: keeper {four.keeper_cpu:.1f}, queen {four.queen_cpu:.1f}, hosts {four.hosts_cpu:.1f}")
             print(f"ratio 4 hosts / 1 host:         {ratio:6.2f}x  (target <= 1.5x) {'MET' if ratio <= 1.5 else 'MISSED'}")
             print(f"  all test hosts share this machine's {cores} cores: 4 hosts need {four.cpu:.1f} CPU-s, so no schedule "
                   f"beats {four.cpu / cores:.1f} s here ({four.cpu / cores / one.wall:.2f}x of one host); "

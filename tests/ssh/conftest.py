@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import asyncssh
 import pytest
 
+from rbee_fleet.deploy.wheelhouse import Payload
 from tests.ssh.hosts import DockerEngine, EngineUnavailable, TestHost, build_image, start_host
 from tests.ssh.support import Keys, prebuild_wheelhouse
 
@@ -49,7 +49,7 @@ def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 @pytest.fixture(scope="session")
-def offline_wheelhouse() -> Path:
+def offline_wheelhouse() -> Payload:
     return prebuild_wheelhouse()
 
 

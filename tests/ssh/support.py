@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rbee_fleet.deploy.wheelhouse import Payload
 from tests.ssh.hosts import HOST_PYTHON, HOST_USER
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("RBEE_TEST_CACHE_DIR", REPO / ".cache" / "rbee"))
 
 
-def prebuild_wheelhouse() -> Path:
+def prebuild_wheelhouse() -> Payload:
     """What offline test hosts get, built (or taken from the cache) before any deploy runs.
 
     The first build on a machine compiles a portable llama-cpp-python: minutes on 2 cores.

