@@ -139,7 +139,7 @@ class WheelhouseBuilder:
         self.release = release
         self.cache = cache or cache_dir()
         self.python = python
-        self._tasks: dict[WheelhouseSpec, asyncio.Task[Path]] = {}
+        self._tasks: dict[WheelhouseSpec, asyncio.Task[Payload]] = {}
 
     async def payload(self, spec: WheelhouseSpec) -> Payload:
         task = self._tasks.get(spec)
