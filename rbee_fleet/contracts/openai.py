@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # A sanity bound on max_tokens before any model is consulted; workers check against their context.
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16
 
 
 class _Request(BaseModel):
@@ -58,7 +59,7 @@ class SamplingFields(_Request):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
@@ -112,6 +113,29 @@ class CompletionRequest(SamplingFields):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class EmbeddingRequest(_Request):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    stream: Literal[False] = False
+
+
+class ResponsesRequest(_Request):
+    """OpenAI's Responses API: only what the queen needs to route it; the engine checks the rest."""
+
+    model: str = Field(min_length=1)
+    input: str | list[Any]
+    stream: bool = False
+
+
+class MessagesRequest(_Request):
+    """Anthropic's Messages API: only what the queen needs to route it; the engine checks the rest."""
+
+    model: str = Field(min_length=1)
+    messages: list[Any] = Field(min_length=1)
+    max_tokens: int = Field(ge=1, le=MAX_TOKENS_LIMIT)
+    stream: bool = False
+
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -126,6 +150,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "rbee-fleet"
+    capabilities: list[str] = []  # what its workers can serve (contracts.capabilities)
 
 
 class ModelList(BaseModel):

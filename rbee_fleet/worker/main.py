@@ -7,14 +7,14 @@ import socket
 import sys
 
 from rbee_fleet import __version__
-from rbee_fleet.common.http import run_daemon, serve
+from rbee_fleet.common.backends import BACKEND_NAMES
+from rbee_fleet.common.http import EXIT_PORT_IN_USE, run_daemon, serve
 from rbee_fleet.common.logs import setup_logging
 from rbee_fleet.common.net import refuse_open_bind
 from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.common.secrets import read_secret
-from rbee_fleet.worker.app import create_app, drain
-from rbee_fleet.worker.backends import backend_names
-from rbee_fleet.worker.backends.base import WorkerSpec
+from rbee_fleet.common.net import port_free
+from rbee_fleet.worker.backends.base import BackendError, WorkerSpec
 from rbee_fleet.worker.runtime import WorkerSettings
 
 
@@ -22,12 +22,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="llm-worker-rbee", description=__doc__)
     p.add_argument("--model-path", required=True, help="model file (GGUF) or directory (EXL2)")
     p.add_argument("--model-id", required=True, help="the name clients use in 'model'")
-    p.add_argument("--backend", choices=backend_names(), default="llamacpp")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="llamacpp")
     p.add_argument("--device", default="cpu", help="cpu, or cuda:N[,M] for GPU backends")
     p.add_argument("--ctx-size", type=int, default=2048, help="context length in tokens")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
-    p.add_argument("--max-queue", type=int, default=8, help="requests that may wait for a slot")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend option (JSON value)")
+    p.add_argument("--max-queue", type=int, default=8, help="requests that may wait for a slot (exllamav2)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="parallel sequences (llamacpp; default 4, fewer when ctx-size is over 4096)")
+    p.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings (llamacpp)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option (JSON value); for llamacpp, a llama-server flag: cache_type_k=q8_0")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=9300)
     p.add_argument("--advertise-url", help="URL the queen uses to reach this worker (default: from host and port)")
@@ -59,6 +63,8 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
         threads=args.threads,
         max_queue=args.max_queue,
         options=_parse_options(args.option),
+        slots=args.slots,
+        embeddings=args.embeddings,
     )
     host_for_url = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     advertise = args.advertise_url or f"http://{host_for_url}:{args.port}"
@@ -85,8 +91,32 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as exc:
         sys.exit(f"llm-worker-rbee: {exc}")
     refuse_open_bind("llm-worker-rbee", settings.host, settings.token)
+    if settings.spec.backend == "llamacpp":
+        sys.exit(_run_engine(settings, args.token_file))
+    from rbee_fleet.worker.app import create_app, drain
+
     app = create_app(settings)
     run_daemon(serve(app, settings.host, settings.port, before_shutdown=drain))
+
+
+def _run_engine(settings: WorkerSettings, token_file: str | None) -> int:
+    """A CPU worker: llama-server on this worker's port, supervised by this process."""
+    import asyncio
+
+    from rbee_fleet.worker import engine_worker
+    from rbee_fleet.worker.llama_server import default_slots
+
+    if not port_free(settings.host, settings.port):
+        print(f"llm-worker-rbee: port {settings.port} on {settings.host} is in use", file=sys.stderr)
+        return EXIT_PORT_IN_USE
+    spec = settings.spec
+    config = engine_worker.engine_config(settings, spec.slots or default_slots(spec.ctx_size), spec.embeddings,
+                                         token_file)
+    try:
+        return asyncio.run(engine_worker.run(settings, config))
+    except BackendError as exc:
+        print(f"llm-worker-rbee: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

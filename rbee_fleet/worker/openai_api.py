@@ -15,6 +15,7 @@ from rbee_fleet.common import sse
 from rbee_fleet.common.errors import BadRequest, ContextOverflow, error_event
 from rbee_fleet.common.http import read_json
 from rbee_fleet.common.validation import validate
+from rbee_fleet.contracts.capabilities import missing, requirements
 from rbee_fleet.contracts.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -103,11 +104,21 @@ def _log_unknown(req: SamplingFields) -> None:
         log.debug("ignoring unknown request fields: %s", ", ".join(unknown))
 
 
+def _refuse_unsupported(endpoint: str, body: dict[str, Any], backend: Backend) -> None:
+    """A field this backend cannot honour is refused, never ignored."""
+    fields = missing(requirements(endpoint, body), backend.capabilities)
+    if fields:
+        raise BadRequest(f"'{fields[0]}' is not supported by the {backend.name} backend",
+                         param=fields[0], code="unsupported_parameter")
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
-    req = validate(ChatCompletionRequest, await read_json(request))
+    body = await read_json(request)
+    req = validate(ChatCompletionRequest, body)
     _log_unknown(req)
     backend, admission = runtime.serving(req.model)
+    _refuse_unsupported("chat/completions", body, backend)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     prompt = backend.tokenize(backend.render_chat(messages), templated=True)
     params = sampling_params(req, len(prompt), backend)
@@ -117,11 +128,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
-    req = validate(CompletionRequest, await read_json(request))
+    body = await read_json(request)
+    req = validate(CompletionRequest, body)
     _log_unknown(req)
-    if req.echo:
-        raise BadRequest("echo is not supported", param="echo")
     backend, admission = runtime.serving(req.model)
+    _refuse_unsupported("completions", body, backend)
     prompt = backend.tokenize(req.prompt_text(), templated=False)
     if not prompt:
         raise BadRequest("the prompt is empty", param="prompt")

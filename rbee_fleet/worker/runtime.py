@@ -74,6 +74,9 @@ class Runtime:
             raise Unavailable(f"the worker is {self.state.value}", code="worker_unavailable", retry_after=5)
         return self.backend, self.admission
 
+    async def refresh(self) -> None:
+        """Nothing to read before a heartbeat: this process holds its own counters."""
+
     def heartbeat(self) -> WorkerHeartbeat:
         adm = self.admission
         stats = self.backend.stats() if self.backend is not None else {}
@@ -97,5 +100,6 @@ class Runtime:
             pid=os.getpid(),
             version=__version__,
             started_at=self.started_at,
+            capabilities=list(self.backend.capabilities) if self.backend else [],
             **stats,
         )

@@ -261,28 +261,3 @@ async def test_a_failed_wheelhouse_build_is_tried_again_by_the_same_builder(tmp_
     payload = await builder.payload(wanted)
     assert len(payload.files) == 1 and payload.files[0].is_file() and payload.files[0].name.endswith(".wheels.tar")
     assert await builder.payload(wanted) == payload  # built once, then reused
-
-
-def test_trim_tree_drops_llama_cpps_duplicate_libraries(tmp_path) -> None:
-    from rbee_fleet.deploy.wheelhouse import trim_tree
-
-    site = tmp_path / "site-packages"
-    libs = site / "llama_cpp" / "lib"
-    libs.mkdir(parents=True)
-    for name in ("libllama.so", "libllama.so.0", "libllama.so.0.5.0"):
-        (libs / name).write_bytes(b"ELF-llama" * 100)
-    (libs / "libggml.so.0").write_bytes(b"ELF-ggml")
-    (site / "lib" / "cmake" / "llama").mkdir(parents=True)
-    (site / "lib" / "libllama.so").write_bytes(b"ELF-llama" * 100)
-    (site / "lib" / "cmake" / "llama" / "llama-config.cmake").write_text("x")
-    saved = trim_tree(site)
-    assert not (site / "lib").exists()
-    assert (libs / "libllama.so.0.5.0").is_file() and not (libs / "libllama.so.0.5.0").is_symlink()
-    assert (libs / "libllama.so").readlink().name == "libllama.so.0.5.0"
-    assert (libs / "libllama.so.0").read_bytes() == b"ELF-llama" * 100
-    assert (libs / "libggml.so.0").read_bytes() == b"ELF-ggml"
-    assert saved == 900 * 3 + 1
-    other = tmp_path / "other"
-    (other / "lib").mkdir(parents=True)
-    (other / "lib" / "libfoo.so").write_bytes(b"x")
-    assert trim_tree(other) == 0 and (other / "lib" / "libfoo.so").exists()  # not llama-cpp-python's

@@ -137,13 +137,19 @@ def spawn(name: str, cmd: list[str], log: Path, url: str, env: dict[str, str] | 
 
 def start_worker(tmp: Path, *, model_id: str = "smollm2", port: int | None = None, queen_url: str | None = None,
                  worker_id: str | None = None, ctx_size: int = 2048, max_queue: int = 8,
-                 token_file: str | None = None, heartbeat_interval: float = 0.5, threads: int = 2,
-                 wait: bool = True) -> Proc:
+                 token_file: str | None = None, heartbeat_interval: float = 0.5, threads: int | None = None,
+                 slots: int | None = None, embeddings: bool = False, wait: bool = True) -> Proc:
     port = port or free_port()
     worker_id = worker_id or f"test-worker-{port}"
     cmd = [sys.executable, "-m", "rbee_fleet.worker", "--model-path", model_path(), "--model-id", model_id,
            "--port", str(port), "--ctx-size", str(ctx_size), "--max-queue", str(max_queue),
-           "--threads", str(threads), "--worker-id", worker_id, "--heartbeat-interval", str(heartbeat_interval)]
+           "--worker-id", worker_id, "--heartbeat-interval", str(heartbeat_interval)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if slots:
+        cmd += ["--slots", str(slots)]
+    if embeddings:
+        cmd.append("--embeddings")
     if queen_url:
         cmd += ["--queen-url", queen_url]
     if token_file:
@@ -164,7 +170,8 @@ def wait_worker_ready(proc: Proc, timeout: float = 60.0, token_file: str | None 
             status, body, _ = http_json(f"{proc.url}/health", headers=headers, timeout=2)
         except OSError:
             return False
-        return status == 200 and body.get("state") == "ready"
+        # A CPU worker's port is llama-server's ({"status": "ok"}); GPU workers answer {"state": "ready"}.
+        return status == 200 and isinstance(body, dict) and (body.get("state") == "ready" or body.get("status") == "ok")
 
     wait_until(ready, timeout, what=f"{proc.name} to be ready")
 

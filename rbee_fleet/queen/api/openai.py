@@ -1,39 +1,69 @@
-"""OpenAI endpoints of the queen: validate, then hand the untouched body to the proxy."""
+"""OpenAI (and Anthropic) endpoints of the queen: validate, then hand the untouched body to the proxy."""
 
 from __future__ import annotations
 
+from pydantic import BaseModel
 from aiohttp import web
 
 from rbee_fleet.common.http import parse_json
 from rbee_fleet.common.validation import validate
-from rbee_fleet.contracts.openai import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from rbee_fleet.contracts.capabilities import requirements
+from rbee_fleet.contracts.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    MessagesRequest,
+    ModelCard,
+    ModelList,
+    ResponsesRequest,
+)
 from rbee_fleet.queen.api.keys import QUEEN
 
+# route (under /v1/) -> what its body must at least hold
+REQUESTS: dict[str, type[BaseModel]] = {
+    "chat/completions": ChatCompletionRequest,
+    "completions": CompletionRequest,
+    "embeddings": EmbeddingRequest,
+    "responses": ResponsesRequest,
+    "messages": MessagesRequest,
+}
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    raw = await request.read()
-    req = validate(ChatCompletionRequest, parse_json(raw))
-    return await request.app[QUEEN].proxy.forward(
-        request, endpoint="chat/completions", model=req.model, stream=req.stream, body=raw
-    )
+
+# How each API names the answer's token budget.
+MAX_TOKEN_FIELDS = ("max_tokens", "max_output_tokens")
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    raw = await request.read()
-    req = validate(CompletionRequest, parse_json(raw))
-    return await request.app[QUEEN].proxy.forward(
-        request, endpoint="completions", model=req.model, stream=req.stream, body=raw
-    )
+def _handler(endpoint: str):
+    model_cls = REQUESTS[endpoint]
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        body = parse_json(raw)
+        req = validate(model_cls, body)
+        queen = request.app[QUEEN]
+        for param in MAX_TOKEN_FIELDS:
+            value = getattr(req, param, None) if param != "max_output_tokens" else body.get(param)
+            if isinstance(value, int):
+                queen.registry.refuse_over_context(req.model, value, param)
+                break
+        return await queen.proxy.forward(
+            request, endpoint=endpoint, model=req.model, stream=bool(getattr(req, "stream", False)), body=raw,
+            needs=requirements(endpoint, body),
+        )
+
+    return handle
 
 
 async def models(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
     created = int(queen.started_at)
-    cards = ModelList(data=[ModelCard(id=m, created=created) for m in queen.registry.models()])
+    registry = queen.registry
+    cards = ModelList(data=[ModelCard(id=m, created=created, capabilities=sorted(registry.capabilities_of(m)))
+                            for m in registry.models()])
     return web.json_response(cards.model_dump())
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
+    for endpoint in REQUESTS:
+        app.router.add_post(f"/v1/{endpoint}", _handler(endpoint))
     app.router.add_get("/v1/models", models)

@@ -1,4 +1,8 @@
-"""Inference backends, registered by name and imported only when used (a CPU host never touches CUDA)."""
+"""In-process inference backends, imported only when used (a CPU host never touches CUDA).
+
+CPU workers (``llamacpp``) run llama.cpp's own server as a separate process instead: see
+``rbee_fleet.worker.engine_worker``.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,12 @@ from rbee_fleet.worker.backends.base import Backend, BackendError, WorkerSpec
 
 # name -> (module, class, the distribution that provides the library)
 _BACKENDS: dict[str, tuple[str, str, str]] = {
-    "llamacpp": ("rbee_fleet.worker.backends.llamacpp", "LlamaCppBackend", "llama_cpp"),
     "exllamav2": ("rbee_fleet.worker.backends.exllamav2", "ExLlamaV2Backend", "exllamav2"),
 }
 
 
-def backend_names() -> list[str]:
-    return list(_BACKENDS)
-
-
 def available_backends() -> list[str]:
-    """Backends whose library is installed here (found without importing it)."""
+    """In-process backends whose library is installed here (found without importing it)."""
     return [name for name, (_, _, lib) in _BACKENDS.items() if importlib.util.find_spec(lib) is not None]
 
 
@@ -34,4 +33,4 @@ def load_backend(spec: WorkerSpec) -> Backend:
     return cls(spec)
 
 
-__all__ = ["Backend", "BackendError", "WorkerSpec", "available_backends", "backend_names", "load_backend"]
+__all__ = ["Backend", "BackendError", "WorkerSpec", "available_backends", "load_backend"]

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from rbee_fleet.contracts.capabilities import LEGACY
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -20,6 +22,8 @@ class WorkerSpec:
     threads: int | None = None
     max_queue: int = 8
     options: dict[str, Any] = field(default_factory=dict)
+    slots: int | None = None  # parallel sequences (llama-server); None: the engine's default
+    embeddings: bool = False  # serve /v1/embeddings (llama-server)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Backend(ABC):
     """One loaded model. ``stream`` may be called concurrently up to ``slots`` times."""
 
     name: ClassVar[str]
+    # What requests this backend can honour (contracts.capabilities); others are refused with a 400.
+    capabilities: ClassVar[frozenset[str]] = LEGACY
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec

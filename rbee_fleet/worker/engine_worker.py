@@ -1,0 +1,226 @@
+"""A CPU worker: one supervised ``llama-server`` process, its heartbeats, its drain.
+
+The worker holds no HTTP server of its own: ``llama-server`` listens on the worker's port (so the hive's
+readiness check and the queen's requests reach it directly, with no Python hop per token) and the worker
+reports its state to the queen from ``llama-server``'s own ``/slots`` and ``/metrics``. When
+``llama-server`` exits, so does the worker, with its exit code: restarting is the hive's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+
+import aiohttp
+
+from rbee_fleet import __version__
+from rbee_fleet.contracts.fleet import WorkerHeartbeat, WorkerState
+from rbee_fleet.worker.heartbeat import HeartbeatSender
+from rbee_fleet.worker.llama_server import EngineConfig, EngineStats, find_binary, parse_metrics, spawn
+from rbee_fleet.worker.runtime import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT = aiohttp.ClientTimeout(total=5)
+READY_POLL_S = 0.1
+STOP_GRACE_S = 10.0
+
+
+class EngineRuntime:
+    """The worker's state, as the heartbeat sender reads it."""
+
+    def __init__(self, settings: WorkerSettings, config: EngineConfig) -> None:
+        self.settings = settings
+        self.spec = settings.spec
+        self.config = config
+        self.state = WorkerState.LOADING
+        self.error: str | None = None
+        self.changed = asyncio.Event()
+        self.started_at = time.time()
+        self.pid = os.getpid()
+        self.stats: EngineStats | None = None
+        self._rate = 0.0
+        self._last: tuple[float, int] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        base = f"http://{_connect_host(config.host)}:{config.port}"
+        self._slots_url = f"{base}/slots"
+        self._metrics_url = f"{base}/metrics"
+        self.health_url = f"{base}/health"
+        self._headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+
+    def set_state(self, state: WorkerState, error: str | None = None) -> None:
+        self.state = state
+        self.error = error
+        self.changed.set()
+        log.info("worker %s is %s%s", self.settings.worker_id, state.value, f": {error}" if error else "")
+
+    def bind(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def refresh(self) -> None:
+        """Read llama-server's slots and metrics (before each heartbeat; two local requests)."""
+        if self._session is None or self.state is WorkerState.LOADING:
+            return
+        try:
+            async with self._session.get(self._slots_url, headers=self._headers, timeout=POLL_TIMEOUT) as resp:
+                slots = await resp.json() if resp.status == 200 else []
+            async with self._session.get(self._metrics_url, headers=self._headers, timeout=POLL_TIMEOUT) as resp:
+                metrics = parse_metrics(await resp.text()) if resp.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            log.debug("could not read llama-server's state: %s", exc)
+            return
+        stats = EngineStats.read(slots if isinstance(slots, list) else [], metrics)
+        now = time.monotonic()
+        if self._last is not None and now > self._last[0]:
+            self._rate = max(0.0, (stats.tokens_predicted_total - self._last[1]) / (now - self._last[0]))
+        self._last = (now, stats.tokens_predicted_total)
+        self.stats = stats
+
+    def idle(self) -> bool:
+        return self.stats is None or self.stats.slots_busy == 0
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        s = self.stats
+        slots = s.slots_total if s else self.config.slots
+        ctx = s.context_per_slot if s and s.context_per_slot else self.config.ctx_size
+        cache_total = ctx * slots
+        return WorkerHeartbeat(
+            worker_id=self.settings.worker_id,
+            hive_id=self.settings.hive_id,
+            model=self.spec.model_id,
+            backend=self.spec.backend,
+            device=self.spec.device,
+            url=self.settings.advertise_url,
+            state=self.state,
+            slots_busy=s.slots_busy if s else 0,
+            slots_total=slots,
+            queue_depth=s.queue_depth if s else 0,
+            queue_capacity=0,
+            tokens_per_second=round(self._rate, 2),
+            tokens_generated_total=s.tokens_predicted_total if s else 0,
+            tokens_decoded_total=s.tokens_predicted_total if s else 0,
+            requests_total=s.requests_total if s else 0,
+            context_length=ctx,
+            pid=self.pid,
+            version=__version__,
+            started_at=self.started_at,
+            capabilities=self.config.capabilities,
+            cache_tokens_total=cache_total,
+            cache_tokens_free=max(0, cache_total - s.cache_tokens_used) if s and s.cache_tokens_used is not None else None,
+        )
+
+
+def engine_config(settings: WorkerSettings, slots: int, embeddings: bool, token_file: str | None) -> EngineConfig:
+    spec = settings.spec
+    return EngineConfig(
+        model_path=spec.model_path,
+        model_id=spec.model_id,
+        host=settings.host,
+        port=settings.port,
+        ctx_size=spec.ctx_size,
+        slots=slots,
+        threads=spec.threads,
+        embeddings=embeddings,
+        api_key_file=token_file if settings.token else None,
+        options=tuple(sorted(spec.options.items())),
+    )
+
+
+async def run(settings: WorkerSettings, config: EngineConfig) -> int:
+    """Serve until SIGTERM (drain, then stop llama-server: exit 0) or until llama-server exits (its code)."""
+    runtime = EngineRuntime(settings, config)
+    binary = find_binary()
+    proc = spawn(config, binary)
+    log.info("llama-server (pid %d) starting on %s:%d: %s, %d slots of %d tokens", proc.pid, config.host,
+             config.port, settings.spec.model_id, config.slots, config.ctx_size)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    exited = asyncio.ensure_future(asyncio.to_thread(proc.wait))
+    async with aiohttp.ClientSession() as session:
+        runtime.bind(session)
+        sender = HeartbeatSender(runtime, session)
+        tasks = [asyncio.create_task(sender.run(), name="heartbeat")]
+        if settings.exit_with_parent:
+            tasks.append(asyncio.create_task(_watch_parent(stop), name="watch-parent"))
+        try:
+            await _wait_ready(runtime, session, exited, stop)
+            await asyncio.wait([exited, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set() and not exited.done():
+                await _drain(runtime, sender, settings.drain_timeout_s)
+                await _terminate(proc, exited)
+            code = await exited
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if proc.poll() is None:
+                await _terminate(proc, exited)
+            with contextlib.suppress(Exception):
+                await sender.say_goodbye()
+    if stop.is_set():
+        return 0
+    why = f"llama-server exited with code {code}" if code >= 0 else f"llama-server was killed by signal {-code}"
+    log.error("%s", why)
+    return code if code > 0 else 1
+
+
+async def _wait_ready(runtime: EngineRuntime, session: aiohttp.ClientSession, exited: asyncio.Future[int],
+                      stop: asyncio.Event) -> None:
+    """Poll llama-server's /health until it has loaded the model (it answers 503 while loading)."""
+    while not exited.done() and not stop.is_set():
+        try:
+            async with session.get(runtime.health_url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status == 200:
+                    runtime.set_state(WorkerState.READY)
+                    await runtime.refresh()
+                    return
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(READY_POLL_S)
+
+
+async def _drain(runtime: EngineRuntime, sender: HeartbeatSender, timeout_s: float) -> None:
+    """Leave rotation, then let the requests llama-server is running finish (bounded)."""
+    runtime.set_state(WorkerState.DRAINING)
+    await sender.send()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        await runtime.refresh()
+        if runtime.idle():
+            return
+        await asyncio.sleep(0.2)
+    log.warning("requests still running after %.0f s of draining; stopping anyway", timeout_s)
+
+
+async def _terminate(proc: subprocess.Popen[bytes], exited: asyncio.Future[int]) -> None:
+    """SIGTERM, then SIGKILL after the grace period."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(asyncio.shield(exited), STOP_GRACE_S)
+    except asyncio.TimeoutError:
+        log.warning("llama-server ignored SIGTERM for %.0f s; killing it", STOP_GRACE_S)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await exited
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    """Stop when the hive that started us is gone: workers never outlive their supervisor."""
+    parent = os.getppid()
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        if os.getppid() != parent:
+            log.warning("the parent process %d is gone; stopping", parent)
+            stop.set()
+
+
+def _connect_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "") else ("::1" if bind_host == "::" else bind_host)

@@ -1,0 +1,188 @@
+"""llama.cpp's own HTTP server as the engine of a CPU worker: find it, start it, read its state.
+
+``llama-server`` does the serving (continuous batching over ``slots`` parallel sequences, the whole
+OpenAI surface: tools, grammars, logprobs, infill, embeddings, the Responses and Anthropic APIs); the
+queen sends requests straight to it. The worker only starts it, watches it and reports its state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rbee_fleet.worker.backends.base import BackendError
+
+# What llama-server can do for every model; embeddings only when asked for at start.
+BASE_CAPABILITIES = ("chat", "completion", "tools", "json", "logprobs", "infill", "n", "responses", "messages")
+DEFAULT_SLOTS_MAX = 4  # llama-server's own default number of parallel sequences
+SLOTS_TOKEN_BUDGET = 16384
+OPTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
+# Flags the worker sets itself: an option may not override them.
+RESERVED = frozenset({"model", "m", "host", "port", "api-key", "api-key-file", "ctx-size", "c", "parallel", "np",
+                      "threads", "t", "alias", "a", "embeddings", "embedding", "metrics", "slots"})
+PR_SET_PDEATHSIG = 1
+
+
+def find_binary() -> Path:
+    """``$RBEE_LLAMA_SERVER``, else the build installed with rbee-fleet, else ``llama-server`` on PATH."""
+    env = os.environ.get("RBEE_LLAMA_SERVER")
+    if env:
+        path = Path(env).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise BackendError(f"RBEE_LLAMA_SERVER={env} is not an executable file")
+        return path
+    try:
+        import rbee_llama_server  # type: ignore[import-not-found]
+
+        server = Path(rbee_llama_server.SERVER)
+        if server.is_file():
+            return server
+    except ImportError:
+        pass
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found)
+    raise BackendError(
+        "llama-server is not installed: run 'just setup' (or 'python -m rbee_fleet.deploy.llama_build --install'), "
+        "or point RBEE_LLAMA_SERVER at a llama-server binary"
+    )
+
+
+def default_slots(ctx_size: int) -> int:
+    """Parallel sequences when none are set: llama-server's own default of 4, fewer for long contexts so that
+    the KV cache holds at most ``SLOTS_TOKEN_BUDGET`` tokens (4 x 2048 by default: what llama-server gives a
+    model trained on 8192 tokens). Batching pays on any core count: decoding is bound by memory bandwidth."""
+    return max(1, min(DEFAULT_SLOTS_MAX, SLOTS_TOKEN_BUDGET // max(1, ctx_size)))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    model_id: str
+    host: str
+    port: int
+    ctx_size: int  # per sequence: llama-server gets ctx_size x slots in all
+    slots: int
+    threads: int | None = None  # None: llama-server's own default
+    embeddings: bool = False
+    api_key_file: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def command(self, binary: Path) -> list[str]:
+        cmd = [
+            str(binary),
+            "--model", self.model_path,
+            "--alias", self.model_id,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--ctx-size", str(self.ctx_size * self.slots),
+            "--parallel", str(self.slots),
+            "--jinja",  # the model's own chat template, with tool calls
+            "--metrics",
+            "--slots",
+            "--no-webui",
+        ]
+        if self.threads:
+            cmd += ["--threads", str(self.threads), "--threads-batch", str(self.threads)]
+        if self.embeddings:
+            cmd.append("--embeddings")
+        if self.api_key_file:
+            cmd += ["--api-key-file", self.api_key_file]
+        cmd += option_flags(dict(self.options))
+        return cmd
+
+    @property
+    def capabilities(self) -> list[str]:
+        return [*BASE_CAPABILITIES, *(["embeddings"] if self.embeddings else [])]
+
+
+def option_flags(options: dict[str, Any]) -> list[str]:
+    """Backend options as llama-server flags: ``{"cache_type_k": "q8_0"}`` -> ``--cache-type-k q8_0``."""
+    flags: list[str] = []
+    for key, value in options.items():
+        if not OPTION_NAME.match(key):
+            raise BackendError(f"option {key!r} is not a llama-server flag name")
+        flag = key.replace("_", "-")
+        if flag in RESERVED:
+            raise BackendError(f"option {key!r} is set by the worker itself (use the worker's own setting)")
+        if value is True:
+            flags.append(f"--{flag}")
+        elif value is False or value is None:
+            flags.append(f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", str(value)]
+    return flags
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: be killed when the worker dies, however it dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn(config: EngineConfig, binary: Path) -> subprocess.Popen[bytes]:
+    """Start llama-server; its output goes to the worker's own (the worker's log)."""
+    lib_dir = str(binary.parent)
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = lib_dir + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    try:
+        return subprocess.Popen(config.command(binary), stdin=subprocess.DEVNULL, env=env,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl, before exec
+    except OSError as exc:
+        raise BackendError(f"cannot start {binary}: {exc.strerror}") from None
+
+
+# -- reading its state ---------------------------------------------------------------------------
+
+_METRIC_LINE = re.compile(r"^llamacpp:(\w+)(?:\{[^}]*\})?\s+([-+0-9.eE]+|nan|NaN|inf)\s*$")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """llama-server's Prometheus text as ``{name: value}`` (names without the ``llamacpp:`` prefix)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _METRIC_LINE.match(line.strip())
+        if match:
+            try:
+                values[match.group(1)] = float(match.group(2))
+            except ValueError:
+                continue
+    return values
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    slots_total: int
+    slots_busy: int
+    context_per_slot: int
+    queue_depth: int
+    tokens_predicted_total: int
+    prompt_tokens_total: int
+    requests_total: int
+    cache_tokens_used: int | None
+
+    @classmethod
+    def read(cls, slots: list[dict[str, Any]], metrics: dict[str, float]) -> EngineStats:
+        busy = sum(1 for s in slots if s.get("is_processing"))
+        n_ctx = max((int(s.get("n_ctx") or 0) for s in slots), default=0)
+        used = metrics.get("kv_cache_tokens")
+        return cls(
+            slots_total=len(slots) or 1,
+            slots_busy=busy,
+            context_per_slot=n_ctx,
+            queue_depth=int(metrics.get("requests_deferred", 0)),
+            tokens_predicted_total=int(metrics.get("tokens_predicted_total", 0)),
+            prompt_tokens_total=int(metrics.get("prompt_tokens_total", 0)),
+            requests_total=int(metrics.get("n_decode_total", 0) and metrics.get("requests_total", 0) or 0),
+            cache_tokens_used=int(used) if used is not None else None,
+        )
