@@ -85,8 +85,8 @@ def _processes_of(worker_id: str) -> list[int]:
 
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if "rbee_fleet.worker" in cmd and worker_id in cmd:
+        cmd = " ".join(proc.info["cmdline"] or []).split()  # a worker's title is its whole command line
+        if "llm-worker-rbee" in cmd and worker_id in cmd:
             found.append(proc.info["pid"])
     return found
 

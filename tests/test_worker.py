@@ -155,6 +155,7 @@ def test_a_worker_with_a_token_refuses_callers_without_it(tmp_path):
         assert status == 200 and answer["usage"]["completion_tokens"] == 2
         assert "s3cret-token-value" not in worker.log_text()
         assert "s3cret-token-value" not in " ".join(_cmdline(_engine_pid(worker.pid)))  # not on a command line
+        assert " ".join(_cmdline(worker.pid)).startswith("llm-worker-rbee smollm2 ")  # what ps and pkill see
     finally:
         worker.stop()
     assert worker.popen.returncode == 0, worker.log_text()[-2000:]

@@ -32,3 +32,12 @@ def rotate_if_large(path: Path, max_bytes: int = MAX_LOG_BYTES, keep: int = KEEP
         if older.exists():
             older.replace(path.with_name(f"{path.name}.{n + 1}"))
     path.replace(path.with_name(f"{path.name}.1"))
+
+
+def set_process_title(title: str) -> None:
+    """What ``ps`` and ``pkill`` show for this process (``llm-worker-rbee smollm2``), not ``python -m ...``."""
+    try:
+        import setproctitle
+    except ImportError:  # an install without it still runs; ps shows the command line
+        return
+    setproctitle.setproctitle(title)

@@ -9,7 +9,7 @@ import sys
 from rbee_fleet import __version__
 from rbee_fleet.common.backends import BACKEND_NAMES
 from rbee_fleet.common.http import EXIT_PORT_IN_USE, run_daemon, serve
-from rbee_fleet.common.logs import setup_logging
+from rbee_fleet.common.logs import set_process_title, setup_logging
 from rbee_fleet.common.net import refuse_open_bind
 from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.common.secrets import read_secret
@@ -86,6 +86,8 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging("worker", args.log_level)
+    # ps and pkill see "llm-worker-rbee MODEL ..." (the arguments stay: --worker-id names the process).
+    set_process_title(" ".join(["llm-worker-rbee", args.model_id, *sys.argv[1:]]))
     try:
         settings = settings_from(args)
     except (OSError, ValueError) as exc:
