@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
 from aiohttp import web
+from pydantic import BaseModel
 
 from rbee_fleet.common.http import parse_json
 from rbee_fleet.common.validation import validate
