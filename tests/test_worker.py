@@ -108,14 +108,14 @@ async def test_sigterm_drains_a_running_request_before_stopping(tmp_path):
     async with HeartbeatSink() as sink:
         worker = await asyncio.to_thread(procs.start_worker, tmp_path, queen_url=sink.url, heartbeat_interval=0.3)
         client = openai.AsyncOpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0)
-        stream = await client.completions.create(model="smollm2", stream=True, max_tokens=40, **procs.LONG)
+        stream = await client.completions.create(model="smollm2", stream=True, max_tokens=16, **procs.LONG)
         first = await stream.__anext__()
         worker.popen.send_signal(signal.SIGTERM)
         await sink.wait_for(lambda b: b["state"] == "draining")
         finish = first.choices[0].finish_reason
         async for chunk in stream:
             finish = chunk.choices[0].finish_reason if chunk.choices else finish
-        assert finish == "length"  # all 40 tokens came, though the worker was told to stop
+        assert finish == "length"  # all 16 tokens came, though the worker was told to stop
         code = await asyncio.to_thread(worker.popen.wait, 30)
         assert code == 0, worker.log_text()[-2000:]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MIN_PYTHON = (3, 10)
-MIN_FREE_MB = 1024  # a venv with llama-cpp-python and its dependencies takes about 300 MB; models more
+MIN_FREE_MB = 1024  # a venv with llama-server and its dependencies takes about 300 MB; models more
 
 
 def remote_path(path: str) -> str:

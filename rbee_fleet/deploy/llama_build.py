@@ -22,6 +22,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -213,7 +214,11 @@ def _stage(build: Path, stage: Path) -> Path:
         raise BuildError(f"the build produced no {server}")
     shutil.copy2(server, out / "llama-server")
     for lib in sorted(bin_dir.glob("*.so*")):
-        shutil.copy2(lib.resolve(), out / lib.name)  # each soname as a plain file: wheels hold no links
+        if lib.is_symlink():
+            continue
+        # Under the name the loader asks for (its SONAME), once: wheels hold no symlinks. Backend modules
+        # (libggml-cpu-*.so, found by name at start) have no SONAME and keep theirs.
+        shutil.copy2(lib, out / (_soname(lib) or lib.name))
     _run(["strip", "--strip-unneeded", *map(str, out.iterdir())], "stripping", lambda _m: None, quiet=True, check=False)
     (stage / DIST_NAME / "__init__.py").write_text(
         f'"""llama.cpp\'s llama-server, built by rbee-fleet from {SOURCE_PACKAGE} {SOURCE_VERSION}\'s sources."""\n\n'
@@ -223,6 +228,17 @@ def _stage(build: Path, stage: Path) -> Path:
         f"SOURCE = {f'{SOURCE_PACKAGE}=={SOURCE_VERSION}'!r}\n"
     )
     return stage
+
+
+def _soname(lib: Path) -> str | None:
+    try:
+        out = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return None
+    for line in out.splitlines():
+        if "(SONAME)" in line and "[" in line:
+            return line.split("[", 1)[1].rstrip("]").strip()
+    return None
 
 
 def _write_wheel(stage: Path, wheel: Path) -> None:
@@ -250,7 +266,8 @@ def _write_wheel(stage: Path, wheel: Path) -> None:
             data = path.read_bytes()
             info = zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = (0o755 if os.access(path, os.X_OK) else 0o644) << 16
+            # A regular file's full mode: pip and installer keep the executable bit only with the file type.
+            info.external_attr = (stat.S_IFREG | (0o755 if os.access(path, os.X_OK) else 0o644)) << 16
             zf.writestr(info, data)
             records.append(f"{name},{_record_hash(data)},{len(data)}")
         for name, text in meta.items():

@@ -19,7 +19,7 @@ from typing import Any
 
 from rbee_fleet.worker.backends.base import BackendError
 
-# What llama-server can do for every model; embeddings only when asked for at start.
+# What llama-server can do for every model (a worker started for embeddings does only that).
 BASE_CAPABILITIES = ("chat", "completion", "tools", "json", "logprobs", "infill", "n", "responses", "messages")
 DEFAULT_SLOTS_MAX = 4  # llama-server's own default number of parallel sequences
 SLOTS_TOKEN_BUDGET = 16384
@@ -100,7 +100,8 @@ class EngineConfig:
 
     @property
     def capabilities(self) -> list[str]:
-        return [*BASE_CAPABILITIES, *(["embeddings"] if self.embeddings else [])]
+        # llama-server's --embeddings restricts it to embeddings: such a worker generates nothing.
+        return ["embeddings"] if self.embeddings else list(BASE_CAPABILITIES)
 
 
 def option_flags(options: dict[str, Any]) -> list[str]:
