@@ -58,7 +58,18 @@ CMAKE_FLAGS = (
     "-DCMAKE_INSTALL_RPATH=$ORIGIN",
 )
 BUILD_TIMEOUT_S = 3600
-BUILD_REVISION = 1  # bump when what is built or packed changes in a way the flags above do not show
+BUILD_REVISION = 2  # bump when what is built or packed changes in a way the flags above do not show
+# Changes made to the pinned sources before building: (file, text, replacement, count). Each must apply.
+# tool_choice "required" lets the model write free text before its tool call in this llama.cpp, so a model
+# that never starts a call answers in prose: OpenAI's "required" means the answer is tool calls, and the
+# grammar is made to say so (no text before the first call).
+SOURCE_PATCHES = (
+    ("common/chat-auto-parser-generator.cpp",
+     "return ctx.reasoning_parser + p.optional(p.content(content_before_tools)) + tool_calls + p.end();",
+     "return ctx.reasoning_parser + (REQUIRED_FLAG ? p.eps() : p.optional(p.content(content_before_tools)))"
+     " + tool_calls + p.end();",
+     ("require_calls", "require_tools")),
+)
 VARIANT_CALL = "ggml_add_cpu_backend_variant("
 
 Progress = Callable[[str], None]
@@ -157,7 +168,21 @@ def _fetch_sources(work: Path, say: Progress) -> Path:
         tar.extractall(work / "src", members=members, filter="data")
     source = work / "src" / prefix
     _limit_cpu_variants(source)
+    _patch(source)
     return source
+
+
+def _patch(source: Path) -> None:
+    """Apply ``SOURCE_PATCHES``: each occurrence gets its own flag name, in order; a miss fails the build."""
+    for rel, old, new, flags in SOURCE_PATCHES:
+        path = source / rel
+        text = path.read_text()
+        if text.count(old) != len(flags):
+            raise BuildError(f"patching {rel}: expected {len(flags)} occurrences of the patched line, "
+                             f"found {text.count(old)} (the pinned sources changed?)")
+        for flag in flags:
+            text = text.replace(old, new.replace("REQUIRED_FLAG", flag), 1)
+        path.write_text(text)
 
 
 def _limit_cpu_variants(source: Path) -> None:
