@@ -12,16 +12,27 @@ import asyncio
 import contextlib
 import logging
 import os
+import dataclasses
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import aiohttp
 
 from rbee_fleet import __version__
 from rbee_fleet.contracts.fleet import WorkerHeartbeat, WorkerState
 from rbee_fleet.worker.heartbeat import HeartbeatSender
-from rbee_fleet.worker.llama_server import EngineConfig, EngineStats, find_binary, parse_metrics, spawn
+from rbee_fleet.worker.llama_server import (
+    EngineConfig,
+    EngineStats,
+    find_binary,
+    model_chat_template,
+    parse_metrics,
+    spawn,
+    tool_template,
+)
 from rbee_fleet.worker.runtime import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -44,11 +55,13 @@ class EngineRuntime:
         self.started_at = time.time()
         self.pid = os.getpid()
         self.stats: EngineStats | None = None
+        self.capabilities = config.capabilities
         self._rate = 0.0
         self._last: tuple[float, int] | None = None
         self._session: aiohttp.ClientSession | None = None
         base = f"http://{_connect_host(config.host)}:{config.port}"
         self._slots_url = f"{base}/slots"
+        self._props_url = f"{base}/props"
         self._metrics_url = f"{base}/metrics"
         self.health_url = f"{base}/health"
         self._headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
@@ -81,6 +94,21 @@ class EngineRuntime:
         self._last = (now, stats.tokens_predicted_total)
         self.stats = stats
 
+    async def read_capabilities(self) -> None:
+        """Offer tools only where llama-server says the chat template can call them (it would drop them)."""
+        assert self._session is not None
+        try:
+            async with self._session.get(self._props_url, headers=self._headers, timeout=POLL_TIMEOUT) as resp:
+                props = await resp.json() if resp.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            props = {}
+        caps = props.get("chat_template_caps") or {}
+        if not caps.get("supports_tool_calls"):
+            self.capabilities = [c for c in self.capabilities if c != "tools"]
+            if "chat" in self.capabilities:
+                log.info("the chat template of %s cannot call tools: requests with tools are refused",
+                         self.spec.model_id)
+
     def idle(self) -> bool:
         return self.stats is None or self.stats.slots_busy == 0
 
@@ -109,7 +137,7 @@ class EngineRuntime:
             pid=self.pid,
             version=__version__,
             started_at=self.started_at,
-            capabilities=self.config.capabilities,
+            capabilities=self.capabilities,
             cache_tokens_total=cache_total,
             cache_tokens_free=max(0, cache_total - s.cache_tokens_used) if s and s.cache_tokens_used is not None else None,
         )
@@ -133,6 +161,9 @@ def engine_config(settings: WorkerSettings, slots: int, embeddings: bool, token_
 
 async def run(settings: WorkerSettings, config: EngineConfig) -> int:
     """Serve until SIGTERM (drain, then stop llama-server: exit 0) or until llama-server exits (its code)."""
+    template_file = _tool_template_file(config, settings.worker_id)
+    if template_file is not None:
+        config = dataclasses.replace(config, chat_template_file=str(template_file))
     runtime = EngineRuntime(settings, config)
     binary = find_binary()
     proc = spawn(config, binary)
@@ -164,6 +195,8 @@ async def run(settings: WorkerSettings, config: EngineConfig) -> int:
                 await _terminate(proc, exited)
             with contextlib.suppress(Exception):
                 await sender.say_goodbye()
+            if template_file is not None:
+                template_file.unlink(missing_ok=True)
     if stop.is_set():
         return 0
     why = f"llama-server exited with code {code}" if code >= 0 else f"llama-server was killed by signal {-code}"
@@ -178,12 +211,25 @@ async def _wait_ready(runtime: EngineRuntime, session: aiohttp.ClientSession, ex
         try:
             async with session.get(runtime.health_url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 if resp.status == 200:
+                    await runtime.read_capabilities()
                     runtime.set_state(WorkerState.READY)
                     await runtime.refresh()
                     return
         except (aiohttp.ClientError, asyncio.TimeoutError):
             pass
         await asyncio.sleep(READY_POLL_S)
+
+
+def _tool_template_file(config: EngineConfig, worker_id: str) -> Path | None:
+    """A chat template with function calling for this model, written for llama-server, when it needs one."""
+    if config.embeddings or config.chat_template_file:
+        return None
+    template = tool_template(model_chat_template(config.model_path))
+    if template is None:
+        return None
+    with tempfile.NamedTemporaryFile("w", prefix=f"rbee-{worker_id}-", suffix=".jinja", delete=False) as fh:
+        fh.write(template)
+    return Path(fh.name)
 
 
 async def _drain(runtime: EngineRuntime, sender: HeartbeatSender, timeout_s: float) -> None:

@@ -28,6 +28,13 @@ OPTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
 RESERVED = frozenset({"model", "m", "host", "port", "api-key", "api-key-file", "ctx-size", "c", "parallel", "np",
                       "threads", "t", "alias", "a", "embeddings", "embedding", "metrics", "slots"})
 PR_SET_PDEATHSIG = 1
+TOOLS_TEMPLATE = Path(__file__).parent / "chat_templates" / "chatml-tools.jinja"
+# Jinja that is true when a conversation involves tools: then the tools template renders it.
+_USES_TOOLS = (
+    "{%- set rbee = namespace(tools=(tools is defined and tools)) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'tool' or (m['tool_calls'] is defined and m['tool_calls']) -%}"
+    "{%- set rbee.tools = true -%}{%- endif -%}{%- endfor -%}"
+)
 
 
 def find_binary() -> Path:
@@ -74,6 +81,7 @@ class EngineConfig:
     embeddings: bool = False
     api_key_file: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    chat_template_file: str | None = None  # replaces the model's own (see ``tool_template``)
 
     def command(self, binary: Path) -> list[str]:
         cmd = [
@@ -95,6 +103,8 @@ class EngineConfig:
             cmd.append("--embeddings")
         if self.api_key_file:
             cmd += ["--api-key-file", self.api_key_file]
+        if self.chat_template_file:
+            cmd += ["--chat-template-file", self.chat_template_file]
         cmd += option_flags(dict(self.options))
         return cmd
 
@@ -102,6 +112,31 @@ class EngineConfig:
     def capabilities(self) -> list[str]:
         # llama-server's --embeddings restricts it to embeddings: such a worker generates nothing.
         return ["embeddings"] if self.embeddings else list(BASE_CAPABILITIES)
+
+
+def model_chat_template(model_path: str) -> str | None:
+    """The chat template stored in a GGUF file, if any (read with the ``gguf`` package, no model load)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        field = GGUFReader(model_path).fields.get("tokenizer.chat_template")
+    except (OSError, ValueError):
+        return None
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
+def tool_template(own: str | None) -> str | None:
+    """For a ChatML model whose own template cannot describe tools: its template with function calling
+    added in front (llama-server would otherwise drop ``tools`` silently). None when no change is needed
+    or none is known (the worker then does not offer tools)."""
+    if not own or "<|im_start|>" not in own or "tools" in own:
+        return None
+    ours = TOOLS_TEMPLATE.read_text()
+    return f"{_USES_TOOLS}{{%- if rbee.tools -%}}{ours}{{%- else -%}}{own}{{%- endif -%}}"
 
 
 def option_flags(options: dict[str, Any]) -> list[str]:

@@ -40,6 +40,8 @@ def _handler(endpoint: str):
         raw = await request.read()
         body = parse_json(raw)
         req = validate(model_cls, body)
+        if isinstance(body.get("tool_choice"), dict):
+            raw = _name_the_only_tool(body)
         queen = request.app[QUEEN]
         for param in MAX_TOKEN_FIELDS:
             value = getattr(req, param, None) if param != "max_output_tokens" else body.get(param)
@@ -52,6 +54,20 @@ def _handler(endpoint: str):
         )
 
     return handle
+
+
+def _name_the_only_tool(body: dict[str, Any]) -> bytes:
+    """``tool_choice`` naming one function, as "required" with that function alone: the same contract,
+    in the form every engine honours (llama-server reads only the string forms)."""
+    choice = body["tool_choice"]
+    name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+    if not isinstance(name, str):
+        raise BadRequest("tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                         "\"function\": {\"name\": ...}}", param="tool_choice")
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and (t.get("function") or {}).get("name") == name]
+    if not tools:
+        raise BadRequest(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+    return json.dumps({**body, "tool_choice": "required", "tools": tools}).encode()
 
 
 async def models(request: web.Request) -> web.Response:
