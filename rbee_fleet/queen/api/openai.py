@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from aiohttp import web
 from pydantic import BaseModel
 
+from rbee_fleet.common.errors import BadRequest
 from rbee_fleet.common.http import parse_json
 from rbee_fleet.common.validation import validate
 from rbee_fleet.contracts.capabilities import requirements
