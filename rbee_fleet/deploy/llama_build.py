@@ -58,7 +58,7 @@ CMAKE_FLAGS = (
     "-DCMAKE_INSTALL_RPATH=$ORIGIN",
 )
 BUILD_TIMEOUT_S = 3600
-BUILD_REVISION = 2  # bump when what is built or packed changes in a way the flags above do not show
+BUILD_REVISION = 3  # bump when what is built or packed changes in a way the flags above do not show
 # Changes made to the pinned sources before building: (file, text, replacement, count). Each must apply.
 # tool_choice "required" lets the model write free text before its tool call in this llama.cpp, so a model
 # that never starts a call answers in prose: OpenAI's "required" means the answer is tool calls, and the
@@ -69,6 +69,11 @@ SOURCE_PATCHES = (
      "return ctx.reasoning_parser + (REQUIRED_FLAG ? p.eps() : p.optional(p.content(content_before_tools)))"
      " + tool_calls + p.end();",
      ("require_calls", "require_tools")),
+    ("common/chat-auto-parser-generator.cpp",
+     "return ctx.reasoning_parser + p.optional(p.content(p.until(tool_start))) + tools_parser + p.end();",
+     "return ctx.reasoning_parser + (REQUIRED_FLAG ? p.eps() : p.optional(p.content(p.until(tool_start))))"
+     " + tools_parser + p.end();",
+     ("inputs.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED",)),
 )
 VARIANT_CALL = "ggml_add_cpu_backend_variant("
 
@@ -128,17 +133,42 @@ def ensure_wheel(progress: Progress | None = None) -> Path:
         if wheel.is_file():  # another process built it while we waited
             return wheel
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="llama-build-", dir=target) as tmp:
+        # The build tree is kept per sources and flags: a new patch or packing recompiles what changed only.
+        tree = cache_root() / "llama-server" / f"tree-{_tree_id()}"
+        tree.mkdir(parents=True, exist_ok=True)
+        with _locked(tree / ".lock"), tempfile.TemporaryDirectory(prefix="llama-build-", dir=target) as tmp:
             work = Path(tmp)
-            source = _fetch_sources(work, say)
-            build = work / "build"
-            _configure(source, build, say)
+            source = tree / "src"
+            _sync(_fetch_sources(work, say), source)
+            build = tree / "build"
+            if not (build / "build.ninja").is_file():
+                _configure(source, build, say)
             _compile(build, say)
             staged = _stage(build, work / "stage")
             _write_wheel(staged, work / wheel.name)
             os.replace(work / wheel.name, wheel)
         say(f"llama-server built in {time.monotonic() - started:.0f} s: {wheel}")
     return wheel
+
+
+def _tree_id() -> str:
+    digest = hashlib.sha256()
+    for part in (SOURCE_SHA256, machine_arch(), *CMAKE_FLAGS, *X86_VARIANTS):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:10]
+
+
+def _sync(fresh: Path, kept: Path) -> None:
+    """Make ``kept`` hold ``fresh``'s files, touching only those that differ (so ninja rebuilds only them)."""
+    for path in fresh.rglob("*"):
+        if not path.is_file():
+            continue
+        dest = kept / path.relative_to(fresh)
+        if dest.is_file() and dest.stat().st_size == path.stat().st_size and dest.read_bytes() == path.read_bytes():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest)
+        os.utime(dest)  # newer than the objects built from the old file
 
 
 @contextlib.contextmanager
