@@ -225,11 +225,10 @@ def test_the_chat_template_is_smollm2s_and_the_worker_renders_it_alike(model_dir
 
 
 def test_exllamav2_reads_the_model_and_the_worker_stops_on_its_eos(model_dir: Path) -> None:
-    from tests.support.exllamav2_standin import exllamav2  # the real package; its CUDA extension stood in for
-
     from rbee_fleet.common.vram import ModelShape
     from rbee_fleet.hive.catalog import detect_format
     from rbee_fleet.worker.backends.exllamav2_load import ChatConfig, stop_tokens
+    from tests.support.exllamav2_standin import exllamav2  # the real package; its CUDA extension stood in for
 
     config = exllamav2.ExLlamaV2Config(str(model_dir))
     assert (config.hidden_size, config.head_dim, config.num_hidden_layers, config.vocab_size) == (256, 64, 4, 49152)

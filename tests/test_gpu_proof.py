@@ -5,7 +5,6 @@ it must fail the CUDA checks, say why, and still write its report.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -60,7 +59,8 @@ def test_a_child_past_its_limit_is_killed_with_its_children(tmp_path: Path) -> N
 
 
 def test_a_childs_answer_is_its_last_json_line() -> None:
-    child = proof.run_child([sys.executable, "-c", "print('compiling...'); print('{\"ok\": 1}')"], timeout=30)
+    code = "print('compiling...'); print('\\x1b[?25h{\"ok\": 1}'); print('{not json')"
+    child = proof.run_child([sys.executable, "-c", code], timeout=30)
     assert child.json() == {"ok": 1}
     failed = proof.run_child([sys.executable, "-c", "import sys; print('x'); sys.exit('the build broke: nvcc error')"], timeout=30)
     with pytest.raises(RuntimeError, match="exit status 1: the build broke: nvcc error"):
@@ -94,7 +94,7 @@ def test_children_get_the_kit_first_and_build_inside_the_work_folder(tmp_path: P
     assert env["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "torch_extensions")
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["CUDA_HOME"] == "/usr/local/cuda-13.0"
     assert env["PATH"].split(os.pathsep)[:3] == ["/opt/py/bin", str(tmp_path / "site" / "bin"), "/usr/local/cuda-13.0/bin"]
-    assert env["CPATH"].split(os.pathsep)[0] == "/opt/py/nvidia/cu13/include"
+    assert env["CPLUS_INCLUDE_PATH"].split(os.pathsep)[-1] == "/opt/py/nvidia/cu13/include"
     assert env["RBEE_HOME"] == str(tmp_path / "home") and "RBEE_INVENTORY" not in env
 
 

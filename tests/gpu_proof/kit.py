@@ -29,7 +29,16 @@ from packaging.requirements import Requirement
 
 from tests.gpu_proof import tiny_model
 from tests.gpu_proof.manifest import MANIFEST, file_entries, sha256
-from tests.gpu_proof.wheels import EXLLAMAV2, PLATFORMS, PYTHON_VERSION, KitError, Resolution, Wheel, WheelFetcher, resolve
+from tests.gpu_proof.wheels import (
+    EXLLAMAV2,
+    PLATFORMS,
+    PYTHON_VERSION,
+    KitError,
+    Resolution,
+    Wheel,
+    WheelFetcher,
+    resolve,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 KIT_FORMAT = 1

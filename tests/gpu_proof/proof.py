@@ -98,12 +98,17 @@ class Child:
     seconds: float
 
     def json(self) -> dict[str, Any]:
-        """The JSON object a probe printed on its last stdout line."""
-        lines = [line for line in self.stdout.splitlines() if line.strip()]
-        if self.returncode != 0 or not lines:
-            why = "timed out" if self.returncode is None else f"exit status {self.returncode}"
-            raise RuntimeError(f"{why}: {last_lines(self.stderr or self.stdout, 12)}")
-        return json.loads(lines[-1])
+        """The JSON object a probe printed last (on a line of its own, perhaps after a progress bar's escapes)."""
+        if self.returncode == 0:
+            for line in reversed(self.stdout.splitlines()):
+                start = line.find("{")
+                if start >= 0:
+                    try:
+                        return json.loads(line[start:])
+                    except ValueError:
+                        continue
+        why = "timed out" if self.returncode is None else f"exit status {self.returncode}"
+        raise RuntimeError(f"{why}: {last_lines(self.stderr or self.stdout, 12)}")
 
 
 def last_lines(text: str, n: int) -> str:
@@ -155,8 +160,11 @@ def child_env(python: str, site: Path, work: Path, cuda_home: str | None, arch: 
               includes: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     """The environment of every child: the kit's site first, the extension built inside ``work``.
 
-    ``includes`` (CPATH) are the header folders of NVIDIA's pip packages beside torch (cuBLAS, cuRAND, ...):
-    torch's headers include cuBLAS's, and a toolkit made of NVIDIA's pip packages may not have them.
+    ``includes`` are the header folders of NVIDIA's pip packages beside torch (cuBLAS, cuSPARSE, cuRAND):
+    torch's ``ATen/cuda/CUDAContext.h`` includes ``cusparse.h`` and ``cublas_v2.h``, which a toolkit made of
+    NVIDIA's compiler packages alone lacks (this project's CPU machine has such a /usr/local/cuda-13.0, and
+    exllamav2's build fails there without them). They go in CPLUS_INCLUDE_PATH, which gcc (and nvcc, through
+    gcc's preprocessor) searches after every folder on the command line: the toolkit's own headers win.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("RBEE_")}
     path = [str(Path(python).parent), str(site / "bin")]  # ninja sits beside the Python that has torch
@@ -165,7 +173,7 @@ def child_env(python: str, site: Path, work: Path, cuda_home: str | None, arch: 
         path.append(str(Path(cuda_home) / "bin"))
     env["PATH"] = os.pathsep.join([*path, env.get("PATH", "/usr/bin:/bin")])
     if includes:
-        env["CPATH"] = os.pathsep.join([*includes, *filter(None, [env.get("CPATH")])])
+        env["CPLUS_INCLUDE_PATH"] = os.pathsep.join([*filter(None, [env.get("CPLUS_INCLUDE_PATH")]), *includes])
     env["PYTHONPATH"] = str(site)
     env["PYTHONUNBUFFERED"] = "1"
     env["TORCH_EXTENSIONS_DIR"] = str(work / "torch_extensions")
