@@ -59,6 +59,20 @@ def model_dir(kit: Path) -> Path:
     return kit / "model"
 
 
+def find_python312() -> str | None:
+    """A CPython 3.12 that runs (a pyenv shim on PATH may not, when another version is selected)."""
+    candidates = [shutil.which("python3.12"), *map(str, sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")))]
+    for python in filter(None, candidates):
+        try:
+            done = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0 and done.stdout.strip() == "(3, 12)":
+            return python
+    return None
+
+
 # -- the kit -----------------------------------------------------------------------------------------
 
 
@@ -153,14 +167,14 @@ def test_the_wheels_install_offline_into_a_python_312_target(kit: Path, tmp_path
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     for package in ("rbee_fleet", "pydantic", "pydantic_core", "exllamav2", "typing_extensions", "annotated_types"):
-        assert (target / package).is_dir(), f"{package} missing from the target"
+        assert (target / package).is_dir() or (target / f"{package}.py").is_file(), f"{package} missing from the target"
     assert list((target / "pydantic_core").glob("_pydantic_core.cpython-312-x86_64-linux-gnu.so"))
     assert (target / "exllamav2" / "exllamav2_ext" / "ext_bindings.cpp").is_file()  # the JIT build's sources
     assert (target / "bin" / "queen-rbee").is_file()
 
-    python312 = shutil.which("python3.12") or next(iter(sorted(Path("/root/.pyenv/versions").glob("3.12*/bin/python3.12"))), None)
+    python312 = find_python312()
     if python312 is None:
-        pytest.skip("installed for CPython 3.12, but no python3.12 here to import it with")
+        pytest.skip("installed for CPython 3.12, but no working python3.12 here to import it with")
     # Only the target and the standard library (-S): pydantic's compiled core and our wire models load on 3.12.
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import pydantic, pydantic_core, rbee_fleet.contracts.fleet as f; "
             "print(pydantic.VERSION, f.WorkerSpawnOp(model='m', device='cuda:0').device, f.__file__)")
@@ -225,6 +239,8 @@ def test_the_chat_template_is_smollm2s_and_the_worker_renders_it_alike(model_dir
 
 
 def test_exllamav2_reads_the_model_and_the_worker_stops_on_its_eos(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
     from rbee_fleet.common.vram import ModelShape
     from rbee_fleet.hive.catalog import detect_format
     from rbee_fleet.worker.backends.exllamav2_load import ChatConfig, stop_tokens
@@ -234,8 +250,6 @@ def test_exllamav2_reads_the_model_and_the_worker_stops_on_its_eos(model_dir: Pa
     assert (config.hidden_size, config.head_dim, config.num_hidden_layers, config.vocab_size) == (256, 64, 4, 49152)
     assert config.arch.lm.keys["lm_head"] == "model.embed_tokens"  # tied embeddings, as config.json says
     tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
-    from transformers import AutoTokenizer
-
     hf = AutoTokenizer.from_pretrained(model_dir)
     for text in TEXTS:
         ids = tokenizer.encode(text, add_bos=False, encode_special_tokens=True)[0].tolist()

@@ -50,9 +50,9 @@ def env() -> dict[str, Any]:
     try:
         from torch.utils import cpp_extension
 
-        out["torch_cuda_home"] = cpp_extension.CUDA_HOME
+        out["torch_cuda_home_guess"] = cpp_extension.CUDA_HOME  # the proof sets CUDA_HOME itself
     except Exception as exc:  # noqa: BLE001
-        out["torch_cuda_home"] = f"{type(exc).__name__}: {exc}"
+        out["torch_cuda_home_guess"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -74,7 +74,9 @@ def imports() -> dict[str, Any]:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    out: dict[str, Any] = {"modules": {}, "unmet": []}
+    out: dict[str, Any] = {"modules": {}, "unmet": [], "versions": {}}
+    for dist in ("rbee-fleet", "pydantic", "pydantic-core", "exllamav2", "typing-extensions"):
+        out["versions"][dist] = version(dist)
     for name in ("rbee_fleet", "pydantic", "pydantic_core", "typing_extensions", "annotated_types", "aiohttp",
                  "rbee_fleet.queen.app", "rbee_fleet.hive.app", "rbee_fleet.worker.app",
                  "rbee_fleet.worker.backends.exllamav2"):

@@ -184,13 +184,14 @@ def child_env(python: str, site: Path, work: Path, cuda_home: str | None, arch: 
     return env
 
 
-def first_line(cmd: list[str]) -> str:
+def first_line(cmd: list[str], containing: str = "") -> str:
+    """The first line of a command's output (that contains ``containing``), or why there is none."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"unavailable ({type(exc).__name__})"
-    text = (done.stdout or done.stderr).strip()
-    return text.splitlines()[-1].strip() if text else f"exit status {done.returncode}"
+    lines = [line.strip() for line in (done.stdout or done.stderr).splitlines() if containing in line and line.strip()]
+    return lines[0] if lines else f"exit status {done.returncode}"
 
 
 # -- the proof ---------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ class Proof:
         cuda_home = find_cuda_home(self.python)
         self.report.environment.update({
             "nvidia-smi": smi, "cuda_home": cuda_home or "not found",
-            "nvcc": first_line([str(Path(cuda_home) / "bin" / "nvcc"), "--version"]) if cuda_home else "not found",
+            "nvcc": first_line([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], "release") if cuda_home else "not found",
             "c++": first_line(["c++", "--version"]) if shutil.which("c++") else "not found",
             "cpus": os.cpu_count(), "work": str(self.work),
         })
@@ -293,6 +294,7 @@ class Proof:
 
     def imports(self, timeout: float) -> tuple[bool, str, dict[str, Any]]:
         found = run_child([self.python, str(HERE / "probe.py"), "imports"], timeout=timeout, env=self.env, cwd=self.work).json()
+        self.report.versions.update(found.get("versions", {}))
         modules = found["modules"]
         broken = {k: v for k, v in modules.items() if v.startswith("FAILED")}
         outside = {k: v for k, v in modules.items() if k.startswith("rbee_fleet") and not v.startswith(str(self.site))}
