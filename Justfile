@@ -44,7 +44,8 @@ test *ARGS: setup-test
     {{bin}}/pytest {{ARGS}}
 
 # Build .gpu-kit/ (git-ignored): rbee-fleet's wheel, the wheels a GPU machine without network lacks, a tiny model; under 64 MiB with the checkout
-gpu-kit OUT=".gpu-kit": setup
+gpu-kit OUT=".gpu-kit":
+    @test -x {{bin}}/python || { echo "==> creating {{venv}}"; python3 -m venv {{venv}}; }
     {{bin}}/pip install --progress-bar off -q 'gguf>=0.10' safetensors tokenizers numpy packaging
     {{bin}}/python -m tests.gpu_proof.kit --out {{OUT}}
 
