@@ -141,7 +141,7 @@ async def test_the_fleet_driver_against_a_real_queen_and_cpu_worker(tmp_path: Pa
     queen = fleet.start_queen([sys.executable, "-m", "rbee_fleet.queen"], tmp_path, env)
     try:
         async with aiohttp.ClientSession() as session:
-            await fleet.wait_healthy(session, queen, 30)
+            await fleet.wait_healthy(session, queen, 120)  # a busy 2-core machine starts Python slowly
             got = await fleet.run_job(session, queen, {"kind": "model_download", "source": model_path, "name": "kit-tiny"})
             assert got["model"]["format"] == "gguf"
             with pytest.raises(fleet.FleetError, match="job worker_spawn failed: .*no-such-model"):
@@ -149,7 +149,7 @@ async def test_the_fleet_driver_against_a_real_queen_and_cpu_worker(tmp_path: Pa
             got = await fleet.run_job(session, queen, {"kind": "worker_spawn", "model": "kit-tiny", "device": "cpu",
                                                        "ctx_size": 512, "threads": 1, "max_queue": 4})
             assert got["worker"]["backend"] == "llamacpp"
-            assert (await fleet.heartbeat(session, queen))["state"] == "ready"
+            assert (await fleet.wait_ready(session, queen, 30))["state"] == "ready"
 
             single = await fleet.single_streams(session, queen, runs=1, max_tokens=6)
             assert single.ok, single.detail
@@ -158,17 +158,22 @@ async def test_the_fleet_driver_against_a_real_queen_and_cpu_worker(tmp_path: Pa
 
             many = await fleet.concurrent_streams(session, queen, 2, 4)
             assert many.ok, many.detail
-            assert many.data["tokens"] == 8 and "batch 1" in many.data["mode"] and len(many.data["ttft_ms"]) == 2
+            assert many.data["tokens"] == 8 and len(many.data["ttft_ms"]) == 2
+            assert ("batch 1" in many.data["mode"]) == (many.data["slots_total"] == 1)
 
             cut = await fleet.cancel_mid_stream(session, queen, 400)
-            assert not cut.ok and "reports no cache (llamacpp backend)" in cut.detail  # only GPU workers have one
+            hb = await fleet.heartbeat(session, queen)
+            if hb.get("cache_tokens_total") and hb.get("cache_tokens_free") is not None:
+                assert cut.ok, cut.detail
+            else:  # a CPU worker may report no free cache: the check says so instead of passing on nothing
+                assert not cut.ok and "reports no cache figures (llamacpp backend)" in cut.detail
 
             answer = await fleet.chat(session, queen, max_tokens=300, content="Count from 1 to 500.", cut_after=3)
             assert answer.cut and answer.content_chunks == 3 and answer.status == 200
 
             overflow = await fleet.context_overflow(session, queen)
             assert overflow.ok, overflow.detail
-            assert overflow.data["status"] == 400 and overflow.data["max_tokens"] == 512
+            assert overflow.data["status"] == 400 and overflow.data["max_tokens"] == (hb.get("cache_tokens_total") or 512)
     finally:
         queen.stop()
     assert queen.process.poll() is not None

@@ -148,6 +148,21 @@ async def heartbeat(session: aiohttp.ClientSession, queen: Queen) -> dict[str, A
     return live[0]["heartbeat"]
 
 
+async def wait_ready(session: aiohttp.ClientSession, queen: Queen, timeout: float) -> dict[str, Any]:
+    """The first heartbeat that says ready: the hive's job ends when the worker answers, a heartbeat may lag."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            hb = await heartbeat(session, queen)
+            if hb.get("state") == "ready":
+                return hb
+        except FleetError:
+            hb = {}
+        if time.monotonic() > deadline:
+            raise FleetError(f"no heartbeat said ready within {timeout:.0f} s (last: {hb.get('state', 'none')})")
+        await asyncio.sleep(0.1)
+
+
 @dataclass
 class Answer:
     """One chat completion streamed through the queen, timed on arrival of each chunk."""
@@ -271,10 +286,11 @@ async def wait_cache_free(session: aiohttp.ClientSession, queen: Queen, timeout:
 
 
 async def cancel_mid_stream(session: aiohttp.ClientSession, queen: Queen, max_tokens: int) -> Outcome:
+    hb = await heartbeat(session, queen)
+    if not hb.get("cache_tokens_total") or hb.get("cache_tokens_free") is None:
+        return Outcome(False, f"the worker reports no cache figures ({hb.get('backend')} backend), so its return "
+                              "cannot be seen", {"heartbeat": hb})
     before = await wait_cache_free(session, queen, 30)
-    if not before.get("cache_tokens_total"):
-        return Outcome(False, f"the worker reports no cache ({before.get('backend')} backend), so its return cannot be "
-                              "seen", {"heartbeat": before})
     answer = await chat(session, queen, max_tokens=max_tokens, cut_after=10)
     cut_at = time.monotonic()
     after = await wait_cache_free(session, queen, 30)

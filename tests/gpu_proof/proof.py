@@ -385,7 +385,7 @@ class Proof:
                         notes = f"device=auto failed ({exc}); "
                         got = await fleet.run_job(session, queen, op | {"device": "cuda:0", "worker_id": "kit-tiny-cuda0"})
                     load_s = round(time.monotonic() - started, 1)
-                    hb = await fleet.heartbeat(session, queen)
+                    hb = await fleet.wait_ready(session, queen, 30)
                     self.report.timings["worker_spawn_to_ready_s"] = load_s
                     worker = got["worker"]
                     placement.update(ok=not notes, device=worker["device"], note=notes)
