@@ -209,16 +209,27 @@ def test_the_model_loads_in_transformers_and_never_ends_an_answer(model_dir: Pat
 
 
 def test_the_tokenizer_is_smollm2s_own(model_dir: Path) -> None:
+    """Same ids as transformers' own reading of the GGUF (and as llama.cpp's, where llama-cpp-python is here)."""
+    import importlib.util
+
     from transformers import AutoTokenizer
 
-    llama_cpp = pytest.importorskip("llama_cpp")
     from tests.support import procs
 
-    reference = llama_cpp.Llama(model_path=procs.model_path(), vocab_only=True, verbose=False)
+    gguf = Path(procs.model_path())
+    references = {"transformers' GGUF reader": AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)}
     tok = AutoTokenizer.from_pretrained(model_dir)
+    llama = None
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp
+
+        llama = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     for text in TEXTS:
         ids = tok.encode(text, add_special_tokens=False)
-        assert ids == reference.tokenize(text.encode(), add_bos=False, special=True), text
+        for name, ref in references.items():
+            assert ids == ref.encode(text, add_special_tokens=False), f"{name}: {text!r}"
+        if llama is not None:
+            assert ids == llama.tokenize(text.encode(), add_bos=False, special=True), f"llama.cpp: {text!r}"
         assert tok.decode(ids) == text
     assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
     assert tok.convert_tokens_to_ids("<|im_end|>") == 2 and len(tok) == 49152
