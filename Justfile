@@ -45,6 +45,16 @@ demo: setup
 test *ARGS: setup-test
     {{bin}}/pytest {{ARGS}}
 
+# Build .gpu-kit/ (git-ignored): rbee-fleet's wheel, the wheels a GPU machine without network lacks, a tiny model; under 64 MiB with the checkout
+gpu-kit OUT=".gpu-kit":
+    @test -x {{bin}}/python || { echo "==> creating {{venv}}"; python3 -m venv {{venv}}; }
+    {{bin}}/pip install --progress-bar off -q 'gguf>=0.10' safetensors tokenizers numpy packaging
+    {{bin}}/python -m tests.gpu_proof.kit --out {{OUT}}
+
+# On a GPU machine, from the checkout with .gpu-kit/ beside it: the proof, report in OUT (plain python3: no venv, no network)
+gpu-proof OUT KIT=".gpu-kit":
+    python3 tests/gpu_proof/proof.py --kit {{KIT}} --out {{OUT}}
+
 # Print the benchmarks' figures (the fleet vs llama-server by hand, queen overhead, SSH deploys)
 bench: setup-test
     {{bin}}/python -m tests.bench.run_all
