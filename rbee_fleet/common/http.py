@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from rbee_fleet.common.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unauthorized, error_body
+from rbee_fleet.common.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unauthorized
+from rbee_fleet.contracts.openai import error_body
 from rbee_fleet.common.net import is_loopback
 
 log = logging.getLogger(__name__)

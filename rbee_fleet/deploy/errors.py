@@ -62,12 +62,6 @@ class CommandTimeout(CommandFailed):
     kind = "command-timeout"
 
 
-class PreflightFailed(DeployError):
-    """The host lacks something the hive needs (Python 3.10+, venv, disk space, a free port)."""
-
-    kind = "preflight"
-
-
 class HiveNotReady(DeployError):
     kind = "hive"
 

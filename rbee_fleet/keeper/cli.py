@@ -13,9 +13,8 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from rbee_fleet import __version__
+from rbee_fleet.contracts.vocabulary import BACKEND_CHOICES, PLACEMENT_POLICIES, ExitCode
 from rbee_fleet.keeper import commands, fleet_commands
-
-EXIT_FAILED, EXIT_USAGE, EXIT_NO_QUEEN = 1, 2, 3
 
 
 def _common() -> argparse.ArgumentParser:
@@ -67,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--hive", help="hive alias, or auto: the queen picks a hive by free VRAM, preferring those "
                                   "that have the model (default: the local hive)")
-    p.add_argument("--backend", default="auto", choices=["auto", "llamacpp", "exllamav2"])
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda:N[,M], or auto (the hive picks GPUs by free VRAM against the model's need)")
-    p.add_argument("--placement", choices=["binpack", "spread"], default="binpack",
+    p.add_argument("--placement", choices=PLACEMENT_POLICIES, default="binpack",
                    help="with --device auto: fill the tightest GPU (binpack) or the emptiest (spread)")
     p.add_argument("--id", dest="worker_id", help="worker id (default: HIVE-MODEL-N)")
     p.add_argument("--ctx-size", type=int)
@@ -125,11 +124,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_tui(args))
     if getattr(args, "func", None) is None:
         parser.print_help()
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitCode.USAGE)
     try:
         code = asyncio.run(commands.run(args))
     except KeyboardInterrupt:
-        code = 130
+        code = ExitCode.INTERRUPTED
     sys.exit(code)
 
 
@@ -138,7 +137,7 @@ def _tui(args: argparse.Namespace) -> int:
         from rbee_fleet.tui.app import run_tui
     except ImportError as exc:
         print(f"rbee-keeper: the TUI needs the keeper extra (pip install 'rbee-fleet[keeper]'): {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     return run_tui(getattr(args, "inventory", None), refresh_s=getattr(args, "refresh", 1.0))
 
 

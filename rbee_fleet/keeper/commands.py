@@ -17,6 +17,7 @@ from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
+from rbee_fleet.contracts.vocabulary import ExitCode
 from rbee_fleet.keeper import render
 from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
 from rbee_fleet.keeper.fleet_service import FleetService
@@ -33,23 +34,21 @@ def _console(stderr: bool) -> Console:
 out = _console(stderr=False)
 err = _console(stderr=True)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_QUEEN = 0, 1, 2, 3
-
 
 async def run(args: argparse.Namespace) -> int:
     try:
         ctx = KeeperContext.load(getattr(args, "inventory", None))
     except InventoryError as exc:
         err.print(f"[red]inventory error:[/] {escape(str(exc))}", soft_wrap=True)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         return await args.func(args, ctx)
     except QueenUnreachable as exc:
         _fail(args, str(exc))
-        return EXIT_NO_QUEEN
+        return ExitCode.NO_QUEEN
     except (OperationFailed, ApiError) as exc:
         _fail(args, str(exc))
-        return EXIT_FAILED
+        return ExitCode.FAILED
 
 
 def _fail(args: argparse.Namespace, message: str) -> None:
@@ -94,7 +93,7 @@ async def up(args: argparse.Namespace, ctx: KeeperContext) -> int:
         if args.foreground and proc is not None:
             err.print("running in the foreground; Ctrl-C stops the fleet")
             await _wait_foreground(proc)
-    return EXIT_FAILED if failed else EXIT_OK
+    return ExitCode.FAILED if failed else ExitCode.OK
 
 
 async def _wait_foreground(proc: Any) -> None:
@@ -116,7 +115,7 @@ async def down(args: argparse.Namespace, ctx: KeeperContext) -> int:
         _emit_json({"ok": True, "stopped": stopped})
     else:
         out.print("queen stopped" if stopped else "queen was not running")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 async def status(args: argparse.Namespace, ctx: KeeperContext) -> int:
@@ -127,7 +126,7 @@ async def status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     else:
         for table in render.status_tables(st):
             out.print(table)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
@@ -138,11 +137,11 @@ async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
         if failed:
             for wid, e in failed:
                 err.print(f"[red]worker {wid} failed:[/] {escape(e)}")
-            return EXIT_FAILED
+            return ExitCode.FAILED
         st = await client.status()
         if not st.models:
             err.print("[red]no model is served; check the inventory's workers[/]")
-            return EXIT_FAILED
+            return ExitCode.FAILED
         model = st.models[0]
         err.rule(f"[bold]streaming a chat completion from {model} with the openai client[/]")
         err.print(f"[dim]> {escape(args.prompt)}[/]")
@@ -158,7 +157,7 @@ async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
             out.print(table)
     err.print(f"\nThe fleet keeps running. OpenAI endpoint: [bold]{ctx.queen_url}/v1[/]  (model: {model})\n"
               f"Try: rbee-keeper infer -m {model} \"Hello\"   Stop it: rbee-keeper down")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # -- inference ---------------------------------------------------------------------------------------
@@ -194,7 +193,7 @@ async def infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
             err.print(f"[dim]{stats}[/]")
     finally:
         await oai.close()
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # -- workers, models, jobs ---------------------------------------------------------------------------
@@ -210,7 +209,7 @@ async def _job(args: argparse.Namespace, ctx: KeeperContext,
         await fleet.close()
     if args.json:
         _emit_json({"ok": True, **result})
-    return EXIT_OK
+    return ExitCode.OK
 
 
 async def worker_spawn(args: argparse.Namespace, ctx: KeeperContext) -> int:
@@ -218,7 +217,7 @@ async def worker_spawn(args: argparse.Namespace, ctx: KeeperContext) -> int:
         options = parse_key_values(args.option)
     except ValueError as exc:
         _fail(args, str(exc))
-        return EXIT_USAGE
+        return ExitCode.USAGE
     op = WorkerSpawnOp(hive=args.hive or ctx.local_hive(), model=args.model, backend=args.backend, device=args.device,
                        placement=args.placement, worker_id=args.worker_id, ctx_size=args.ctx_size,
                        threads=args.threads, options=options)
@@ -232,7 +231,7 @@ async def worker_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
         _emit_json([w.model_dump(mode="json") for w in st.workers])
     else:
         out.print(render.status_tables(st)[2])
-    return EXIT_OK
+    return ExitCode.OK
 
 
 async def worker_stop(args: argparse.Namespace, ctx: KeeperContext) -> int:
@@ -247,7 +246,7 @@ async def model_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
         _emit_json([m.model_dump(mode="json") for m in models])
     else:
         out.print(render.models_table(hive, models))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 async def model_download(args: argparse.Namespace, ctx: KeeperContext) -> int:
@@ -263,7 +262,7 @@ async def jobs_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
         jobs = await client.job_list()
     if args.json:
         _emit_json([j.model_dump(mode="json") for j in jobs])
-        return EXIT_OK
+        return ExitCode.OK
     from rich.table import Table
 
     table = Table(title="jobs", title_justify="left")
@@ -273,7 +272,7 @@ async def jobs_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
         table.add_row(*(escape(str(v)) for v in (j.job_id, j.operation.get("kind"), j.state.value,
                       time.strftime("%H:%M:%S", time.localtime(j.created_at)), j.error or "")))
     out.print(table)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 async def jobs_watch(args: argparse.Namespace, ctx: KeeperContext) -> int:
@@ -283,11 +282,11 @@ async def jobs_watch(args: argparse.Namespace, ctx: KeeperContext) -> int:
             async for event in client.jobs.events(args.job_id):
                 reporter(args.job_id, event)
                 last = event
-    return EXIT_FAILED if last is not None and last.type in ("error", "cancelled") else EXIT_OK
+    return ExitCode.FAILED if last is not None and last.type in ("error", "cancelled") else ExitCode.OK
 
 
 async def jobs_cancel(args: argparse.Namespace, ctx: KeeperContext) -> int:
     async with ctx.client() as client:
         await client.jobs.cancel(args.job_id)
     out.print(f"cancelled {args.job_id}")
-    return EXIT_OK
+    return ExitCode.OK

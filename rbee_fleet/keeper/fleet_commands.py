@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee_fleet.common.inventory import InventoryError
+from rbee_fleet.contracts.vocabulary import HIVE_COMMANDS, ExitCode
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import CANCELLED, FAILED, HostResult, RunContext, deploy
@@ -27,19 +28,6 @@ from rbee_fleet.keeper.remote_hosts import (
 )
 from rbee_fleet.keeper.services import KeeperContext, start_queen
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-Command = Callable[[argparse.Namespace], Awaitable[int]]
-HIVE_ACTIONS = {
-    "install": "install (or update) the hive on a host, start it and spawn its workers",
-    "upgrade": "switch an installed hive to the keeper's version (a new venv, then one atomic switch)",
-    "start": "start the installed hive",
-    "stop": "stop the hive and its workers",
-    "restart": "stop, then start the hive",
-    "status": "show the host, the installed version and whether the hive runs and answers",
-    "uninstall": "stop the hive and remove its service and every file of ours from the host",
-    "logs": "print the hive's log (-f: follow it)",
-}
-
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., argparse.ArgumentParser]) -> None:
     """Register ``deploy`` and ``hive`` on the keeper's subcommand parser."""
@@ -54,7 +42,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., ar
     hive = sub.add_parser("hive", help="manage one remote hive over SSH", parents=[common],
                           description="Manage the hive of one remote host of the inventory over SSH.")
     hsub = hive.add_subparsers(dest="hive_command", metavar="ACTION", required=True)
-    for action, help in HIVE_ACTIONS.items():
+    for action, help in HIVE_COMMANDS.items():
         p = cmd(action, help, _hive_command(action), hsub)
         p.add_argument("alias", help="the hive's alias in the inventory")
         if action in ("install", "upgrade"):
@@ -104,8 +92,8 @@ async def _run_with_view(args: argparse.Namespace, specs: list[HostSpec], run: R
             interrupted = True
     _emit(args, results, title)
     if interrupted:
-        return EXIT_INTERRUPTED
-    return EXIT_FAILED if any(r.status in (FAILED, CANCELLED) for r in results) else EXIT_OK
+        return ExitCode.INTERRUPTED
+    return ExitCode.FAILED if any(r.status in (FAILED, CANCELLED) for r in results) else ExitCode.OK
 
 
 # -- deploy ----------------------------------------------------------------------------------------
@@ -116,15 +104,15 @@ async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
         specs = remote_specs(ctx, args.limit)
     except InventoryError as exc:
         err.print(f"[red]inventory error:[/] {exc}", highlight=False)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if not specs:
         err.print(f"[yellow]the inventory ({ctx.inventory_path or 'built in'}) declares no remote hives; nothing to deploy[/]")
-        return EXIT_OK
+        return ExitCode.OK
     try:
         run = _run_context(args, ctx, check=args.check)
     except WheelhouseError as exc:
         err.print(f"[red]error:[/] {exc}")
-        return EXIT_FAILED
+        return ExitCode.FAILED
     async with ctx.client() as client:
         if not args.check:
             started, _ = await start_queen(ctx, client)
@@ -147,10 +135,10 @@ def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], 
             return await _on_host(args, ctx, specs[0], action)
         except InventoryError as exc:
             err.print(f"[red]inventory error:[/] {exc}", highlight=False)
-            return EXIT_USAGE
+            return ExitCode.USAGE
         except WheelhouseError as exc:
             err.print(f"[red]error:[/] {exc}", highlight=False)
-            return EXIT_FAILED
+            return ExitCode.FAILED
 
     return command
 
@@ -172,8 +160,8 @@ async def _on_host(args: argparse.Namespace, ctx: KeeperContext, spec: HostSpec,
             try:
                 code = await stream_log(spec, run, args.lines, args.follow, _print_line)
             except asyncio.CancelledError:
-                return EXIT_INTERRUPTED
-            return EXIT_OK if code == 0 else EXIT_FAILED
+                return ExitCode.INTERRUPTED
+            return ExitCode.OK if code == 0 else ExitCode.FAILED
         if action == "status":
             return _status(args, await hive_status(spec, run))
         outcome = await control_hive(spec, run, action)
@@ -188,7 +176,7 @@ def _status(args: argparse.Namespace, info: dict[str, Any]) -> int:
     else:
         for key, value in info.items():
             out.print(f"[bold]{key:>12}[/]: {value}", highlight=False)
-    return EXIT_OK if info["running_pid"] and info["answering"] else EXIT_FAILED
+    return ExitCode.OK if info["running_pid"] and info["answering"] else ExitCode.FAILED
 
 
 def _print_line(line: str) -> None:
@@ -202,11 +190,11 @@ def _done(args: argparse.Namespace, alias: str, message: str, changed: bool) -> 
         print(json.dumps({"ok": True, "host": alias, "changed": changed, "message": message}))
     else:
         out.print(f"[bold]{alias}[/]: {message}", highlight=False)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _fail(args: argparse.Namespace, alias: str, reason: str) -> int:
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "host": alias, "error": reason}))
     err.print(f"[red]error:[/] {alias}: {reason}", highlight=False)
-    return EXIT_FAILED
+    return ExitCode.FAILED

@@ -11,13 +11,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import HiveDecl
 from rbee_fleet.contracts.fleet import FleetStatus, JobEvent
+from rbee_fleet.contracts.vocabulary import HiveAction
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.hosts import host_spec, ssh_target
 from rbee_fleet.deploy.plan import HostSpec
@@ -41,20 +41,6 @@ from rbee_fleet.keeper.services import EventSink, KeeperContext, ensure_workers,
 
 LOG_POLL_S = 0.5
 PARALLEL = 8  # remote hosts deployed or checked at a time
-
-
-class HiveAction(str, Enum):
-    INSTALL = "install"
-    START = "start"
-    STOP = "stop"
-    RESTART = "restart"
-    UPGRADE = "upgrade"
-    UNINSTALL = "uninstall"
-
-    @property
-    def destructive(self) -> bool:
-        """Interrupts serving or removes files: the operator confirms first."""
-        return self in (HiveAction.STOP, HiveAction.RESTART, HiveAction.UNINSTALL)
 
 
 @dataclass(frozen=True)

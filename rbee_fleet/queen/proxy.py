@@ -15,7 +15,8 @@ import aiohttp
 from aiohttp import web
 
 from rbee_fleet.common import sse
-from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_event, error_from_body
+from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_from_body
+from rbee_fleet.contracts.stream import ERROR_EVENT_MARK, error_event, usage_in
 from rbee_fleet.queen.metrics import QueenMetrics
 from rbee_fleet.queen.registry import Registry, WorkerRecord
 from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Scheduler
@@ -24,9 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 TAIL = 512  # bytes of the stream kept to read the closing usage comment and [DONE]
-USAGE_MARK = b": usage "
 DONE_MARK = b"data: [DONE]"
-ERROR_MARK = b'data: {"error"'
 
 
 WATCH_INTERVAL_S = 0.5
@@ -211,8 +210,8 @@ class WorkerProxy:
             await out.write(chunk)  # a client that went away raises here: not the worker's doing
             tail = (tail + chunk)[-TAIL:]
         if DONE_MARK in tail:
-            self.metrics.count_usage(model, _usage_from(tail))
-        elif ERROR_MARK in tail and failure is None:
+            self.metrics.count_usage(model, usage_in(tail))
+        elif ERROR_EVENT_MARK in tail and failure is None:
             # The worker ended its own stream with an error event: the client has it already.
             self.metrics.errors.labels(model, "worker_error_mid_stream").inc()
         else:
@@ -241,17 +240,6 @@ def _uncancel() -> None:
     uncancel = getattr(task, "uncancel", None)
     if uncancel is not None:
         uncancel()
-
-
-def _usage_from(tail: bytes) -> dict[str, int] | None:
-    at = tail.rfind(USAGE_MARK)
-    if at < 0:
-        return None
-    end = tail.find(b"\n", at)
-    try:
-        return json.loads(tail[at + len(USAGE_MARK) : end])
-    except ValueError:
-        return None
 
 
 def _json(payload: bytes) -> dict | None:
