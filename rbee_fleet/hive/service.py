@@ -28,7 +28,7 @@ from rbee_fleet.contracts.fleet import (
 from rbee_fleet.contracts.vocabulary import DEVICE_PATTERN
 from rbee_fleet.hive import devices
 from rbee_fleet.hive.catalog import Catalog
-from rbee_fleet.hive.placement import GpuPlacer
+from rbee_fleet.hive.gpu_assignment import GpuPlacer
 from rbee_fleet.hive.supervisor import LaunchSpec, Supervisor, SupervisorSettings
 
 DEVICE_REFRESH_S = 5.0
