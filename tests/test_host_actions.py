@@ -14,8 +14,8 @@ import pytest
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import parse_inventory
 from rbee_fleet.common.paths import Layout
-from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.contracts.vocabulary import HiveAction
+from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.keeper.host_actions import KeeperHostActions, follow_file
 from rbee_fleet.keeper.services import KeeperContext
 from tests.support import procs

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rbee_fleet.common.errors import OperationFailed
-from rbee_fleet.common.jobs import Emitter
 from rbee_fleet.common.gpu_fit import CANNOT_PLACE, Gpu, Host, NoFit, Placement, place
+from rbee_fleet.common.jobs import Emitter
 from rbee_fleet.common.vram import ExlOptions, VramNeed, estimate
 from rbee_fleet.contracts.fleet import DeviceInfo, ModelEntry, WorkerSpawnOp
 from rbee_fleet.hive import gpu_stack

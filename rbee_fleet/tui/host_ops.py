@@ -21,8 +21,8 @@ from textual import work
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import Inventory
 from rbee_fleet.contracts.fleet import FleetStatus
-from rbee_fleet.keeper.fleet_view import host_rows, needs_probe
 from rbee_fleet.contracts.vocabulary import HiveAction
+from rbee_fleet.keeper.fleet_view import host_rows, needs_probe
 from rbee_fleet.keeper.host_actions import PARALLEL, HostActions
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.remote_hosts import HostProbe, ssh_command

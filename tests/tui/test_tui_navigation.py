@@ -13,8 +13,8 @@ import pytest
 from textual.command import CommandPalette
 from textual.widgets import Button, Label
 
-from rbee_fleet.keeper.fleet_view import HostState
 from rbee_fleet.contracts.vocabulary import HiveAction
+from rbee_fleet.keeper.fleet_view import HostState
 from rbee_fleet.tui.app import KeeperApp
 from rbee_fleet.tui.palette import keeper_commands
 from rbee_fleet.tui.screens.host_key import HostKeyScreen
