@@ -21,8 +21,9 @@ from rbee_fleet.contracts.vocabulary import ExitCode
 from rbee_fleet.keeper import render
 from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
 from rbee_fleet.keeper.fleet_service import FleetService
+from rbee_fleet.keeper.local_queen import start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
-from rbee_fleet.keeper.services import KeeperContext, ensure_workers, start_queen, stop_queen
+from rbee_fleet.keeper.services import KeeperContext, ensure_workers
 
 
 def _console(stderr: bool) -> Console:

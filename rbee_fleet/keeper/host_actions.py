@@ -25,6 +25,7 @@ from rbee_fleet.deploy.runner import CANCELLED, CHANGED, FAILED, OK, HostResult,
 from rbee_fleet.deploy.transport import HostKey, SSHTarget, scan_host_key
 from rbee_fleet.deploy.wheelhouse import WheelhouseBuilder
 from rbee_fleet.keeper.fleet_service import FleetService
+from rbee_fleet.keeper.local_queen import start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.remote_hosts import (
     PROBE_GRACE_S,
@@ -37,7 +38,7 @@ from rbee_fleet.keeper.remote_hosts import (
     stream_log,
     workers_via_queen,
 )
-from rbee_fleet.keeper.services import EventSink, KeeperContext, ensure_workers, start_queen, stop_queen
+from rbee_fleet.keeper.services import EventSink, KeeperContext, ensure_workers
 
 LOG_POLL_S = 0.5
 PARALLEL = 8  # remote hosts deployed or checked at a time

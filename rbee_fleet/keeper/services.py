@@ -14,11 +14,10 @@ from rbee_fleet.common.inventory import Inventory, default_inventory, load_inven
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import read_secret
 from rbee_fleet.contracts.fleet import JobEvent, WorkerSpawnOp
-from rbee_fleet.keeper.daemon import QueenDaemon
-from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
+from rbee_fleet.keeper.local_queen import QueenDaemon
+from rbee_fleet.keeper.queen_client import QueenClient
 
 DEFAULT_INVENTORY = Path("inventory") / "localhost.toml"
-QUEEN_START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -74,36 +73,6 @@ class KeeperContext:
 
 
 EventSink = Callable[[str, JobEvent], None]  # (label, event)
-
-
-async def start_queen(ctx: KeeperContext, client: QueenClient, *, foreground: bool = False) -> tuple[bool, Any]:
-    """Start the local queen unless one answers already; return (started, process or None)."""
-    if await client.healthy():
-        return False, None
-    daemon = ctx.daemon()
-    proc = daemon.start_foreground() if foreground else daemon.start_detached()
-    try:
-        await client.wait_healthy(QUEEN_START_TIMEOUT_S, alive=lambda: proc.poll() is None)
-    except QueenUnreachable as exc:
-        if proc.poll() is None:
-            proc.terminate()
-        tail = daemon.log_tail() if not foreground else ""
-        raise OperationFailed(f"{exc}\n{tail}".rstrip()) from None
-    client.set_credential(ctx.api_key)  # a first start creates the cluster token
-    return True, proc
-
-
-async def stop_queen(ctx: KeeperContext, client: QueenClient) -> bool:
-    """Stop the local queen this keeper started (it stops its workers); False if none was running.
-
-    A queen that answers but was started elsewhere is left alone: ``OperationFailed`` says so.
-    """
-    daemon = ctx.daemon()
-    stopped = await asyncio.to_thread(daemon.stop)
-    if not stopped and await client.healthy():
-        raise OperationFailed(f"a queen answers at {ctx.queen_url} but was not started by this keeper "
-                              f"(no pidfile in {daemon.pidfile.parent}); stop it where it runs")
-    return stopped
 
 
 async def run_job(client: QueenClient, operation: Any, label: str, sink: EventSink | None) -> dict[str, Any]:
