@@ -15,8 +15,8 @@ from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import parse_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.contracts.vocabulary import HiveAction
-from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.keeper.host_actions import KeeperHostActions, follow_file
+from rbee_fleet.keeper.queen_service import QueenService
 from rbee_fleet.keeper.services import KeeperContext
 from tests.support import procs
 from tests.support.sshd import USER
@@ -55,7 +55,7 @@ def make_ctx(client_key: Path, sshd_port: int, install: Path, queen_port: int | 
 
 @pytest.fixture
 async def actions(client_key: Path, sshd, tmp_path: Path) -> AsyncIterator[KeeperHostActions]:
-    fleet = FleetService(make_ctx(client_key, sshd[1], tmp_path / "box-install"))
+    fleet = QueenService(make_ctx(client_key, sshd[1], tmp_path / "box-install"))
     yield KeeperHostActions(fleet)
     await fleet.close()
 
@@ -125,7 +125,7 @@ async def test_remote_deploys_fail_alone_each_with_its_reason(client_key: Path, 
     inventory = procs.write_inventory(tmp_path / "queen.toml", port=port, worker_port_base=procs.free_port_range(4),
                                       workers=[])
     queen = procs.start_queen(tmp_path, inventory, tmp_path / "queen-home", port)
-    fleet = FleetService(ctx)
+    fleet = QueenService(ctx)
     try:
         events: list[tuple[str, str]] = []
         outcomes = await KeeperHostActions(fleet).deploy(["gone", "box"], lambda label, ev: events.append((label, ev.message)))

@@ -20,10 +20,10 @@ from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.contracts.vocabulary import ExitCode
 from rbee_fleet.keeper import render
 from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
-from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.keeper.local_queen import start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
-from rbee_fleet.keeper.services import KeeperContext, ensure_workers
+from rbee_fleet.keeper.queen_service import QueenService, ensure_workers
+from rbee_fleet.keeper.services import KeeperContext
 
 
 def _console(stderr: bool) -> Console:
@@ -201,8 +201,8 @@ async def infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
 
 
 async def _job(args: argparse.Namespace, ctx: KeeperContext,
-               action: Callable[[FleetService, render.JobReporter], Awaitable[dict[str, Any]]]) -> int:
-    fleet = FleetService(ctx)
+               action: Callable[[QueenService, render.JobReporter], Awaitable[dict[str, Any]]]) -> int:
+    fleet = QueenService(ctx)
     try:
         with render.JobReporter(err, quiet=args.json) as reporter:
             result = await action(fleet, reporter)

@@ -24,9 +24,9 @@ from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import CANCELLED, CHANGED, FAILED, OK, HostResult, RunContext, deploy
 from rbee_fleet.deploy.transport import HostKey, SSHTarget, scan_host_key
 from rbee_fleet.deploy.wheelhouse import WheelhouseBuilder
-from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.keeper.local_queen import start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenUnreachable
+from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers
 from rbee_fleet.keeper.remote_hosts import (
     PROBE_GRACE_S,
     HostProbe,
@@ -38,7 +38,7 @@ from rbee_fleet.keeper.remote_hosts import (
     stream_log,
     workers_via_queen,
 )
-from rbee_fleet.keeper.services import EventSink, KeeperContext, ensure_workers
+from rbee_fleet.keeper.services import KeeperContext
 
 LOG_POLL_S = 0.5
 PARALLEL = 8  # remote hosts deployed or checked at a time
@@ -79,7 +79,7 @@ class HostActions(Protocol):
 class KeeperHostActions:
     """Host actions through the keeper: the embedded hive locally, remote hosts over SSH."""
 
-    def __init__(self, fleet: FleetService) -> None:
+    def __init__(self, fleet: QueenService) -> None:
         self.fleet = fleet
         self._queen_lock = asyncio.Lock()
         self._builders: dict[str, WheelhouseBuilder] = {}

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from rbee_fleet.common.errors import OperationFailed, Unauthorized
 from rbee_fleet.common.inventory import Inventory, default_inventory, load_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import read_secret
-from rbee_fleet.contracts.fleet import JobEvent, WorkerSpawnOp
 from rbee_fleet.keeper.local_queen import QueenDaemon
 from rbee_fleet.keeper.queen_client import QueenClient
 
@@ -70,33 +65,3 @@ class KeeperContext:
     def local_hive(self) -> str:
         found = self.inventory.embedded_hive()
         return found[0] if found else "localhost"
-
-
-EventSink = Callable[[str, JobEvent], None]  # (label, event)
-
-
-async def run_job(client: QueenClient, operation: Any, label: str, sink: EventSink | None) -> dict[str, Any]:
-    try:
-        return await client.jobs.run(operation, on_event=(lambda ev: sink(label, ev)) if sink else None)
-    except Unauthorized as exc:
-        raise OperationFailed(
-            f"{exc.message}. Operations need the fleet's cluster token, which the keeper reads from "
-            f"{Layout.default().secrets / 'cluster.token'}: run it with the RBEE_HOME of the queen's machine"
-        ) from None
-
-
-async def ensure_workers(ctx: KeeperContext, client: QueenClient, sink: EventSink | None) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-    """Spawn the inventory's local workers (idempotent); return (worker id, result, error) for each."""
-    found = ctx.inventory.embedded_hive()
-    if found is None:
-        return []
-    ops = ctx.inventory.spawn_ops(found[0])
-
-    async def one(op: WorkerSpawnOp) -> tuple[str, dict[str, Any] | None, str | None]:
-        assert op.worker_id is not None
-        try:
-            return op.worker_id, await run_job(client, op, op.worker_id, sink), None
-        except OperationFailed as exc:
-            return op.worker_id, None, str(exc)
-
-    return list(await asyncio.gather(*(one(op) for op in ops)))

@@ -25,8 +25,8 @@ from rbee_fleet.contracts.vocabulary import HiveAction
 from rbee_fleet.keeper.fleet_view import host_rows, needs_probe
 from rbee_fleet.keeper.host_actions import PARALLEL, HostActions
 from rbee_fleet.keeper.queen_client import QueenUnreachable
+from rbee_fleet.keeper.queen_service import EventSink
 from rbee_fleet.keeper.remote_hosts import HostProbe, ssh_command
-from rbee_fleet.keeper.services import EventSink
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.hive_actions import HiveActionsScreen
 from rbee_fleet.tui.screens.host_key import HostKeyScreen

@@ -1,6 +1,6 @@
 """Fixed fleet data for the TUI's snapshot tests.
 
-``StandInFleetService`` is a stand-in for the queen: it answers the service layer's reads with the fixed
+``StandInQueenService`` is a stand-in for the queen: it answers the service layer's reads with the fixed
 status below, so snapshots do not change with uptimes, pids, RAM or tokens/s. ``StandInHostActions`` stands
 in for what SSH finds on the remote hosts. Everything else the TUI does is exercised against a real queen
 and real workers in ``test_tui_pilot.py``, and against real OpenSSH hosts in ``tests/ssh/test_tui_remote.py``.
@@ -30,8 +30,8 @@ from rbee_fleet.contracts.fleet import (
     WorkerState,
     WorkerView,
 )
-from rbee_fleet.keeper.fleet_service import FleetService
 from rbee_fleet.keeper.host_actions import KeeperHostActions, PlanStep
+from rbee_fleet.keeper.queen_service import QueenService
 from rbee_fleet.keeper.remote_hosts import HostProbe
 
 NOW = 1_800_000_000.0  # the stand-in's wall clock
@@ -141,7 +141,7 @@ EVENTS = [
 ]
 
 
-class StandInFleetService(FleetService):
+class StandInQueenService(QueenService):
     """Stand-in for the queen's answers (fixed status, catalogs, jobs and clock) for deterministic snapshots."""
 
     def now(self) -> float:
