@@ -15,9 +15,9 @@ from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import parse_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.contracts.vocabulary import HiveAction
+from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_actions import KeeperHostActions, follow_file
 from rbee_fleet.keeper.queen_service import QueenService
-from rbee_fleet.keeper.services import KeeperContext
 from tests.support import procs
 from tests.support.sshd import USER
 

@@ -18,6 +18,7 @@ from rbee_fleet.common.inventory import InventoryError, parse_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.deploy.errors import ConnectRefused
 from rbee_fleet.deploy.facts import parse_facts
+from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.remote_hosts import (
     control_hive,
     host_keys,
@@ -28,7 +29,6 @@ from rbee_fleet.keeper.remote_hosts import (
     ssh_command,
     stream_log,
 )
-from rbee_fleet.keeper.services import KeeperContext
 from tests.deploy.test_facts import DEPLOYED, FRESH_DEBIAN
 from tests.support import procs
 from tests.support.sshd import USER, openssh_server

@@ -20,10 +20,10 @@ from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.contracts.vocabulary import ExitCode
 from rbee_fleet.keeper import render
 from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
+from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.local_queen import start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.queen_service import QueenService, ensure_workers
-from rbee_fleet.keeper.services import KeeperContext
 
 
 def _console(stderr: bool) -> Console:

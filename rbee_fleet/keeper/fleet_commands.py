@@ -16,6 +16,7 @@ from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import CANCELLED, FAILED, HostResult, RunContext, deploy
 from rbee_fleet.keeper.commands import err, out
+from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.deploy_view import DeployView, results_table, summary
 from rbee_fleet.keeper.local_queen import start_queen
 from rbee_fleet.keeper.remote_hosts import (
@@ -27,7 +28,6 @@ from rbee_fleet.keeper.remote_hosts import (
     stream_log,
     workers_via_queen,
 )
-from rbee_fleet.keeper.services import KeeperContext
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., argparse.ArgumentParser]) -> None:

@@ -24,6 +24,7 @@ from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import CANCELLED, CHANGED, FAILED, OK, HostResult, RunContext, deploy
 from rbee_fleet.deploy.transport import HostKey, SSHTarget, scan_host_key
 from rbee_fleet.deploy.wheelhouse import WheelhouseBuilder
+from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.local_queen import start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers
@@ -38,7 +39,6 @@ from rbee_fleet.keeper.remote_hosts import (
     stream_log,
     workers_via_queen,
 )
-from rbee_fleet.keeper.services import KeeperContext
 
 LOG_POLL_S = 0.5
 PARALLEL = 8  # remote hosts deployed or checked at a time

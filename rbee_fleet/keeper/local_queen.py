@@ -23,7 +23,7 @@ from rbee_fleet.common.paths import Layout
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 
 if TYPE_CHECKING:
-    from rbee_fleet.keeper.services import KeeperContext
+    from rbee_fleet.keeper.context import KeeperContext
 
 QUEEN_MODULE = "rbee_fleet.queen"
 QUEEN_START_TIMEOUT_S = 60.0

@@ -23,8 +23,8 @@ from rbee_fleet.contracts.fleet import (
     WorkerStopOp,
 )
 from rbee_fleet.keeper.chat import ChatStream, openai_client
+from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.queen_client import QueenClient
-from rbee_fleet.keeper.services import KeeperContext
 
 EventSink = Callable[[str, JobEvent], None]  # (label, event)
 

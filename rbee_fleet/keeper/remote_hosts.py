@@ -32,9 +32,9 @@ from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import EnsureWorkers, HostResult, RunContext, deploy_host, open_host, run_hosts
 from rbee_fleet.deploy.transport import HostKeyStore, SSHTarget, connect
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
+from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink, run_job
-from rbee_fleet.keeper.services import KeeperContext
 
 HiveControl = Literal["start", "stop", "restart", "uninstall"]
 PROBE_GRACE_S = 20.0  # what a probe may take beyond the connect timeout (the facts script, closing)

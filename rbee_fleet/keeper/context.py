@@ -1,4 +1,4 @@
-"""What the keeper does, for the CLI and the TUI alike: bring the local fleet up and down, run jobs."""
+"""The keeper's context: the inventory it reads, where its files live, how it reaches its queen."""
 
 from __future__ import annotations
 
