@@ -22,11 +22,11 @@ from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import Inventory
 from rbee_fleet.contracts.fleet import FleetStatus
 from rbee_fleet.contracts.vocabulary import HiveAction
-from rbee_fleet.keeper.fleet_view import host_rows, needs_probe
 from rbee_fleet.keeper.host_actions import PARALLEL, HostActions
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink
 from rbee_fleet.keeper.remote_hosts import HostProbe, ssh_command
+from rbee_fleet.tui.host_rows import host_rows, needs_probe
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.hive_actions import HiveActionsScreen
 from rbee_fleet.tui.screens.host_key import HostKeyScreen

@@ -14,8 +14,8 @@ from textual.command import CommandPalette
 from textual.widgets import Button, Label
 
 from rbee_fleet.contracts.vocabulary import HiveAction
-from rbee_fleet.keeper.fleet_view import HostState
 from rbee_fleet.tui.app import KeeperApp
+from rbee_fleet.tui.host_rows import HostState
 from rbee_fleet.tui.palette import keeper_commands
 from rbee_fleet.tui.screens.host_key import HostKeyScreen
 from rbee_fleet.tui.widgets.fleet_table import FleetTable
