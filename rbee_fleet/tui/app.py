@@ -28,10 +28,10 @@ from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_actions import HostActions, KeeperHostActions
-from rbee_fleet.keeper.inventory_edit import FieldSpec, FormError, FormValues, coerce_form, form_fields
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink, QueenService
 from rbee_fleet.tui.host_ops import HostOpsMixin, ProbeCache
+from rbee_fleet.tui.inventory_document import FieldSpec, FormError, FormValues, coerce_form, form_fields
 from rbee_fleet.tui.operations import OperationLog, TrackedOperation
 from rbee_fleet.tui.palette import keeper_commands
 from rbee_fleet.tui.screens.chat import ChatScreen

@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Footer, Label, Static
 
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.keeper.context import DEFAULT_INVENTORY
-from rbee_fleet.keeper.inventory_edit import (
+from rbee_fleet.tui.inventory_document import (
     HOST_FIELDS,
     WORKER_FIELDS,
     FieldSpec,

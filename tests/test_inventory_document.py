@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rbee_fleet.common.inventory import InventoryError, load_inventory
-from rbee_fleet.keeper.inventory_edit import (
+from rbee_fleet.tui.inventory_document import (
     HOST_FIELDS,
     WORKER_FIELDS,
     FormError,
