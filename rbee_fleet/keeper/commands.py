@@ -18,8 +18,8 @@ from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.contracts.vocabulary import ExitCode
-from rbee_fleet.keeper import render
 from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
+from rbee_fleet.keeper.cli import tables
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.local_queen import start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
@@ -72,7 +72,7 @@ async def _bring_up(ctx: KeeperContext, client: QueenClient, *, foreground: bool
     started, proc = await start_queen(ctx, client, foreground=foreground)
     if not quiet:
         err.print(f"[bold]queen[/]: {'started' if started else 'already running'}")
-    with render.JobReporter(err, quiet=quiet) as reporter:
+    with tables.JobReporter(err, quiet=quiet) as reporter:
         results = await ensure_workers(ctx, client, reporter)
     return started, proc, results
 
@@ -89,7 +89,7 @@ async def up(args: argparse.Namespace, ctx: KeeperContext) -> int:
         else:
             for wid, e in failed:
                 err.print(f"[red]worker {wid} failed:[/] {escape(e)}")
-            for table in render.status_tables(status):
+            for table in tables.status_tables(status):
                 out.print(table)
         if args.foreground and proc is not None:
             err.print("running in the foreground; Ctrl-C stops the fleet")
@@ -125,7 +125,7 @@ async def status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     if args.json:
         _emit_json(st.model_dump(mode="json"))
     else:
-        for table in render.status_tables(st):
+        for table in tables.status_tables(st):
             out.print(table)
     return ExitCode.OK
 
@@ -154,7 +154,7 @@ async def demo(args: argparse.Namespace, ctx: KeeperContext) -> int:
             await oai.close()
         err.print(f"[dim]{stats}[/]")
         err.rule("[bold]the fleet[/]")
-        for table in render.status_tables(await client.status()):
+        for table in tables.status_tables(await client.status()):
             out.print(table)
     err.print(f"\nThe fleet keeps running. OpenAI endpoint: [bold]{ctx.queen_url}/v1[/]  (model: {model})\n"
               f"Try: rbee-keeper infer -m {model} \"Hello\"   Stop it: rbee-keeper down")
@@ -201,10 +201,10 @@ async def infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
 
 
 async def _job(args: argparse.Namespace, ctx: KeeperContext,
-               action: Callable[[QueenService, render.JobReporter], Awaitable[dict[str, Any]]]) -> int:
+               action: Callable[[QueenService, tables.JobReporter], Awaitable[dict[str, Any]]]) -> int:
     fleet = QueenService(ctx)
     try:
-        with render.JobReporter(err, quiet=args.json) as reporter:
+        with tables.JobReporter(err, quiet=args.json) as reporter:
             result = await action(fleet, reporter)
     finally:
         await fleet.close()
@@ -231,7 +231,7 @@ async def worker_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
     if args.json:
         _emit_json([w.model_dump(mode="json") for w in st.workers])
     else:
-        out.print(render.status_tables(st)[2])
+        out.print(tables.status_tables(st)[2])
     return ExitCode.OK
 
 
@@ -246,7 +246,7 @@ async def model_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
     if args.json:
         _emit_json([m.model_dump(mode="json") for m in models])
     else:
-        out.print(render.models_table(hive, models))
+        out.print(tables.models_table(hive, models))
     return ExitCode.OK
 
 
@@ -278,7 +278,7 @@ async def jobs_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
 
 async def jobs_watch(args: argparse.Namespace, ctx: KeeperContext) -> int:
     async with ctx.client() as client:
-        with render.JobReporter(err) as reporter:
+        with tables.JobReporter(err) as reporter:
             last = None
             async for event in client.jobs.events(args.job_id):
                 reporter(args.job_id, event)
