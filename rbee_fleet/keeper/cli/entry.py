@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from rbee_fleet import __version__
 from rbee_fleet.contracts.vocabulary import BACKEND_CHOICES, PLACEMENT_POLICIES, ExitCode
-from rbee_fleet.keeper import commands, fleet_commands
+from rbee_fleet.keeper import fleet_commands
+from rbee_fleet.keeper.cli import local_fleet
 
 
 def _common() -> argparse.ArgumentParser:
@@ -40,18 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    p = cmd("up", "start the queen and the inventory's local workers, wait until ready", commands.up)
+    p = cmd("up", "start the queen and the inventory's local workers, wait until ready", local_fleet.up)
     p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the fleet")
     _json_flag(p)
-    p = cmd("down", "stop the local queen and its workers", commands.down)
+    p = cmd("down", "stop the local queen and its workers", local_fleet.down)
     _json_flag(p)
-    p = cmd("status", "show the queen, hives and workers", commands.status)
+    p = cmd("status", "show the queen, hives and workers", local_fleet.status)
     _json_flag(p)
-    p = cmd("demo", "bring up the local fleet, stream one chat answer, show the fleet", commands.demo)
+    p = cmd("demo", "bring up the local fleet, stream one chat answer, show the fleet", local_fleet.demo)
     p.add_argument("--prompt", default="In two sentences, what is a bee hive?")
     p.add_argument("--max-tokens", type=int, default=80)
 
-    p = cmd("infer", "send one prompt through the queen and stream the answer", commands.infer)
+    p = cmd("infer", "send one prompt through the queen and stream the answer", local_fleet.infer)
     p.add_argument("prompt")
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--system", help="a system message")
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="spawn, list and stop workers", parents=[common])
     wsub = worker.add_subparsers(dest="worker_command", metavar="ACTION", required=True)
-    p = cmd("spawn", "start a worker for a model on a hive", commands.worker_spawn, wsub)
+    p = cmd("spawn", "start a worker for a model on a hive", local_fleet.worker_spawn, wsub)
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--hive", help="hive alias, or auto: the queen picks a hive by free VRAM, preferring those "
                                   "that have the model (default: the local hive)")
@@ -77,24 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, repeatable (exllamav2: cache=q4, gpu_split=[20,24], max_batch_size=8, ...)")
     _json_flag(p)
-    p = cmd("list", "list workers known to the queen", commands.worker_list, wsub)
+    p = cmd("list", "list workers known to the queen", local_fleet.worker_list, wsub)
     _json_flag(p)
-    p = cmd("stop", "stop a worker", commands.worker_stop, wsub)
+    p = cmd("stop", "stop a worker", local_fleet.worker_stop, wsub)
     p.add_argument("worker_id")
     p.add_argument("--hive", help="hive alias (default: the worker's own hive)")
     _json_flag(p)
 
     model = sub.add_parser("model", help="list, download and delete models on a hive", parents=[common])
     msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    p = cmd("list", "list the models in a hive's catalog", commands.model_list, msub)
+    p = cmd("list", "list the models in a hive's catalog", local_fleet.model_list, msub)
     p.add_argument("--hive")
     _json_flag(p)
-    p = cmd("download", "fetch a model into a hive's catalog", commands.model_download, msub)
+    p = cmd("download", "fetch a model into a hive's catalog", local_fleet.model_download, msub)
     p.add_argument("source", help="alias (smollm2), local path, http(s) URL, or hf:OWNER/REPO[/FILE][@REVISION]")
     p.add_argument("--name", help="name in the catalog (default: from the source)")
     p.add_argument("--hive")
     _json_flag(p)
-    p = cmd("delete", "delete a model from a hive's catalog", commands.model_delete, msub)
+    p = cmd("delete", "delete a model from a hive's catalog", local_fleet.model_delete, msub)
     p.add_argument("model")
     p.add_argument("--hive")
     _json_flag(p)
@@ -106,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="list, follow and cancel jobs", parents=[common])
     jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
-    p = cmd("list", "list recent jobs", commands.jobs_list, jsub)
+    p = cmd("list", "list recent jobs", local_fleet.jobs_list, jsub)
     _json_flag(p)
-    p = cmd("watch", "follow a job's events", commands.jobs_watch, jsub)
+    p = cmd("watch", "follow a job's events", local_fleet.jobs_watch, jsub)
     p.add_argument("job_id")
-    p = cmd("cancel", "cancel a running job", commands.jobs_cancel, jsub)
+    p = cmd("cancel", "cancel a running job", local_fleet.jobs_cancel, jsub)
     p.add_argument("job_id")
 
     fleet_commands.add_parsers(sub, common, cmd)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(ExitCode.USAGE)
     try:
-        code = asyncio.run(commands.run(args))
+        code = asyncio.run(local_fleet.run(args))
     except KeyboardInterrupt:
         code = ExitCode.INTERRUPTED
     sys.exit(code)
