@@ -15,8 +15,8 @@ from rbee_fleet.contracts.vocabulary import HIVE_COMMANDS, ExitCode
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import CANCELLED, FAILED, HostResult, RunContext, deploy
+from rbee_fleet.keeper.cli.console import err, out
 from rbee_fleet.keeper.cli.deploy_view import DeployView, results_table, summary
-from rbee_fleet.keeper.cli.local_fleet import err, out
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.local_queen import start_queen
 from rbee_fleet.keeper.remote_hosts import (

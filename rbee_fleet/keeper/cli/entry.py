@@ -12,10 +12,17 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
+from rich.markup import escape
+
 from rbee_fleet import __version__
+from rbee_fleet.common.errors import ApiError, OperationFailed
+from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.vocabulary import BACKEND_CHOICES, PLACEMENT_POLICIES, ExitCode
 from rbee_fleet.keeper import fleet_commands
-from rbee_fleet.keeper.cli import local_fleet
+from rbee_fleet.keeper.cli import local_fleet, workers
+from rbee_fleet.keeper.cli.console import err, fail
+from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.queen_client import QueenUnreachable
 
 
 def _common() -> argparse.ArgumentParser:
@@ -63,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="spawn, list and stop workers", parents=[common])
     wsub = worker.add_subparsers(dest="worker_command", metavar="ACTION", required=True)
-    p = cmd("spawn", "start a worker for a model on a hive", local_fleet.worker_spawn, wsub)
+    p = cmd("spawn", "start a worker for a model on a hive", workers.worker_spawn, wsub)
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--hive", help="hive alias, or auto: the queen picks a hive by free VRAM, preferring those "
                                   "that have the model (default: the local hive)")
@@ -78,24 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, repeatable (exllamav2: cache=q4, gpu_split=[20,24], max_batch_size=8, ...)")
     _json_flag(p)
-    p = cmd("list", "list workers known to the queen", local_fleet.worker_list, wsub)
+    p = cmd("list", "list workers known to the queen", workers.worker_list, wsub)
     _json_flag(p)
-    p = cmd("stop", "stop a worker", local_fleet.worker_stop, wsub)
+    p = cmd("stop", "stop a worker", workers.worker_stop, wsub)
     p.add_argument("worker_id")
     p.add_argument("--hive", help="hive alias (default: the worker's own hive)")
     _json_flag(p)
 
     model = sub.add_parser("model", help="list, download and delete models on a hive", parents=[common])
     msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    p = cmd("list", "list the models in a hive's catalog", local_fleet.model_list, msub)
+    p = cmd("list", "list the models in a hive's catalog", workers.model_list, msub)
     p.add_argument("--hive")
     _json_flag(p)
-    p = cmd("download", "fetch a model into a hive's catalog", local_fleet.model_download, msub)
+    p = cmd("download", "fetch a model into a hive's catalog", workers.model_download, msub)
     p.add_argument("source", help="alias (smollm2), local path, http(s) URL, or hf:OWNER/REPO[/FILE][@REVISION]")
     p.add_argument("--name", help="name in the catalog (default: from the source)")
     p.add_argument("--hive")
     _json_flag(p)
-    p = cmd("delete", "delete a model from a hive's catalog", local_fleet.model_delete, msub)
+    p = cmd("delete", "delete a model from a hive's catalog", workers.model_delete, msub)
     p.add_argument("model")
     p.add_argument("--hive")
     _json_flag(p)
@@ -107,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="list, follow and cancel jobs", parents=[common])
     jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
-    p = cmd("list", "list recent jobs", local_fleet.jobs_list, jsub)
+    p = cmd("list", "list recent jobs", workers.jobs_list, jsub)
     _json_flag(p)
-    p = cmd("watch", "follow a job's events", local_fleet.jobs_watch, jsub)
+    p = cmd("watch", "follow a job's events", workers.jobs_watch, jsub)
     p.add_argument("job_id")
-    p = cmd("cancel", "cancel a running job", local_fleet.jobs_cancel, jsub)
+    p = cmd("cancel", "cancel a running job", workers.jobs_cancel, jsub)
     p.add_argument("job_id")
 
     fleet_commands.add_parsers(sub, common, cmd)
@@ -127,10 +134,26 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(ExitCode.USAGE)
     try:
-        code = asyncio.run(local_fleet.run(args))
+        code = asyncio.run(run(args))
     except KeyboardInterrupt:
         code = ExitCode.INTERRUPTED
     sys.exit(code)
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        ctx = KeeperContext.load(getattr(args, "inventory", None))
+    except InventoryError as exc:
+        err.print(f"[red]inventory error:[/] {escape(str(exc))}", soft_wrap=True)
+        return ExitCode.USAGE
+    try:
+        return await args.func(args, ctx)
+    except QueenUnreachable as exc:
+        fail(args, str(exc))
+        return ExitCode.NO_QUEEN
+    except (OperationFailed, ApiError) as exc:
+        fail(args, str(exc))
+        return ExitCode.FAILED
 
 
 def _tui(args: argparse.Namespace) -> int:

@@ -1,66 +1,25 @@
-"""The keeper's commands. Each returns an exit code; output goes to stdout, progress to stderr."""
+"""The local fleet's commands: ``up``, ``down``, ``status``, ``demo`` and ``infer``.
+
+Each returns an exit code; output goes to stdout, progress to stderr."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
-from rbee_fleet.common.errors import ApiError, OperationFailed
-from rbee_fleet.common.inventory import InventoryError
-from rbee_fleet.common.options import parse_key_values
-from rbee_fleet.contracts.fleet import WorkerSpawnOp
+from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.contracts.vocabulary import ExitCode
 from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
 from rbee_fleet.keeper.cli import tables
+from rbee_fleet.keeper.cli.console import emit_json, err, out
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.local_queen import start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
-from rbee_fleet.keeper.queen_service import QueenService, ensure_workers
-
-
-def _console(stderr: bool) -> Console:
-    probe = Console(stderr=stderr)
-    # Logs and pipes get wide lines instead of rich's 80-column default.
-    return Console(stderr=stderr, highlight=False, width=None if probe.is_terminal else 160)
-
-
-out = _console(stderr=False)
-err = _console(stderr=True)
-
-
-async def run(args: argparse.Namespace) -> int:
-    try:
-        ctx = KeeperContext.load(getattr(args, "inventory", None))
-    except InventoryError as exc:
-        err.print(f"[red]inventory error:[/] {escape(str(exc))}", soft_wrap=True)
-        return ExitCode.USAGE
-    try:
-        return await args.func(args, ctx)
-    except QueenUnreachable as exc:
-        _fail(args, str(exc))
-        return ExitCode.NO_QUEEN
-    except (OperationFailed, ApiError) as exc:
-        _fail(args, str(exc))
-        return ExitCode.FAILED
-
-
-def _fail(args: argparse.Namespace, message: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "error": message}))
-    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
-
-
-def _emit_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
-
+from rbee_fleet.keeper.queen_service import ensure_workers
 
 # -- the local fleet ---------------------------------------------------------------------------------
 
@@ -83,7 +42,7 @@ async def up(args: argparse.Namespace, ctx: KeeperContext) -> int:
         failed = [(wid, e) for wid, _, e in results if e]
         status = await client.status()
         if args.json:
-            _emit_json({"ok": not failed, "queen_started": started, "queen_url": ctx.queen_url,
+            emit_json({"ok": not failed, "queen_started": started, "queen_url": ctx.queen_url,
                         "workers": [{"worker_id": w, "changed": (r or {}).get("changed"), "error": e} for w, r, e in results],
                         "status": status.model_dump(mode="json")})
         else:
@@ -113,7 +72,7 @@ async def down(args: argparse.Namespace, ctx: KeeperContext) -> int:
     async with ctx.client() as client:
         stopped = await stop_queen(ctx, client)
     if args.json:
-        _emit_json({"ok": True, "stopped": stopped})
+        emit_json({"ok": True, "stopped": stopped})
     else:
         out.print("queen stopped" if stopped else "queen was not running")
     return ExitCode.OK
@@ -123,7 +82,7 @@ async def status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     async with ctx.client() as client:
         st = await client.status()
     if args.json:
-        _emit_json(st.model_dump(mode="json"))
+        emit_json(st.model_dump(mode="json"))
     else:
         for table in tables.status_tables(st):
             out.print(table)
@@ -188,106 +147,10 @@ async def infer(args: argparse.Namespace, ctx: KeeperContext) -> int:
                 raise QueenUnreachable(ctx.queen_url, "connection refused") from None
             except openai.APIError as exc:
                 raise OperationFailed(openai_message(exc)) from None
-            _emit_json(resp.model_dump())
+            emit_json(resp.model_dump())
         else:
             stats = await _stream_chat(oai, ctx.queen_url, args.model, messages, args.max_tokens, args.temperature, args.seed)
             err.print(f"[dim]{stats}[/]")
     finally:
         await oai.close()
-    return ExitCode.OK
-
-
-# -- workers, models, jobs ---------------------------------------------------------------------------
-
-
-async def _job(args: argparse.Namespace, ctx: KeeperContext,
-               action: Callable[[QueenService, tables.JobReporter], Awaitable[dict[str, Any]]]) -> int:
-    fleet = QueenService(ctx)
-    try:
-        with tables.JobReporter(err, quiet=args.json) as reporter:
-            result = await action(fleet, reporter)
-    finally:
-        await fleet.close()
-    if args.json:
-        _emit_json({"ok": True, **result})
-    return ExitCode.OK
-
-
-async def worker_spawn(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    try:
-        options = parse_key_values(args.option)
-    except ValueError as exc:
-        _fail(args, str(exc))
-        return ExitCode.USAGE
-    op = WorkerSpawnOp(hive=args.hive or ctx.local_hive(), model=args.model, backend=args.backend, device=args.device,
-                       placement=args.placement, worker_id=args.worker_id, ctx_size=args.ctx_size,
-                       threads=args.threads, options=options)
-    return await _job(args, ctx, lambda fleet, sink: fleet.spawn_worker(op, sink))
-
-
-async def worker_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    async with ctx.client() as client:
-        st = await client.status()
-    if args.json:
-        _emit_json([w.model_dump(mode="json") for w in st.workers])
-    else:
-        out.print(tables.status_tables(st)[2])
-    return ExitCode.OK
-
-
-async def worker_stop(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    return await _job(args, ctx, lambda fleet, sink: fleet.stop_worker(args.worker_id, args.hive, sink))
-
-
-async def model_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    hive = args.hive or ctx.local_hive()
-    async with ctx.client() as client:
-        models = await client.models(hive)
-    if args.json:
-        _emit_json([m.model_dump(mode="json") for m in models])
-    else:
-        out.print(tables.models_table(hive, models))
-    return ExitCode.OK
-
-
-async def model_download(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    return await _job(args, ctx, lambda fleet, sink: fleet.download_model(args.source, args.hive, args.name, sink))
-
-
-async def model_delete(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    return await _job(args, ctx, lambda fleet, sink: fleet.delete_model(args.model, args.hive, sink))
-
-
-async def jobs_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    async with ctx.client() as client:
-        jobs = await client.job_list()
-    if args.json:
-        _emit_json([j.model_dump(mode="json") for j in jobs])
-        return ExitCode.OK
-    from rich.table import Table
-
-    table = Table(title="jobs", title_justify="left")
-    for col in ("job", "operation", "state", "started", "error"):
-        table.add_column(col)
-    for j in jobs:
-        table.add_row(*(escape(str(v)) for v in (j.job_id, j.operation.get("kind"), j.state.value,
-                      time.strftime("%H:%M:%S", time.localtime(j.created_at)), j.error or "")))
-    out.print(table)
-    return ExitCode.OK
-
-
-async def jobs_watch(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    async with ctx.client() as client:
-        with tables.JobReporter(err) as reporter:
-            last = None
-            async for event in client.jobs.events(args.job_id):
-                reporter(args.job_id, event)
-                last = event
-    return ExitCode.FAILED if last is not None and last.type in ("error", "cancelled") else ExitCode.OK
-
-
-async def jobs_cancel(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    async with ctx.client() as client:
-        await client.jobs.cancel(args.job_id)
-    out.print(f"cancelled {args.job_id}")
     return ExitCode.OK
