@@ -18,8 +18,7 @@ from rbee_fleet import __version__
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.vocabulary import BACKEND_CHOICES, PLACEMENT_POLICIES, ExitCode
-from rbee_fleet.keeper import fleet_commands
-from rbee_fleet.keeper.cli import local_fleet, workers
+from rbee_fleet.keeper.cli import hosts, local_fleet, workers
 from rbee_fleet.keeper.cli.console import err, fail
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.queen_client import QueenUnreachable
@@ -121,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("cancel", "cancel a running job", workers.jobs_cancel, jsub)
     p.add_argument("job_id")
 
-    fleet_commands.add_parsers(sub, common, cmd)
+    hosts.add_parsers(sub, common, cmd)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The keeper's SSH commands: ``deploy`` (every remote hive of the inventory) and ``hive ACTION ALIAS``."""
+"""The host commands, over SSH: ``deploy`` (every remote hive of the inventory) and ``hive ACTION ALIAS``."""
 
 from __future__ import annotations
 
