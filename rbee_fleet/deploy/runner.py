@@ -42,6 +42,19 @@ class HostResult:
     elapsed_s: float = 0.0
     plan: HostPlan | None = field(default=None, repr=False)  # every step, changing or not (for a check view)
 
+    @property
+    def ok(self) -> bool:
+        return self.status in (OK, CHANGED)
+
+    @property
+    def changed(self) -> bool:
+        return self.status == CHANGED
+
+    @property
+    def error(self) -> str | None:
+        """Why the host failed (None when it did not)."""
+        return None if self.ok else self.reason
+
     def to_json(self) -> dict[str, Any]:
         return {"host": self.alias, "status": self.status, "reason": self.reason, "error": self.error_kind,
                 "changes": self.steps, "version": self.version, "elapsed_s": round(self.elapsed_s, 2)}

@@ -9,6 +9,7 @@ from pathlib import Path
 from rbee_fleet.common.inventory import Inventory, default_inventory, load_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import read_secret
+from rbee_fleet.deploy.transport import HostKeyStore
 from rbee_fleet.keeper.local_queen import QueenDaemon
 from rbee_fleet.keeper.queen_client import QueenClient
 
@@ -61,6 +62,10 @@ class KeeperContext:
 
     def daemon(self) -> QueenDaemon:
         return QueenDaemon(self.layout, self.inventory_path)
+
+    def host_keys(self) -> HostKeyStore:
+        """The user's known hosts plus the keeper-owned ``$RBEE_HOME/known_hosts``."""
+        return HostKeyStore(self.layout.home / "known_hosts")
 
     def local_hive(self) -> str:
         found = self.inventory.embedded_hive()

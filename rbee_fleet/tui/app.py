@@ -2,7 +2,7 @@
 
 The app owns the live state every screen draws (one ``FleetSnapshot`` per poll) and every action, so the
 screens, their key bindings and the command palette all start operations the same way: through the
-keeper's service layer (``QueenService`` and ``HostActions``), in background workers, tracked in the
+keeper's service layer (``QueenService`` and ``HostService``), in background workers, tracked in the
 Jobs screen, failures notified with their reason.
 """
 
@@ -27,7 +27,7 @@ from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.host_actions import HostActions, KeeperHostActions
+from rbee_fleet.keeper.host_service import HostService
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink, QueenService
 from rbee_fleet.tui.host_ops import HostOpsMixin, ProbeCache
@@ -52,7 +52,7 @@ SPAWN_FIELDS = form_fields(WorkerSpawnOp, skip=("kind", "hive", "options"))
 EMPTY = FleetSnapshot(status=None, error=None, rows=())
 
 ServiceFactory = Callable[[KeeperContext], QueenService]
-ActionsFactory = Callable[[QueenService], HostActions]
+ActionsFactory = Callable[[QueenService], HostService]
 
 
 class KeeperApp(HostOpsMixin, App[None]):
@@ -75,14 +75,14 @@ class KeeperApp(HostOpsMixin, App[None]):
 
     def __init__(self, inventory_path: str | None = None, *, refresh_s: float = DEFAULT_REFRESH_S,
                  service_factory: ServiceFactory = QueenService,
-                 actions_factory: ActionsFactory = KeeperHostActions) -> None:
+                 actions_factory: ActionsFactory = HostService) -> None:
         super().__init__()
         self.inventory_path = KeeperContext.resolve_inventory_path(inventory_path)
         self.refresh_s = refresh_s
         self._service_factory = service_factory
         self._actions_factory = actions_factory
         self.fleet: QueenService | None = None
-        self.hosts: HostActions | None = None
+        self.hosts: HostService | None = None
         self._retired: list[QueenService] = []
         self.inventory_error: str | None = None
         self.sampler = Sampler()
@@ -202,7 +202,7 @@ class KeeperApp(HostOpsMixin, App[None]):
         self.poll()
         return op
 
-    def _require_inventory(self) -> tuple[QueenService, HostActions] | None:
+    def _require_inventory(self) -> tuple[QueenService, HostService] | None:
         if self.fleet is None or self.hosts is None:
             self.notify(f"no inventory loaded: {self.inventory_error}", severity="error")
             return None

@@ -22,13 +22,13 @@ from rbee_fleet.tui.widgets.fleet_table import FleetTable
 from tests.support.procs import free_port
 from tests.support.sshd import USER, openssh_server, write_client_key
 from tests.tui.conftest import notifications, wait_for
-from tests.tui.standin import StandInHostActions, StandInQueenService, write_inventory
+from tests.tui.standin import StandInHostService, StandInQueenService, write_inventory
 
 
 @pytest.fixture
 def app(tmp_path: Path) -> KeeperApp:
     return KeeperApp(str(write_inventory(tmp_path / "fleet.toml")), refresh_s=3600,
-                     service_factory=StandInQueenService, actions_factory=StandInHostActions)
+                     service_factory=StandInQueenService, actions_factory=StandInHostService)
 
 
 def keys(table: FleetTable) -> list[str]:

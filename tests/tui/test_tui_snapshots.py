@@ -1,7 +1,7 @@
 """SVG snapshots of the TUI's main screens at fixed terminal sizes.
 
 The queen's answers come from ``StandInQueenService`` (fixed status, times and pids) and what SSH finds on
-the remote hosts from ``StandInHostActions``, so the pictures are stable; cursor blinking is off and the
+the remote hosts from ``StandInHostService``, so the pictures are stable; cursor blinking is off and the
 clock is UTC. Update after an intended change with
 ``pytest tests/tui/test_tui_snapshots.py --snapshot-update`` and review the SVGs in the diff.
 """
@@ -18,7 +18,7 @@ from textual.widgets import DataTable, Input
 
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.tui.app import KeeperApp
-from tests.tui.standin import StandInHostActions, StandInQueenService, write_inventory
+from tests.tui.standin import StandInHostService, StandInQueenService, write_inventory
 
 WIDE = (120, 34)
 SMALL = (80, 24)
@@ -40,7 +40,7 @@ def app_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...
 
     def make(service=StandInQueenService) -> KeeperApp:
         # One poll only (at start), so histories and rates do not depend on timing.
-        return KeeperApp("fleet.toml", refresh_s=3600, service_factory=service, actions_factory=StandInHostActions)
+        return KeeperApp("fleet.toml", refresh_s=3600, service_factory=service, actions_factory=StandInHostService)
 
     yield make
     monkeypatch.delenv("TZ")
