@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rbee_fleet.deploy.transport import HostKey
+    from rbee_fleet.deploy.host_keys import HostKey
 
 
 class DeployError(Exception):

@@ -7,7 +7,7 @@ import re
 from rbee_fleet.common.inventory import HiveDecl, Inventory, InventoryError
 from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS
 from rbee_fleet.deploy.plan import HostSpec
-from rbee_fleet.deploy.transport import SSHTarget
+from rbee_fleet.deploy.targets import SSHTarget
 
 _JUMP_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d{1,5}))?$")
 

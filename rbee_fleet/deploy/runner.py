@@ -18,8 +18,9 @@ from typing import Any
 from rbee_fleet.deploy import steps
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.facts import HostFacts
+from rbee_fleet.deploy.host_keys import HostKeyStore
 from rbee_fleet.deploy.plan import HostPlan, HostSpec, plan_host
-from rbee_fleet.deploy.transport import HostKeyStore, SSHTransport, Transport, connect
+from rbee_fleet.deploy.transport import SSHTransport, Transport, connect
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 from rbee_fleet.common.inventory import Inventory, default_inventory, load_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import read_secret
-from rbee_fleet.deploy.transport import HostKeyStore
+from rbee_fleet.deploy.host_keys import HostKeyStore
 from rbee_fleet.keeper.local_queen import QueenDaemon
 from rbee_fleet.keeper.queen_client import QueenClient
 

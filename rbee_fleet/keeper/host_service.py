@@ -23,6 +23,7 @@ from rbee_fleet.common.secrets import load_or_create
 from rbee_fleet.contracts.fleet import FleetStatus, JobEvent
 from rbee_fleet.contracts.vocabulary import HiveAction
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
+from rbee_fleet.deploy.host_keys import HostKey
 from rbee_fleet.deploy.hosts import host_spec, select, ssh_target
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import (
@@ -37,7 +38,7 @@ from rbee_fleet.deploy.runner import (
     deploy_host,
     run_hosts,
 )
-from rbee_fleet.deploy.transport import HostKey, scan_host_key
+from rbee_fleet.deploy.transport import scan_host_key, trust
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_probe import PROBE_GRACE_S, HostProbe, probe_host
@@ -337,7 +338,7 @@ class HostService:
     async def accept_host_key(self, key: HostKey) -> None:
         """Record a key the operator accepted in the keeper's known_hosts; a changed key is always refused."""
         try:
-            self.ctx.host_keys().trust(key)
+            trust(self.ctx.host_keys(), key)
         except DeployError as exc:
             raise OperationFailed(f"{key.alias}: {exc.reason}") from None
 

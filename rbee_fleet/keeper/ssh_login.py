@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.deploy.hosts import ssh_target
-from rbee_fleet.deploy.transport import SSHTarget
+from rbee_fleet.deploy.targets import SSHTarget
 from rbee_fleet.keeper.context import KeeperContext
 
 
