@@ -71,8 +71,10 @@ def remote_specs(ctx: KeeperContext, limit: str | None) -> list[HostSpec]:
 
 
 def run_context(ctx: KeeperContext, *, source: Path | None = None, accept_new: bool = False, check: bool = False,
-                update: Update | None = None, builders: dict[str, WheelhouseBuilder] | None = None) -> RunContext:
-    """What a run over SSH needs: the release to ship, the wheelhouse builder, host keys, the cluster token.
+                update: Update | None = None, builders: dict[str, WheelhouseBuilder] | None = None,
+                ensure_workers: EnsureWorkers | None = None) -> RunContext:
+    """What a run over SSH needs: the release to ship, the wheelhouse builder, host keys, the cluster token,
+    where progress goes and how hosts' workers are spawned.
 
     Runs given the same ``builders`` share one builder per release: one build per wheelhouse."""
     release = Release.from_source(source)
@@ -81,7 +83,8 @@ def run_context(ctx: KeeperContext, *, source: Path | None = None, accept_new: b
     if builders is not None:
         builder = builders.setdefault(release.id, builder)
     run = RunContext(release=release, builder=builder, keys=ctx.host_keys(),
-                     token=load_or_create(ctx.layout.secrets / "cluster.token"), accept_new=accept_new, check=check)
+                     token=load_or_create(ctx.layout.secrets / "cluster.token"), accept_new=accept_new, check=check,
+                     ensure_workers=ensure_workers)
     if update is not None:
         run.update = update
     return run
@@ -141,9 +144,11 @@ class HostService:
 
     def run_context(self, sink: EventSink | None = None, *, update: Update | None = None, check: bool = False,
                     accept_new: bool = False, source: Path | None = None) -> RunContext:
-        """A run whose progress goes to ``update`` (else to ``sink`` as log events); raises ``WheelhouseError``."""
+        """A run whose progress goes to ``update`` (else to ``sink`` as log events) and which, unless it only
+        checks, spawns hosts' workers through the queen (their job events to ``sink``); raises ``WheelhouseError``."""
         return run_context(self.ctx, source=source, accept_new=accept_new, check=check,
-                           update=update or (lambda alias, message: _say(sink, alias, message)), builders=self._builders)
+                           update=update or (lambda alias, message: _say(sink, alias, message)), builders=self._builders,
+                           ensure_workers=None if check else workers_via_queen(self.queen.client, sink))
 
     def _run(self, sink: EventSink | None, *, check: bool = False) -> RunContext:
         """``run_context`` for the TUI: new host keys are never trusted implicitly; failures as ``OperationFailed``."""
@@ -152,13 +157,12 @@ class HostService:
         except WheelhouseError as exc:
             raise OperationFailed(str(exc)) from None
 
-    async def with_queen(self, run: RunContext, sink: EventSink | None = None) -> bool:
+    async def with_queen(self, sink: EventSink | None = None) -> bool:
         """Hosts' workers are spawned through the local queen: start it unless it runs; True if it was started."""
         async with self._queen_lock:
             started, _ = await start_queen(self.ctx, self.queen.client)
         if started:
             _say(sink, "queen", f"queen started at {self.ctx.queen_url}")
-        run.ensure_workers = workers_via_queen(self.queen.client, sink)
         return started
 
     # -- hive lifecycle ----------------------------------------------------------------------------
@@ -185,7 +189,7 @@ class HostService:
         spec = self._spec(alias)
         run = self._run(sink)
         if action in (HiveAction.INSTALL, HiveAction.UPGRADE):
-            await self.with_queen(run, sink)
+            await self.with_queen(sink)
             (result,) = await self.install([spec], run, upgrade=action is HiveAction.UPGRADE)
             if not result.ok:
                 raise OperationFailed(f"{alias}: {result.reason}")
@@ -259,7 +263,7 @@ class HostService:
             specs = [self._spec(a) for a in aliases]
             run = self._run(sink)
             if any(not self._decl(a).embedded for a in aliases):
-                await self.with_queen(run, sink)
+                await self.with_queen(sink)
         except (OperationFailed, QueenUnreachable) as exc:
             results = [HostResult(a, FAILED, str(exc)) for a in aliases]
         else:

@@ -116,7 +116,7 @@ async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
     except WheelhouseError as exc:
         err.print(f"[red]error:[/] {exc}")
         return ExitCode.FAILED
-    if not args.check and await hosts.with_queen(run) and not args.json:
+    if not args.check and await hosts.with_queen() and not args.json:
         err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
     return await _run_with_view(args, specs, view, lambda results: hosts.deploy_specs(specs, run, args.parallel, results),
                                 "deploy --check" if args.check else "deploy")
@@ -149,7 +149,7 @@ def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], 
 async def _install(args: argparse.Namespace, hosts: HostService, specs: list[HostSpec], upgrade: bool) -> int:
     view = DeployView(err, [s.alias for s in specs], quiet=args.json)
     run = _run_context(args, hosts, view)
-    await hosts.with_queen(run)
+    await hosts.with_queen()
     return await _run_with_view(args, specs, view,
                                 lambda results: hosts.install(specs, run, upgrade=upgrade, results=results),
                                 f"hive {'upgrade' if upgrade else 'install'}")
