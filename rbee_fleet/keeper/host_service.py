@@ -47,6 +47,7 @@ from rbee_fleet.keeper.log_follow import follow_file
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers, run_job
 from rbee_fleet.keeper.remote_hive import HiveOutcome, control_hive, hive_status, stream_log
+from rbee_fleet.keeper.ssh_login import ssh_command
 
 PARALLEL = 8  # hosts deployed or checked at a time
 
@@ -345,6 +346,10 @@ class HostService:
             trust(self.ctx.host_keys(), key)
         except DeployError as exc:
             raise OperationFailed(f"{key.alias}: {exc.reason}") from None
+
+    def ssh_command(self, alias: str) -> list[str]:
+        """The OpenSSH command line that logs the operator into ``alias`` (the TUI's shell action)."""
+        return ssh_command(self.ctx, alias)
 
     # -- what the queen cannot tell ----------------------------------------------------------------
 

@@ -26,7 +26,6 @@ from rbee_fleet.keeper.host_probe import HostProbe
 from rbee_fleet.keeper.host_service import PARALLEL, HostService
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink
-from rbee_fleet.keeper.ssh_login import ssh_command
 from rbee_fleet.tui.host_rows import host_rows, needs_probe
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.hive_actions import HiveActionsScreen
@@ -198,10 +197,10 @@ class HostOpsMixin:
 
     def ssh(self: KeeperApp, alias: str) -> None:
         """Hand the terminal to an interactive ssh session on ``alias``; the TUI comes back when it ends."""
-        if self.fleet is None:
+        if self.hosts is None:
             return
         try:
-            cmd = ssh_command(self.fleet.ctx, alias)
+            cmd = self.hosts.ssh_command(alias)
         except OperationFailed as exc:
             self.notify(str(exc), severity="error")
             return
