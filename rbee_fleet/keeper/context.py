@@ -10,7 +10,6 @@ from rbee_fleet.common.inventory import Inventory, default_inventory, load_inven
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import read_secret
 from rbee_fleet.deploy.host_keys import HostKeyStore
-from rbee_fleet.keeper.local_queen import QueenDaemon
 from rbee_fleet.keeper.queen_client import QueenClient
 
 DEFAULT_INVENTORY = Path("inventory") / "localhost.toml"
@@ -59,9 +58,6 @@ class KeeperContext:
 
     def client(self) -> QueenClient:
         return QueenClient(self.queen_url, self.api_key)
-
-    def daemon(self) -> QueenDaemon:
-        return QueenDaemon(self.layout, self.inventory_path)
 
     def host_keys(self) -> HostKeyStore:
         """The user's known hosts plus the keeper-owned ``$RBEE_HOME/known_hosts``."""

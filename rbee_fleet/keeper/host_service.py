@@ -42,7 +42,7 @@ from rbee_fleet.deploy.transport import scan_host_key, trust
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_probe import PROBE_GRACE_S, HostProbe, probe_host
-from rbee_fleet.keeper.local_queen import start_queen, stop_queen
+from rbee_fleet.keeper.local_queen import local_queen, start_queen, stop_queen
 from rbee_fleet.keeper.log_follow import follow_file
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers, run_job
@@ -367,7 +367,7 @@ class HostService:
     def follow_log(self, alias: str, lines: int = 200) -> AsyncIterator[str]:
         """The hive's log, last ``lines`` lines first, then new lines as they are written."""
         if self._decl(alias).embedded:
-            return follow_file(self.ctx.daemon().logfile, lines)
+            return follow_file(local_queen(self.ctx).logfile, lines)
         return self._follow_remote(self._spec(alias), lines)
 
     async def _follow_remote(self, spec: HostSpec, lines: int) -> AsyncIterator[str]:

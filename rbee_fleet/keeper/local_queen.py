@@ -13,17 +13,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.logs import rotate_if_large
 from rbee_fleet.common.paths import Layout
+from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
-
-if TYPE_CHECKING:
-    from rbee_fleet.keeper.context import KeeperContext
 
 QUEEN_MODULE = "rbee_fleet.queen"
 QUEEN_START_TIMEOUT_S = 60.0
@@ -97,11 +95,16 @@ class QueenDaemon:
             return ""
 
 
+def local_queen(ctx: KeeperContext) -> QueenDaemon:
+    """The queen this keeper starts on this machine, for ``ctx``'s inventory and ``$RBEE_HOME``."""
+    return QueenDaemon(ctx.layout, ctx.inventory_path)
+
+
 async def start_queen(ctx: KeeperContext, client: QueenClient, *, foreground: bool = False) -> tuple[bool, Any]:
     """Start the local queen unless one answers already; return (started, process or None)."""
     if await client.healthy():
         return False, None
-    daemon = ctx.daemon()
+    daemon = local_queen(ctx)
     proc = daemon.start_foreground() if foreground else daemon.start_detached()
     try:
         await client.wait_healthy(QUEEN_START_TIMEOUT_S, alive=lambda: proc.poll() is None)
@@ -119,7 +122,7 @@ async def stop_queen(ctx: KeeperContext, client: QueenClient) -> bool:
 
     A queen that answers but was started elsewhere is left alone: ``OperationFailed`` says so.
     """
-    daemon = ctx.daemon()
+    daemon = local_queen(ctx)
     stopped = await asyncio.to_thread(daemon.stop)
     if not stopped and await client.healthy():
         raise OperationFailed(f"a queen answers at {ctx.queen_url} but was not started by this keeper "
