@@ -218,7 +218,7 @@ class HostOpsMixin:
 
 
 async def _deploy_one(hosts: HostService, alias: str, sink: EventSink) -> dict[str, Any]:
-    (outcome,) = await hosts.deploy([alias], sink)
-    if not outcome.ok:
-        raise OperationFailed(outcome.error or "failed")
-    return {"changed": outcome.changed}
+    (result,) = await hosts.deploy([alias], sink)
+    if not result.ok:
+        raise OperationFailed(result.error or "failed")
+    return {"changed": result.changed}
