@@ -18,17 +18,11 @@ from rbee_fleet.common.inventory import InventoryError, parse_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.deploy.errors import ConnectRefused
 from rbee_fleet.deploy.facts import parse_facts
-from rbee_fleet.keeper.remote_hosts import (
-    control_hive,
-    host_keys,
-    probe_host,
-    probe_result,
-    remote_specs,
-    run_context,
-    ssh_command,
-    stream_log,
-)
-from rbee_fleet.keeper.services import KeeperContext
+from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.host_probe import probe_host, probe_result
+from rbee_fleet.keeper.host_service import remote_specs, run_context
+from rbee_fleet.keeper.remote_hive import control_hive, stream_log
+from rbee_fleet.keeper.ssh_login import ssh_command
 from tests.deploy.test_facts import DEPLOYED, FRESH_DEBIAN
 from tests.support import procs
 from tests.support.sshd import USER, openssh_server
@@ -73,14 +67,14 @@ def test_probe_results_from_recorded_facts() -> None:
 
 async def test_probes_of_hosts_that_cannot_be_seen_say_why(client_key: Path, sshd) -> None:
     refused = fleet(closed_port(), client_key)
-    probe = await probe_host(remote_specs(refused, None)[0], host_keys(refused), at=5.0)
+    probe = await probe_host(remote_specs(refused, None)[0], refused.host_keys(), at=5.0)
     assert probe.state == "unreachable" and "connection refused by rbee@127.0.0.1:" in probe.reason and probe.at == 5.0
 
     host_key, port = sshd
     ctx = fleet(port, client_key)
-    probe = await probe_host(remote_specs(ctx, None)[0], host_keys(ctx), at=5.0)
+    probe = await probe_host(remote_specs(ctx, None)[0], ctx.host_keys(), at=5.0)
     assert probe.state == "unknown" and probe.reason.startswith(f"unknown host key {host_key.get_fingerprint('sha256')}")
-    assert not host_keys(ctx).keeper_file.exists()  # a probe never trusts a key
+    assert not ctx.host_keys().keeper_file.exists()  # a probe never trusts a key
 
 
 async def test_a_probe_over_ssh_reads_the_hosts_real_facts(client_key: Path, sshd, tmp_path: Path) -> None:
@@ -88,16 +82,16 @@ async def test_a_probe_over_ssh_reads_the_hosts_real_facts(client_key: Path, ssh
     install = tmp_path / "install"
     ctx = fleet(port, client_key, extra=f'install_dir = "{install}"\n', user=USER)
     spec = remote_specs(ctx, None)[0]
-    host_keys(ctx).record("127.0.0.1", port, host_key.export_public_key().decode())
-    probe = await probe_host(spec, host_keys(ctx), at=1.0)
+    ctx.host_keys().record("127.0.0.1", port, host_key.export_public_key().decode())
+    probe = await probe_host(spec, ctx.host_keys(), at=1.0)
     assert (probe.state, probe.reason) == ("not installed", f"no rbee-fleet under {install}")
     # A release left half-unpacked does not count; a complete one, switched to, does (the hive not running).
     release = install / "versions" / "0.1.0-test"
     release.mkdir(parents=True)
     (install / "current").symlink_to(release)
-    assert (await probe_host(spec, host_keys(ctx), at=1.5)).state == "not installed"
+    assert (await probe_host(spec, ctx.host_keys(), at=1.5)).state == "not installed"
     (release / ".complete").touch()
-    probe = await probe_host(spec, host_keys(ctx), at=2.0)
+    probe = await probe_host(spec, ctx.host_keys(), at=2.0)
     assert (probe.state, probe.version) == ("stopped", "0.1.0-test"), probe.reason
 
 
@@ -106,7 +100,7 @@ async def test_a_silent_host_is_unreachable_within_the_connect_timeout(client_ke
     try:
         ctx = fleet(silent.sockets[0].getsockname()[1], client_key)
         spec = remote_specs(ctx, None)[0]
-        probe = await probe_host(spec, host_keys(ctx), at=0.0)
+        probe = await probe_host(spec, ctx.host_keys(), at=0.0)
         assert probe.state == "unreachable" and "no answer within 3 s" in probe.reason
     finally:
         silent.close()
@@ -175,7 +169,7 @@ def jumps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KeeperContext:
 
 def test_a_jump_host_named_by_its_hive_alias_is_reached_with_its_own_port_and_key(jumps: KeeperContext) -> None:
     key = os.path.expanduser("~/.ssh/fleet")
-    known = f"UserKnownHostsFile={Path('~/.ssh/known_hosts').expanduser()} {host_keys(jumps).keeper_file}"
+    known = f"UserKnownHostsFile={Path('~/.ssh/known_hosts').expanduser()} {jumps.host_keys().keeper_file}"
     creds = ["-i", key, "-o", "IdentitiesOnly=yes", "-o", known]
     # bastion -> edge (a hive): one ProxyCommand reaching edge on its port with the inventory's key.
     edge = shlex.join(["ssh", "-p", "2201", *creds, "-W", "%h:%p", "ops@203.0.113.1"])
@@ -219,7 +213,7 @@ port = {procs.free_port()}
 ssh_port = {port}
 proxy_jump = "gate"
 """)
-        keys = host_keys(ctx)
+        keys = ctx.host_keys()
         keys.record("127.0.0.1", jump_port, jump_key.export_public_key().decode())
         keys.record("127.0.0.1", port, host_key.export_public_key().decode())
         cmd = ssh_command(ctx, "box")

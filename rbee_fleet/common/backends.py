@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-BACKEND_NAMES = ("llamacpp", "exllamav2")
+from rbee_fleet.contracts.vocabulary import BACKEND_NAMES
 
 # model format -> backends that can load it
 FORMATS: dict[str, tuple[str, ...]] = {

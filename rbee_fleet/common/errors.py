@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from rbee_fleet.contracts.openai import error_body
 
 
 class ApiError(Exception):
@@ -101,18 +102,6 @@ class Unavailable(ApiError):
 
 class OperationFailed(Exception):
     """A job's operation could not be carried out; the message says why, for a human."""
-
-
-def error_body(
-    message: str, *, type: str, code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def error_event(message: str, *, type: str = "server_error", code: str | None = None) -> bytes:
-    """An SSE event carrying an error, as OpenAI clients expect mid-stream."""
-    body = error_body(message, type=type, code=code)
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 _STATUS_CLASSES: dict[int, type[ApiError]] = {

@@ -15,8 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from rbee_fleet.common.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unauthorized, error_body
+from rbee_fleet.common.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unauthorized
 from rbee_fleet.common.net import is_loopback
+from rbee_fleet.contracts.openai import error_body
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rbee_fleet.common.net import is_loopback
 from rbee_fleet.common.ssh_config import is_config_alias
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
+from rbee_fleet.contracts.vocabulary import DEVICE_PATTERN, BackendChoice, PlacementPolicy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,9 +81,9 @@ class QueenConfig(_Section):
 
 class WorkerDecl(_Section):
     model: str = Field(min_length=1)
-    backend: Literal["auto", "llamacpp", "exllamav2"] = "auto"
+    backend: BackendChoice = "auto"
     device: str = "cpu"
-    placement: Literal["binpack", "spread"] = "binpack"
+    placement: PlacementPolicy = "binpack"
     count: int = Field(default=1, ge=1, le=64)
     name: str | None = Field(default=None, pattern=ALIAS_RE)
     ctx_size: int | None = Field(default=None, ge=128)
@@ -95,7 +96,7 @@ class WorkerDecl(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value not in ("cpu", "auto") and not re.match(r"^cuda:\d+(,\d+)*$", value):
+        if not re.match(DEVICE_PATTERN, value):
             raise ValueError("device must be 'cpu', 'auto' (GPUs chosen by free VRAM) or 'cuda:N' (several GPUs: 'cuda:0,1')")
         return value
 

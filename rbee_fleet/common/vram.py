@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rbee_fleet.common.placement import Need
+from rbee_fleet.common.gpu_fit import Need
 
 PAGE_SIZE = 256  # exllamav2's paged-attention page; the cache length must be a multiple of it
 DEFAULT_BATCH = 4  # concurrent sequences of a paged (flash-attn) worker unless max_batch_size says otherwise

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rbee_fleet.contracts.vocabulary import BackendChoice, PlacementPolicy
+
 # ---------------------------------------------------------------------------------------------
 # Devices
 
@@ -137,9 +139,9 @@ class _Op(BaseModel):
 class WorkerSpawnOp(_Op):
     kind: Literal["worker_spawn"] = "worker_spawn"
     model: str
-    backend: Literal["auto", "llamacpp", "exllamav2"] = "auto"
+    backend: BackendChoice = "auto"
     device: str = "cpu"  # cpu, cuda:N[,M], or auto: the hive picks GPUs by free VRAM
-    placement: Literal["binpack", "spread"] = "binpack"  # how device="auto" chooses among GPUs
+    placement: PlacementPolicy = "binpack"  # how device="auto" chooses among GPUs
     worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
     ctx_size: int | None = Field(default=None, ge=128)
     threads: int | None = Field(default=None, ge=1)

@@ -136,9 +136,6 @@ class MessagesRequest(_Request):
     stream: bool = False
 
 
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -169,12 +166,14 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``, keys in that order."""
+    return ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
+
+
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens).model_dump()
 
 
 def chat_completion_body(

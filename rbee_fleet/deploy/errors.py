@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rbee_fleet.deploy.transport import HostKey
+    from rbee_fleet.deploy.host_keys import HostKey
 
 
 class DeployError(Exception):
@@ -60,12 +60,6 @@ class CommandFailed(DeployError):
 
 class CommandTimeout(CommandFailed):
     kind = "command-timeout"
-
-
-class PreflightFailed(DeployError):
-    """The host lacks something the hive needs (Python 3.10+, venv, disk space, a free port)."""
-
-    kind = "preflight"
 
 
 class HiveNotReady(DeployError):

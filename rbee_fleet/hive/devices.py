@@ -24,7 +24,6 @@ from rbee_fleet.contracts.fleet import CpuInfo, DeviceInfo, GpuInfo
 log = logging.getLogger(__name__)
 
 NVIDIA_SMI_FIELDS = ("index", "name", "uuid", "memory.total", "memory.free", "compute_cap", "driver_version")
-NVIDIA_SMI_QUERY = ",".join(NVIDIA_SMI_FIELDS)
 MISSING = {"", "N/A", "[N/A]", "[Not Supported]", "[Unknown Error]", "[Insufficient Permissions]"}
 # NVML return codes meaning "no NVIDIA driver on this machine" rather than "a broken one".
 NVML_NO_DRIVER = {12}  # NVML_ERROR_LIBRARY_NOT_FOUND

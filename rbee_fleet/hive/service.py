@@ -25,15 +25,16 @@ from rbee_fleet.contracts.fleet import (
     WorkerSpawnOp,
     WorkerStopOp,
 )
+from rbee_fleet.contracts.vocabulary import DEVICE_PATTERN
 from rbee_fleet.hive import devices
 from rbee_fleet.hive.catalog import Catalog
-from rbee_fleet.hive.placement import GpuPlacer
+from rbee_fleet.hive.gpu_assignment import GpuPlacer
 from rbee_fleet.hive.supervisor import LaunchSpec, Supervisor, SupervisorSettings
 
 DEVICE_REFRESH_S = 5.0
 
 log = logging.getLogger(__name__)
-DEVICE_RE = re.compile(r"^(cpu|auto|cuda:\d+(,\d+)*)$")
+DEVICE_RE = re.compile(DEVICE_PATTERN)
 
 
 @dataclass(frozen=True)

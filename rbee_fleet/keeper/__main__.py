@@ -1,3 +1,3 @@
-from rbee_fleet.keeper.cli import main
+from rbee_fleet.keeper.cli.entry import main
 
 main()

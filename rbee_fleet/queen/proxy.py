@@ -15,7 +15,8 @@ import aiohttp
 from aiohttp import web
 
 from rbee_fleet.common import sse
-from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_body, error_event, error_from_body
+from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_body, error_from_body
+from rbee_fleet.contracts.stream import ERROR_EVENT_MARK, error_event, usage_in
 from rbee_fleet.queen.metrics import QueenMetrics
 from rbee_fleet.queen.registry import Registry, WorkerRecord
 from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Scheduler
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 STALE_RETRIES = 2  # a reused keep-alive connection the worker had closed: the same worker, a new connection
 TAIL = 4096  # bytes of the stream kept to read its closing usage and end marker
-ERROR_MARK = b'data: {"error"'
 # What a complete stream ends with, per endpoint.
 END_MARKS = {
     "chat/completions": b"data: [DONE]",
@@ -231,8 +231,8 @@ class WorkerProxy:
             await out.write(chunk)  # a client that went away raises here: not the worker's doing
             tail = (tail + chunk)[-TAIL:]
         if end_mark in tail and failure is None:
-            self.metrics.count_usage(model, usage_from_tail(tail))
-        elif ERROR_MARK in tail and failure is None:
+            self.metrics.count_usage(model, usage_in(tail))
+        elif ERROR_EVENT_MARK in tail and failure is None:
             # The worker ended its own stream with an error event: the client has it already.
             self.metrics.errors.labels(model, "worker_error_mid_stream").inc()
         else:
@@ -261,28 +261,6 @@ def _uncancel() -> None:
     uncancel = getattr(task, "uncancel", None)
     if uncancel is not None:
         uncancel()
-
-
-def usage_from_tail(tail: bytes) -> dict[str, int] | None:
-    """Token counts from the last events of a stream: an OpenAI ``usage`` object, or llama-server's
-    ``timings`` (on every final chunk, whether or not the client asked for usage)."""
-    for event in reversed(tail.split(b"\n\n")):
-        for line in event.split(b"\n"):
-            if not line.startswith(b"data: {"):
-                continue
-            try:
-                data = json.loads(line[6:])
-            except ValueError:
-                continue
-            usage = data.get("usage") if isinstance(data, dict) else None
-            if isinstance(usage, dict) and "completion_tokens" in usage:
-                return usage
-            timings = data.get("timings") if isinstance(data, dict) else None
-            if isinstance(timings, dict) and "predicted_n" in timings:
-                prompt = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
-                return {"prompt_tokens": prompt, "completion_tokens": int(timings["predicted_n"]),
-                        "total_tokens": prompt + int(timings["predicted_n"])}
-    return None
 
 
 def openai_error(status: int, payload: bytes) -> tuple[int, bytes]:

@@ -14,7 +14,7 @@ from rbee_fleet.common.errors import NotFound
 from rbee_fleet.common.jobs import Emitter, Job, JobRegistry
 from rbee_fleet.contracts.fleet import FleetStatus, JobRequest, QueenView, WorkerSpawnOp
 from rbee_fleet.hive.service import HiveService
-from rbee_fleet.queen import placement
+from rbee_fleet.queen import hive_choice
 from rbee_fleet.queen.hives import EmbeddedHive, HiveHandle, RemoteHive
 from rbee_fleet.queen.metrics import QueenMetrics
 from rbee_fleet.queen.proxy import WorkerProxy
@@ -60,7 +60,7 @@ class Queen:
 
     def dispatch(self, request: JobRequest) -> Job:
         op = request.operation
-        if isinstance(op, WorkerSpawnOp) and op.hive == placement.AUTO and placement.AUTO not in self.hive_ids():
+        if isinstance(op, WorkerSpawnOp) and op.hive == hive_choice.AUTO and hive_choice.AUTO not in self.hive_ids():
             return self.jobs.submit(op, lambda emit: self.spawn_anywhere(op, emit))
         hive = self.hive(op.hive)
         return self.jobs.submit(op, lambda emit: hive.run(op, emit))
@@ -74,7 +74,7 @@ class Queen:
         self.refresh_embedded()
         views = {v.hive_id: v for v in self.registry.hive_views() if v.live}
         handles = {hive_id: self.hive(hive_id) for hive_id in views}
-        return await placement.spawn_anywhere(op, handles, {h: v.devices for h, v in views.items()}, emit)
+        return await hive_choice.spawn_anywhere(op, handles, {h: v.devices for h, v in views.items()}, emit)
 
     def ensure_declared_workers(self) -> list[Job]:
         """Start the inventory's workers on the embedded hive (already running ones are left alone)."""

@@ -2,7 +2,7 @@
 
 The app owns the live state every screen draws (one ``FleetSnapshot`` per poll) and every action, so the
 screens, their key bindings and the command palette all start operations the same way: through the
-keeper's service layer (``FleetService`` and ``HostActions``), in background workers, tracked in the
+keeper's service layer (``QueenService`` and ``HostService``), in background workers, tracked in the
 Jobs screen, failures notified with their reason.
 """
 
@@ -26,12 +26,12 @@ from textual.signal import Signal
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
-from rbee_fleet.keeper.fleet_service import FleetService
-from rbee_fleet.keeper.host_actions import HostActions, KeeperHostActions
-from rbee_fleet.keeper.inventory_edit import FieldSpec, FormError, FormValues, coerce_form, form_fields
+from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.host_service import HostService
 from rbee_fleet.keeper.queen_client import QueenUnreachable
-from rbee_fleet.keeper.services import EventSink, KeeperContext
+from rbee_fleet.keeper.queen_service import EventSink, QueenService
 from rbee_fleet.tui.host_ops import HostOpsMixin, ProbeCache
+from rbee_fleet.tui.inventory_document import FieldSpec, FormError, FormValues, coerce_form, form_fields
 from rbee_fleet.tui.operations import OperationLog, TrackedOperation
 from rbee_fleet.tui.palette import keeper_commands
 from rbee_fleet.tui.screens.chat import ChatScreen
@@ -51,8 +51,8 @@ CATALOG_TIMEOUT_S = 5.0
 SPAWN_FIELDS = form_fields(WorkerSpawnOp, skip=("kind", "hive", "options"))
 EMPTY = FleetSnapshot(status=None, error=None, rows=())
 
-ServiceFactory = Callable[[KeeperContext], FleetService]
-ActionsFactory = Callable[[FleetService], HostActions]
+ServiceFactory = Callable[[KeeperContext], QueenService]
+ActionsFactory = Callable[[QueenService], HostService]
 
 
 class KeeperApp(HostOpsMixin, App[None]):
@@ -74,16 +74,16 @@ class KeeperApp(HostOpsMixin, App[None]):
     snapshot: reactive[FleetSnapshot] = reactive(EMPTY, always_update=True, init=False)
 
     def __init__(self, inventory_path: str | None = None, *, refresh_s: float = DEFAULT_REFRESH_S,
-                 service_factory: ServiceFactory = FleetService,
-                 actions_factory: ActionsFactory = KeeperHostActions) -> None:
+                 service_factory: ServiceFactory = QueenService,
+                 actions_factory: ActionsFactory = HostService) -> None:
         super().__init__()
         self.inventory_path = KeeperContext.resolve_inventory_path(inventory_path)
         self.refresh_s = refresh_s
         self._service_factory = service_factory
         self._actions_factory = actions_factory
-        self.fleet: FleetService | None = None
-        self.hosts: HostActions | None = None
-        self._retired: list[FleetService] = []
+        self.fleet: QueenService | None = None
+        self.hosts: HostService | None = None
+        self._retired: list[QueenService] = []
         self.inventory_error: str | None = None
         self.sampler = Sampler()
         self.operations = OperationLog()
@@ -202,7 +202,7 @@ class KeeperApp(HostOpsMixin, App[None]):
         self.poll()
         return op
 
-    def _require_inventory(self) -> tuple[FleetService, HostActions] | None:
+    def _require_inventory(self) -> tuple[QueenService, HostService] | None:
         if self.fleet is None or self.hosts is None:
             self.notify(f"no inventory loaded: {self.inventory_error}", severity="error")
             return None
@@ -216,7 +216,7 @@ class KeeperApp(HostOpsMixin, App[None]):
         except (QueenUnreachable, ApiError, OperationFailed, asyncio.TimeoutError):
             return []
 
-    def _host_field(self, fleet: FleetService) -> FieldSpec:
+    def _host_field(self, fleet: QueenService) -> FieldSpec:
         return FieldSpec("hive", str, tuple(fleet.ctx.inventory.hives), required=True)
 
     # -- workers and models ------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rbee_fleet.keeper.fleet_view import HostState
+from rbee_fleet.tui.host_rows import HostState
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 

@@ -1,7 +1,7 @@
 """The TUI's actions on whole hosts: the host menu, hive lifecycle, deploys (plan first), host keys, logs,
 ssh, and the SSH probes that tell a remote host's state when the queen cannot.
 
-A mixin of ``KeeperApp``: everything here goes through ``HostActions`` (the keeper's service layer) in
+A mixin of ``KeeperApp``: everything here goes through ``HostService`` (the keeper's service layer) in
 background workers, so SSH never blocks the event loop.
 """
 
@@ -21,11 +21,12 @@ from textual import work
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import Inventory
 from rbee_fleet.contracts.fleet import FleetStatus
-from rbee_fleet.keeper.fleet_view import host_rows, needs_probe
-from rbee_fleet.keeper.host_actions import PARALLEL, HiveAction, HostActions
+from rbee_fleet.contracts.vocabulary import HiveAction
+from rbee_fleet.keeper.host_probe import HostProbe
+from rbee_fleet.keeper.host_service import PARALLEL, HostService
 from rbee_fleet.keeper.queen_client import QueenUnreachable
-from rbee_fleet.keeper.remote_hosts import HostProbe, ssh_command
-from rbee_fleet.keeper.services import EventSink
+from rbee_fleet.keeper.queen_service import EventSink
+from rbee_fleet.tui.host_rows import host_rows, needs_probe
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.hive_actions import HiveActionsScreen
 from rbee_fleet.tui.screens.host_key import HostKeyScreen
@@ -83,7 +84,7 @@ class HostOpsMixin:
             self._probe(self.hosts, alias)
 
     @work(group="probes", exit_on_error=False)
-    async def _probe(self: KeeperApp, hosts: HostActions, alias: str) -> None:
+    async def _probe(self: KeeperApp, hosts: HostService, alias: str) -> None:
         epoch = self.probes.forgotten
         try:
             async with self.probes.slots:
@@ -196,10 +197,10 @@ class HostOpsMixin:
 
     def ssh(self: KeeperApp, alias: str) -> None:
         """Hand the terminal to an interactive ssh session on ``alias``; the TUI comes back when it ends."""
-        if self.fleet is None:
+        if self.hosts is None:
             return
         try:
-            cmd = ssh_command(self.fleet.ctx, alias)
+            cmd = self.hosts.ssh_command(alias)
         except OperationFailed as exc:
             self.notify(str(exc), severity="error")
             return
@@ -216,8 +217,8 @@ class HostOpsMixin:
             self.notify(f"ssh {alias} exited with {code}", severity="warning")
 
 
-async def _deploy_one(hosts: HostActions, alias: str, sink: EventSink) -> dict[str, Any]:
-    (outcome,) = await hosts.deploy([alias], sink)
-    if not outcome.ok:
-        raise OperationFailed(outcome.error or "failed")
-    return {"changed": outcome.changed}
+async def _deploy_one(hosts: HostService, alias: str, sink: EventSink) -> dict[str, Any]:
+    (result,) = await hosts.deploy([alias], sink)
+    if not result.ok:
+        raise OperationFailed(result.error or "failed")
+    return {"changed": result.changed}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from textual.app import SystemCommand
 
-from rbee_fleet.keeper.host_actions import HiveAction
+from rbee_fleet.contracts.vocabulary import HiveAction
 
 if TYPE_CHECKING:
     from rbee_fleet.tui.app import KeeperApp

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from rbee_fleet.common import sse
-from rbee_fleet.common.errors import BadRequest, ContextOverflow, error_event
+from rbee_fleet.common.errors import BadRequest, ContextOverflow
 from rbee_fleet.common.http import read_json
 from rbee_fleet.common.validation import validate
 from rbee_fleet.contracts.capabilities import missing, requirements
@@ -24,6 +24,7 @@ from rbee_fleet.contracts.openai import (
     completion_body,
     usage_of,
 )
+from rbee_fleet.contracts.stream import error_event, usage_comment
 from rbee_fleet.worker.admission import Admission
 from rbee_fleet.worker.backends.base import Backend, Finish, Piece, SamplingParams
 from rbee_fleet.worker.runtime import Runtime
@@ -31,7 +32,6 @@ from rbee_fleet.worker.runtime import Runtime
 log = logging.getLogger(__name__)
 
 RUNTIME = web.AppKey("runtime", Runtime)
-USAGE_COMMENT = "usage "  # ": usage {...}" closes every stream; clients ignore it, the queen counts it
 
 
 class ChunkEncoder:
@@ -218,7 +218,7 @@ async def _stream_out(
     tail = encoder.finish(finish.reason)
     if include_usage:
         tail += encoder.usage(usage)
-    tail += sse.comment(USAGE_COMMENT + json.dumps(usage, separators=(",", ":"))) + sse.DONE
+    tail += sse.comment(usage_comment(usage)) + sse.DONE
     await response.write(tail)
     await response.write_eof()
     return response

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rbee_fleet.keeper.fleet_commands import HIVE_ACTIONS
+from rbee_fleet.contracts.vocabulary import HIVE_COMMANDS
 
 
 def keeper(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -18,7 +18,7 @@ def keeper(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
                           timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
 
 
-@pytest.mark.parametrize("args", [["deploy"], *(["hive", action] for action in HIVE_ACTIONS)])
+@pytest.mark.parametrize("args", [["deploy"], *(["hive", action] for action in HIVE_COMMANDS)])
 def test_every_fleet_command_has_help(args: list[str], tmp_path: Path) -> None:
     result = keeper(*args, "--help", home=tmp_path)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr

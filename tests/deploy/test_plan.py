@@ -17,7 +17,7 @@ from rbee_fleet.deploy.plan import (
     render_files,
     supervision_mode,
 )
-from rbee_fleet.deploy.transport import SSHTarget
+from rbee_fleet.deploy.targets import SSHTarget
 from tests.deploy.test_facts import FRESH_DEBIAN, OLD_ROOT_GPU
 
 TOKEN = "s3cret-token-value"

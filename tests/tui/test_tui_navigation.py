@@ -1,4 +1,4 @@
-"""Filtering, sorting and the command palette, on the fixed fleet of ``StandInFleetService`` (the reads
+"""Filtering, sorting and the command palette, on the fixed fleet of ``StandInQueenService`` (the reads
 are a stand-in; the actions run the real service layer); the host-key dialog against a real
 OpenSSH server on loopback."""
 
@@ -13,22 +13,22 @@ import pytest
 from textual.command import CommandPalette
 from textual.widgets import Button, Label
 
-from rbee_fleet.keeper.fleet_view import HostState
-from rbee_fleet.keeper.host_actions import HiveAction
+from rbee_fleet.contracts.vocabulary import HiveAction
 from rbee_fleet.tui.app import KeeperApp
+from rbee_fleet.tui.host_rows import HostState
 from rbee_fleet.tui.palette import keeper_commands
 from rbee_fleet.tui.screens.host_key import HostKeyScreen
 from rbee_fleet.tui.widgets.fleet_table import FleetTable
 from tests.support.procs import free_port
 from tests.support.sshd import USER, openssh_server, write_client_key
 from tests.tui.conftest import notifications, wait_for
-from tests.tui.standin import StandInFleetService, StandInHostActions, write_inventory
+from tests.tui.standin import StandInHostService, StandInQueenService, write_inventory
 
 
 @pytest.fixture
 def app(tmp_path: Path) -> KeeperApp:
     return KeeperApp(str(write_inventory(tmp_path / "fleet.toml")), refresh_s=3600,
-                     service_factory=StandInFleetService, actions_factory=StandInHostActions)
+                     service_factory=StandInQueenService, actions_factory=StandInHostService)
 
 
 def keys(table: FleetTable) -> list[str]:

@@ -11,8 +11,8 @@ from textual.widgets import DataTable, Input, Label, Select, Static
 
 from rbee_fleet import __version__
 from rbee_fleet.common.inventory import load_inventory
-from rbee_fleet.keeper.fleet_view import HostState
 from rbee_fleet.tui.app import KeeperApp
+from rbee_fleet.tui.host_rows import HostState
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.diff import DiffScreen
 from rbee_fleet.tui.screens.form import FormScreen

@@ -1,7 +1,7 @@
 """SVG snapshots of the TUI's main screens at fixed terminal sizes.
 
-The queen's answers come from ``StandInFleetService`` (fixed status, times and pids) and what SSH finds on
-the remote hosts from ``StandInHostActions``, so the pictures are stable; cursor blinking is off and the
+The queen's answers come from ``StandInQueenService`` (fixed status, times and pids) and what SSH finds on
+the remote hosts from ``StandInHostService``, so the pictures are stable; cursor blinking is off and the
 clock is UTC. Update after an intended change with
 ``pytest tests/tui/test_tui_snapshots.py --snapshot-update`` and review the SVGs in the diff.
 """
@@ -18,13 +18,13 @@ from textual.widgets import DataTable, Input
 
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.tui.app import KeeperApp
-from tests.tui.standin import StandInFleetService, StandInHostActions, write_inventory
+from tests.tui.standin import StandInHostService, StandInQueenService, write_inventory
 
 WIDE = (120, 34)
 SMALL = (80, 24)
 
 
-class QueenDownStandIn(StandInFleetService):
+class QueenDownStandIn(StandInQueenService):
     """Stand-in for a queen that refuses connections (fixed wording, no real port in the picture)."""
 
     async def status(self):
@@ -38,9 +38,9 @@ def app_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...
     time.tzset()
     write_inventory(tmp_path / "fleet.toml")
 
-    def make(service=StandInFleetService) -> KeeperApp:
+    def make(service=StandInQueenService) -> KeeperApp:
         # One poll only (at start), so histories and rates do not depend on timing.
-        return KeeperApp("fleet.toml", refresh_s=3600, service_factory=service, actions_factory=StandInHostActions)
+        return KeeperApp("fleet.toml", refresh_s=3600, service_factory=service, actions_factory=StandInHostService)
 
     yield make
     monkeypatch.delenv("TZ")

@@ -23,7 +23,7 @@ class DiffScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
             yield Label(f"Save {self.path}?", classes="dialog-title")
-            yield Label("Comments and layout are not kept (tomli-w); every key is.", classes="dialog-detail")
+            yield Label("Only these lines change: comments, order and layout are kept.", classes="dialog-detail")
             with VerticalScroll(id="diff-view"):
                 yield Static(Syntax(self.diff or "(no change)", "diff", theme="ansi_dark", word_wrap=True))
             with Horizontal(classes="dialog-buttons"):

@@ -16,7 +16,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label
 
-from rbee_fleet.keeper.inventory_edit import FieldSpec, FormError, FormValues
+from rbee_fleet.tui.inventory_document import FieldSpec, FormError, FormValues
 from rbee_fleet.tui.widgets.form_fields import FormFields
 
 T = TypeVar("T")

@@ -10,7 +10,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList
 from textual.widgets.option_list import Option
 
-from rbee_fleet.keeper.host_actions import HiveAction
+from rbee_fleet.contracts.vocabulary import HiveAction
 
 CHOICES: list[tuple[str, str]] = [
     *((a.value, f"{a.value} the hive") for a in HiveAction),

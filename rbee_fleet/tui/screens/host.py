@@ -15,9 +15,9 @@ from textual.widgets import DataTable, Footer, Label, Static
 
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.contracts.fleet import JobInfo, ModelEntry
-from rbee_fleet.keeper.fleet_view import HostRow, HostWorker
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.tui.format import STATE_STYLES, WORKER_STATE_STYLES, age, size, spark
+from rbee_fleet.tui.host_rows import HostRow, HostWorker
 from rbee_fleet.tui.snapshot import FleetSnapshot
 from rbee_fleet.tui.widgets.operations_bar import OperationsBar
 from rbee_fleet.tui.widgets.usage_bar import UsageBar

@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label
 
-from rbee_fleet.deploy.transport import HostKey
+from rbee_fleet.deploy.host_keys import HostKey
 
 
 class HostKeyScreen(ModalScreen[bool]):

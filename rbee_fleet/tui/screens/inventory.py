@@ -14,7 +14,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, Static
 
 from rbee_fleet.common.inventory import InventoryError
-from rbee_fleet.keeper.inventory_edit import (
+from rbee_fleet.keeper.context import DEFAULT_INVENTORY
+from rbee_fleet.tui.inventory_document import (
     HOST_FIELDS,
     WORKER_FIELDS,
     FieldSpec,
@@ -22,7 +23,6 @@ from rbee_fleet.keeper.inventory_edit import (
     InventoryDocument,
     form_values,
 )
-from rbee_fleet.keeper.services import DEFAULT_INVENTORY
 from rbee_fleet.tui.screens.confirm import ConfirmScreen
 from rbee_fleet.tui.screens.diff import DiffScreen
 from rbee_fleet.tui.screens.form import FormScreen

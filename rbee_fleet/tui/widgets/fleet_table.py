@@ -10,8 +10,8 @@ from textual import on
 from textual.message import Message
 from textual.widgets import DataTable
 
-from rbee_fleet.keeper.fleet_view import HostRow, devices_short
 from rbee_fleet.tui.format import STATE_STYLES
+from rbee_fleet.tui.host_rows import HostRow, devices_short
 
 COLUMNS: list[tuple[str, str, Callable[[HostRow], Any]]] = [
     # key, label, sort key

@@ -8,7 +8,7 @@ from textual.containers import Horizontal, Vertical
 from textual.suggester import SuggestFromList
 from textual.widgets import Checkbox, Input, Label, Select
 
-from rbee_fleet.keeper.inventory_edit import FieldSpec, FormValues
+from rbee_fleet.tui.inventory_document import FieldSpec, FormValues
 
 
 class FormFields(Vertical):

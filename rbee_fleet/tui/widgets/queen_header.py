@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from rbee_fleet.keeper.fleet_view import format_duration
+from rbee_fleet.tui.host_rows import format_duration
 from rbee_fleet.tui.snapshot import FleetSnapshot
 
 

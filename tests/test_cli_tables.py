@@ -11,7 +11,7 @@ from rbee_fleet.contracts.fleet import (
     WorkerState,
     WorkerView,
 )
-from rbee_fleet.keeper.render import status_tables
+from rbee_fleet.keeper.cli.tables import status_tables
 
 
 def status(**gpu_fields) -> FleetStatus:

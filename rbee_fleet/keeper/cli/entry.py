@@ -12,10 +12,16 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-from rbee_fleet import __version__
-from rbee_fleet.keeper import commands, fleet_commands
+from rich.markup import escape
 
-EXIT_FAILED, EXIT_USAGE, EXIT_NO_QUEEN = 1, 2, 3
+from rbee_fleet import __version__
+from rbee_fleet.common.errors import ApiError, OperationFailed
+from rbee_fleet.common.inventory import InventoryError
+from rbee_fleet.contracts.vocabulary import BACKEND_CHOICES, PLACEMENT_POLICIES, ExitCode
+from rbee_fleet.keeper.cli import hosts, local_fleet, workers
+from rbee_fleet.keeper.cli.console import err, fail
+from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.queen_client import QueenUnreachable
 
 
 def _common() -> argparse.ArgumentParser:
@@ -41,18 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    p = cmd("up", "start the queen and the inventory's local workers, wait until ready", commands.up)
+    p = cmd("up", "start the queen and the inventory's local workers, wait until ready", local_fleet.up)
     p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the fleet")
     _json_flag(p)
-    p = cmd("down", "stop the local queen and its workers", commands.down)
+    p = cmd("down", "stop the local queen and its workers", local_fleet.down)
     _json_flag(p)
-    p = cmd("status", "show the queen, hives and workers", commands.status)
+    p = cmd("status", "show the queen, hives and workers", local_fleet.status)
     _json_flag(p)
-    p = cmd("demo", "bring up the local fleet, stream one chat answer, show the fleet", commands.demo)
+    p = cmd("demo", "bring up the local fleet, stream one chat answer, show the fleet", local_fleet.demo)
     p.add_argument("--prompt", default="In two sentences, what is a bee hive?")
     p.add_argument("--max-tokens", type=int, default=80)
 
-    p = cmd("infer", "send one prompt through the queen and stream the answer", commands.infer)
+    p = cmd("infer", "send one prompt through the queen and stream the answer", local_fleet.infer)
     p.add_argument("prompt")
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--system", help="a system message")
@@ -63,14 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="spawn, list and stop workers", parents=[common])
     wsub = worker.add_subparsers(dest="worker_command", metavar="ACTION", required=True)
-    p = cmd("spawn", "start a worker for a model on a hive", commands.worker_spawn, wsub)
+    p = cmd("spawn", "start a worker for a model on a hive", workers.worker_spawn, wsub)
     p.add_argument("-m", "--model", required=True)
     p.add_argument("--hive", help="hive alias, or auto: the queen picks a hive by free VRAM, preferring those "
                                   "that have the model (default: the local hive)")
-    p.add_argument("--backend", default="auto", choices=["auto", "llamacpp", "exllamav2"])
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda:N[,M], or auto (the hive picks GPUs by free VRAM against the model's need)")
-    p.add_argument("--placement", choices=["binpack", "spread"], default="binpack",
+    p.add_argument("--placement", choices=PLACEMENT_POLICIES, default="binpack",
                    help="with --device auto: fill the tightest GPU (binpack) or the emptiest (spread)")
     p.add_argument("--id", dest="worker_id", help="worker id (default: HIVE-MODEL-N)")
     p.add_argument("--ctx-size", type=int)
@@ -78,24 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, repeatable (exllamav2: cache=q4, gpu_split=[20,24], max_batch_size=8, ...)")
     _json_flag(p)
-    p = cmd("list", "list workers known to the queen", commands.worker_list, wsub)
+    p = cmd("list", "list workers known to the queen", workers.worker_list, wsub)
     _json_flag(p)
-    p = cmd("stop", "stop a worker", commands.worker_stop, wsub)
+    p = cmd("stop", "stop a worker", workers.worker_stop, wsub)
     p.add_argument("worker_id")
     p.add_argument("--hive", help="hive alias (default: the worker's own hive)")
     _json_flag(p)
 
     model = sub.add_parser("model", help="list, download and delete models on a hive", parents=[common])
     msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    p = cmd("list", "list the models in a hive's catalog", commands.model_list, msub)
+    p = cmd("list", "list the models in a hive's catalog", workers.model_list, msub)
     p.add_argument("--hive")
     _json_flag(p)
-    p = cmd("download", "fetch a model into a hive's catalog", commands.model_download, msub)
+    p = cmd("download", "fetch a model into a hive's catalog", workers.model_download, msub)
     p.add_argument("source", help="alias (smollm2), local path, http(s) URL, or hf:OWNER/REPO[/FILE][@REVISION]")
     p.add_argument("--name", help="name in the catalog (default: from the source)")
     p.add_argument("--hive")
     _json_flag(p)
-    p = cmd("delete", "delete a model from a hive's catalog", commands.model_delete, msub)
+    p = cmd("delete", "delete a model from a hive's catalog", workers.model_delete, msub)
     p.add_argument("model")
     p.add_argument("--hive")
     _json_flag(p)
@@ -107,14 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="list, follow and cancel jobs", parents=[common])
     jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
-    p = cmd("list", "list recent jobs", commands.jobs_list, jsub)
+    p = cmd("list", "list recent jobs", workers.jobs_list, jsub)
     _json_flag(p)
-    p = cmd("watch", "follow a job's events", commands.jobs_watch, jsub)
+    p = cmd("watch", "follow a job's events", workers.jobs_watch, jsub)
     p.add_argument("job_id")
-    p = cmd("cancel", "cancel a running job", commands.jobs_cancel, jsub)
+    p = cmd("cancel", "cancel a running job", workers.jobs_cancel, jsub)
     p.add_argument("job_id")
 
-    fleet_commands.add_parsers(sub, common, cmd)
+    hosts.add_parsers(sub, common, cmd)
     return parser
 
 
@@ -125,12 +131,28 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_tui(args))
     if getattr(args, "func", None) is None:
         parser.print_help()
-        sys.exit(EXIT_USAGE)
+        sys.exit(ExitCode.USAGE)
     try:
-        code = asyncio.run(commands.run(args))
+        code = asyncio.run(run(args))
     except KeyboardInterrupt:
-        code = 130
+        code = ExitCode.INTERRUPTED
     sys.exit(code)
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        ctx = KeeperContext.load(getattr(args, "inventory", None))
+    except InventoryError as exc:
+        err.print(f"[red]inventory error:[/] {escape(str(exc))}", soft_wrap=True)
+        return ExitCode.USAGE
+    try:
+        return await args.func(args, ctx)
+    except QueenUnreachable as exc:
+        fail(args, str(exc))
+        return ExitCode.NO_QUEEN
+    except (OperationFailed, ApiError) as exc:
+        fail(args, str(exc))
+        return ExitCode.FAILED
 
 
 def _tui(args: argparse.Namespace) -> int:
@@ -138,7 +160,7 @@ def _tui(args: argparse.Namespace) -> int:
         from rbee_fleet.tui.app import run_tui
     except ImportError as exc:
         print(f"rbee-keeper: the TUI needs the keeper extra (pip install 'rbee-fleet[keeper]'): {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     return run_tui(getattr(args, "inventory", None), refresh_s=getattr(args, "refresh", 1.0))
 
 

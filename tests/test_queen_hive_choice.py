@@ -17,7 +17,7 @@ from rbee_fleet.contracts.fleet import (
     ModelEntry,
     WorkerSpawnOp,
 )
-from rbee_fleet.queen.placement import spawn_anywhere
+from rbee_fleet.queen.hive_choice import spawn_anywhere
 from tests.support import procs
 
 GB = 2**30

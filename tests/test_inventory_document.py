@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
 import pytest
 
 from rbee_fleet.common.inventory import InventoryError, load_inventory
-from rbee_fleet.keeper.inventory_edit import (
+from rbee_fleet.tui.inventory_document import (
     HOST_FIELDS,
     WORKER_FIELDS,
     FormError,
@@ -55,7 +56,7 @@ def test_add_host_and_worker_then_save_keeps_unknown_keys(doc: InventoryDocument
     doc.set_worker("gpu-1", None, {"model": "qwen", "device": "cuda:0,1", "count": "2", "backend": "exllamav2"})
     assert doc.dirty
     diff = doc.diff()
-    assert "+[hives.gpu-1]" in diff and "-# my fleet" in diff  # comments are not kept, and the diff says so
+    assert "+[hives.gpu-1]" in diff and "# my fleet" not in diff  # comments are kept: the diff shows only the edit
     inv = doc.save()
     assert not doc.dirty
     assert oct(doc.path.stat().st_mode & 0o777) == oct(0o640)
@@ -140,3 +141,74 @@ def test_bad_toml_names_its_line(tmp_path: Path):
     with pytest.raises(InventoryError) as info:
         InventoryDocument.load(path)
     assert info.value.line == 2
+
+
+COMMENTED = """\
+# the lab's fleet: the queen runs on the NAS
+[queen]
+port = 8600            # behind the reverse proxy
+heartbeat_interval_s = 2.0
+
+[defaults]
+ssh_user = "ops"       # the deploy account
+
+# the NAS itself
+[hives.home]
+embedded = true
+
+[[hives.home.workers]]
+model = "smollm2"      # small and quick
+options = { flash_attn = "true" }
+
+# the GPU box in the closet
+[hives.gpu]
+address = "10.0.0.7"
+ssh_user = "bee"
+
+[[hives.gpu.workers]]
+model = "qwen"         # the big one
+device = "cuda:0"
+"""
+
+
+def test_edits_keep_the_files_comments_order_and_layout(tmp_path: Path):
+    """Every edit the forms make, on a commented inventory: the file changes in exactly the edited lines."""
+    path = tmp_path / "fleet.toml"
+    path.write_text(COMMENTED)
+    doc = InventoryDocument.load(path)
+    doc.set_worker("home", 0, {**form_values(doc.workers("home")[0], WORKER_FIELDS), "ctx_size": "1024"})
+    doc.set_host("gpu-1", {**form_values(doc.host("gpu"), HOST_FIELDS), "address": "10.0.0.8"}, old_alias="gpu")
+    doc.set_host("cpu-1", {"address": "10.0.0.9", "port": "9001"})
+    doc.set_worker("cpu-1", None, {"model": "smollm2", "device": "cpu"})
+    doc.save()
+    diff = "".join(difflib.unified_diff(COMMENTED.splitlines(keepends=True),
+                                        path.read_text().splitlines(keepends=True), n=0))
+    assert diff.splitlines()[2:] == [
+        "@@ -15,0 +16 @@",
+        "+ctx_size = 1024",
+        "@@ -18,2 +19,2 @@",
+        "-[hives.gpu]",
+        '-address = "10.0.0.7"',
+        "+[hives.gpu-1]",
+        '+address = "10.0.0.8"',
+        "@@ -22 +23 @@",
+        "-[[hives.gpu.workers]]",
+        "+[[hives.gpu-1.workers]]",
+        "@@ -24,0 +26,8 @@",
+        "+",
+        "+[hives.cpu-1]",
+        '+address = "10.0.0.9"',
+        "+port = 9001",
+        "+",
+        "+[[hives.cpu-1.workers]]",
+        '+model = "smollm2"',
+        '+device = "cpu"',
+    ]
+    again = load_inventory(path)
+    assert list(again.hives) == ["home", "gpu-1", "cpu-1"] and again.hives["home"].workers[0].ctx_size == 1024
+    # Removing what was added gives the operator's file back, byte for byte.
+    doc.remove_host("cpu-1")
+    doc.set_host("gpu", {**form_values(doc.host("gpu-1"), HOST_FIELDS), "address": "10.0.0.7"}, old_alias="gpu-1")
+    doc.set_worker("home", 0, {**form_values(doc.workers("home")[0], WORKER_FIELDS), "ctx_size": ""})
+    doc.save()
+    assert path.read_text() == COMMENTED

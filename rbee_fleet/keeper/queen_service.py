@@ -1,14 +1,17 @@
-"""The fleet as the keeper's front ends see it: read its state, run operations on it, chat through it.
+"""What the keeper asks of the queen: read the fleet's state, run operations on it as jobs, chat through it.
 
-The CLI commands and the TUI both call this class, so an operation means the same thing in both.
+The CLI commands and the TUI both call ``QueenService``, so an operation means the same thing in both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from rbee_fleet.common.errors import OperationFailed, Unauthorized
+from rbee_fleet.common.paths import Layout
 from rbee_fleet.contracts.fleet import (
     FleetStatus,
     JobEvent,
@@ -20,11 +23,40 @@ from rbee_fleet.contracts.fleet import (
     WorkerStopOp,
 )
 from rbee_fleet.keeper.chat import ChatStream, openai_client
+from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.queen_client import QueenClient
-from rbee_fleet.keeper.services import EventSink, KeeperContext, run_job
+
+EventSink = Callable[[str, JobEvent], None]  # (label, event)
 
 
-class FleetService:
+async def run_job(client: QueenClient, operation: Any, label: str, sink: EventSink | None) -> dict[str, Any]:
+    try:
+        return await client.jobs.run(operation, on_event=(lambda ev: sink(label, ev)) if sink else None)
+    except Unauthorized as exc:
+        raise OperationFailed(
+            f"{exc.message}. Operations need the fleet's cluster token, which the keeper reads from "
+            f"{Layout.default().secrets / 'cluster.token'}: run it with the RBEE_HOME of the queen's machine"
+        ) from None
+
+
+async def ensure_workers(ctx: KeeperContext, client: QueenClient, sink: EventSink | None) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+    """Spawn the inventory's local workers (idempotent); return (worker id, result, error) for each."""
+    found = ctx.inventory.embedded_hive()
+    if found is None:
+        return []
+    ops = ctx.inventory.spawn_ops(found[0])
+
+    async def one(op: WorkerSpawnOp) -> tuple[str, dict[str, Any] | None, str | None]:
+        assert op.worker_id is not None
+        try:
+            return op.worker_id, await run_job(client, op, op.worker_id, sink), None
+        except OperationFailed as exc:
+            return op.worker_id, None, str(exc)
+
+    return list(await asyncio.gather(*(one(op) for op in ops)))
+
+
+class QueenService:
     """One keeper context and one queen client (one HTTP session) for the life of a front end."""
 
     def __init__(self, ctx: KeeperContext, client: QueenClient | None = None) -> None:

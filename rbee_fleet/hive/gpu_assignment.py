@@ -1,6 +1,6 @@
 """Which GPUs of this hive a ``device = "auto"`` worker gets, and the VRAM held for it while it loads.
 
-The decision itself is ``common.placement``'s pure logic; this module feeds it this machine's GPUs,
+The decision itself is ``common.gpu_fit``'s pure logic; this module feeds it this machine's GPUs,
 probed at that moment, minus what workers still loading will take (NVML shows their memory only once
 they have allocated it, so without a hold two workers spawned together would both pick the same GPU).
 """
@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rbee_fleet.common.errors import OperationFailed
+from rbee_fleet.common.gpu_fit import CANNOT_PLACE, Gpu, Host, NoFit, Placement, place
 from rbee_fleet.common.jobs import Emitter
-from rbee_fleet.common.placement import CANNOT_PLACE, Gpu, Host, NoFit, Placement, place
 from rbee_fleet.common.vram import ExlOptions, VramNeed, estimate
 from rbee_fleet.contracts.fleet import DeviceInfo, ModelEntry, WorkerSpawnOp
 from rbee_fleet.hive import gpu_stack

@@ -15,7 +15,9 @@ from rbee_fleet.contracts.fleet import (
     WorkerState,
     WorkerView,
 )
-from rbee_fleet.keeper.fleet_view import (
+from rbee_fleet.keeper.host_probe import HostProbe
+from rbee_fleet.tui.format import spark
+from rbee_fleet.tui.host_rows import (
     HostState,
     RateMeter,
     devices_short,
@@ -23,8 +25,6 @@ from rbee_fleet.keeper.fleet_view import (
     host_rows,
     needs_probe,
 )
-from rbee_fleet.keeper.remote_hosts import HostProbe
-from rbee_fleet.tui.format import spark
 
 INV = parse_inventory("""
 [hives.local]

@@ -1,23 +1,30 @@
-"""The local queen as a daemon: started detached with a pidfile, stopped by signal.
+"""The local queen: a daemon started detached with a pidfile and stopped by signal, and the keeper's
+``start_queen`` / ``stop_queen`` that bring it up (unless one answers already) and down.
 
 The pidfile alone is never trusted: a pid is ours only if that process's command line is a queen.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.logs import rotate_if_large
 from rbee_fleet.common.paths import Layout
+from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 
 QUEEN_MODULE = "rbee_fleet.queen"
+QUEEN_START_TIMEOUT_S = 60.0
 
 
 class QueenDaemon:
@@ -86,3 +93,38 @@ class QueenDaemon:
             return "\n".join(Path(self.logfile).read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def local_queen(ctx: KeeperContext) -> QueenDaemon:
+    """The queen this keeper starts on this machine, for ``ctx``'s inventory and ``$RBEE_HOME``."""
+    return QueenDaemon(ctx.layout, ctx.inventory_path)
+
+
+async def start_queen(ctx: KeeperContext, client: QueenClient, *, foreground: bool = False) -> tuple[bool, Any]:
+    """Start the local queen unless one answers already; return (started, process or None)."""
+    if await client.healthy():
+        return False, None
+    daemon = local_queen(ctx)
+    proc = daemon.start_foreground() if foreground else daemon.start_detached()
+    try:
+        await client.wait_healthy(QUEEN_START_TIMEOUT_S, alive=lambda: proc.poll() is None)
+    except QueenUnreachable as exc:
+        if proc.poll() is None:
+            proc.terminate()
+        tail = daemon.log_tail() if not foreground else ""
+        raise OperationFailed(f"{exc}\n{tail}".rstrip()) from None
+    client.set_credential(ctx.api_key)  # a first start creates the cluster token
+    return True, proc
+
+
+async def stop_queen(ctx: KeeperContext, client: QueenClient) -> bool:
+    """Stop the local queen this keeper started (it stops its workers); False if none was running.
+
+    A queen that answers but was started elsewhere is left alone: ``OperationFailed`` says so.
+    """
+    daemon = local_queen(ctx)
+    stopped = await asyncio.to_thread(daemon.stop)
+    if not stopped and await client.healthy():
+        raise OperationFailed(f"a queen answers at {ctx.queen_url} but was not started by this keeper "
+                              f"(no pidfile in {daemon.pidfile.parent}); stop it where it runs")
+    return stopped

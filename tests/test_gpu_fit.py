@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 
 from rbee_fleet.common.errors import OperationFailed
+from rbee_fleet.common.gpu_fit import Gpu, Host, Need, NoFit, place
 from rbee_fleet.common.jobs import JobRegistry
 from rbee_fleet.common.paths import Layout
-from rbee_fleet.common.placement import Gpu, Host, Need, NoFit, place
 from rbee_fleet.common.vram import ExlOptions, ModelShape, estimate
 from rbee_fleet.contracts.fleet import CpuInfo, DeviceInfo, GpuInfo, ModelEntry, WorkerSpawnOp
 from rbee_fleet.hive import gpu_stack

@@ -1,17 +1,16 @@
 """Edit an inventory file: add, change and remove hosts and workers, show the diff, write it back.
 
-Edits work on the TOML document as data, so keys no form knows about (``[queen]``, ``[defaults]``,
-worker ``options``, keys added by later versions) survive a round trip. The file is written with
-tomli-w, which does not keep comments: the diff shown before saving makes that visible.
+Edits work on the TOML document itself (tomlkit), so what no form touches stays as the operator wrote it:
+comments, the order of tables and keys, blank lines, and keys no form knows about (``[queen]``,
+``[defaults]``, worker ``options``, keys added by later versions). The diff shown before saving lists
+exactly the lines an edit changes.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
 import re
-import sys
 import tempfile
 import types
 import typing
@@ -19,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import tomli_w
+import tomlkit
 from pydantic import BaseModel, ValidationError
+from tomlkit.exceptions import ParseError
+from tomlkit.items import AoT, Table
+from tomlkit.toml_document import TOMLDocument
 
 from rbee_fleet.common.inventory import (
     ALIAS_RE,
@@ -30,11 +32,6 @@ from rbee_fleet.common.inventory import (
     default_inventory,
     parse_inventory,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 FormValues = dict[str, "str | bool | None"]
 
@@ -114,12 +111,36 @@ def coerce_form(model: type[BaseModel], fields: list[FieldSpec], raw: FormValues
     return values
 
 
-def _apply(table: dict[str, Any], values: dict[str, Any]) -> None:
+def _insert_after(table: Table, after: str, key: str, value: Any) -> None:
+    """``table[key] = value``, placed right after the key ``after`` (tomlkit has no public insert-after)."""
+    table.value._insert_after(after, key, value)
+    dict.__setitem__(table, key, table.value.item(key))  # what Table.__setitem__ keeps in step
+
+
+def _apply(table: Table, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if value is None:
             table.pop(key, None)
-        else:
+            continue
+        keys = [k for k, v in table.items() if not isinstance(v, (Table, AoT))]
+        if key in table or not keys:
             table[key] = value
+        else:
+            # After the table's last key: tomlkit keeps a comment that introduces the next table at the end of
+            # this one, and a plain append would land below that comment.
+            _insert_after(table, keys[-1], key, value)
+
+
+def _rename(hives: Table, old: str, new: str) -> None:
+    """Rename a host where it stands, keeping its comments and layout."""
+    table = hives[old]
+    _insert_after(hives, old, new, table)
+    hives.remove(old)
+    table.name = new
+    table.invalidate_display_name()
+    for child in table.values():
+        if isinstance(child, (Table, AoT)):
+            child.invalidate_display_name()
 
 
 def form_values(table: dict[str, Any], fields: list[FieldSpec]) -> FormValues:
@@ -134,23 +155,24 @@ def form_values(table: dict[str, Any], fields: list[FieldSpec]) -> FormValues:
 class InventoryDocument:
     """An inventory file being edited: the data, what is on disk, and the diff between them."""
 
-    def __init__(self, path: Path, data: dict[str, Any], disk_text: str) -> None:
+    def __init__(self, path: Path, data: TOMLDocument, disk_text: str) -> None:
         self.path = path
         self.data = data
         self.disk_text = disk_text
-        self._saved = copy.deepcopy(data)
+        self._saved = data.as_string()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> InventoryDocument:
         """Read ``path`` (a missing file starts from the built-in localhost fleet); bad TOML raises."""
         p = Path(path)
         if not p.exists():
-            data = default_inventory().model_dump(mode="json", exclude_defaults=True)
+            data = tomlkit.document()
+            data.update(default_inventory().model_dump(mode="json", exclude_defaults=True))
             return cls(p, data, "")
         text = p.read_text(encoding="utf-8")
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError:
+            data = tomlkit.parse(text)
+        except ParseError:
             parse_inventory(text, str(p))  # raises the InventoryError with its line
             raise
         return cls(p, data, text)
@@ -171,7 +193,7 @@ class InventoryDocument:
 
     @property
     def dirty(self) -> bool:
-        return self.data != self._saved
+        return self.render() != self._saved
 
     # -- editing -----------------------------------------------------------------------------------
 
@@ -179,7 +201,9 @@ class InventoryDocument:
         """Add ``alias`` or change it (renaming ``old_alias`` in place); validates the form first."""
         if not re.match(ALIAS_RE, alias or ""):
             raise FormError({"alias": "letters, digits, '.', '_' or '-' (at most 63)"})
-        hives: dict[str, Any] = self.data.setdefault("hives", {})
+        hives = self.data.get("hives")
+        if hives is None:
+            hives = self.data["hives"] = tomlkit.table(is_super_table=True)
         if alias != old_alias and alias in hives:
             raise FormError({"alias": f"{alias!r} is already in the inventory"})
         values = coerce_form(HiveDecl, HOST_FIELDS, raw)
@@ -188,10 +212,10 @@ class InventoryDocument:
             if others:
                 raise FormError({"embedded": f"only one hive can be embedded; {others[0]} already is"})
         if old_alias is None:
-            hives[alias] = {}
+            hives[alias] = tomlkit.table()
         elif alias != old_alias:
-            self.data["hives"] = {(alias if a == old_alias else a): t for a, t in hives.items()}
-        _apply(self.data["hives"][alias], values)
+            _rename(hives, old_alias, alias)
+        _apply(hives[alias], values)
 
     def remove_host(self, alias: str) -> None:
         del self.data.get("hives", {})[alias]
@@ -199,9 +223,14 @@ class InventoryDocument:
     def set_worker(self, alias: str, index: int | None, raw: FormValues) -> None:
         """Add a worker to ``alias`` (``index`` None) or change worker ``index``."""
         values = coerce_form(WorkerDecl, WORKER_FIELDS, raw)
-        workers = self.host(alias).setdefault("workers", [])
+        host = self.host(alias)
+        if "workers" not in host:
+            if host:
+                host.add(tomlkit.nl())  # a blank line before the first [[…workers]], as people write it
+            host["workers"] = tomlkit.aot()
+        workers = host["workers"]
         if index is None:
-            workers.append({})
+            workers.append(tomlkit.table())
             index = len(workers) - 1
         _apply(workers[index], values)
 
@@ -209,12 +238,12 @@ class InventoryDocument:
         del self.host(alias)["workers"][index]
 
     def revert(self) -> None:
-        self.data = copy.deepcopy(self._saved)
+        self.data = tomlkit.parse(self._saved)
 
     # -- writing -----------------------------------------------------------------------------------
 
     def render(self) -> str:
-        return tomli_w.dumps(self.data)
+        return self.data.as_string()
 
     def validate(self) -> Inventory:
         """The edited inventory, checked as the keeper and queen will read it (raises ``InventoryError``)."""
@@ -242,6 +271,6 @@ class InventoryDocument:
             Path(tmp).unlink(missing_ok=True)
             raise
         self.disk_text = text
-        self._saved = copy.deepcopy(self.data)
+        self._saved = text
         return inventory
 

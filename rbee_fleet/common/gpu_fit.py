@@ -9,10 +9,9 @@ first; the others only when none of those fits. Used by the hive (which GPU) and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-Policy = Literal["binpack", "spread"]
-POLICIES: tuple[str, ...] = ("binpack", "spread")
+from rbee_fleet.contracts.vocabulary import PLACEMENT_POLICIES, PlacementPolicy
+
 CANNOT_PLACE = "cannot place"  # starts a hive's refusal; the queen then tries the next hive
 
 
@@ -64,9 +63,9 @@ class NoFit(Exception):
     """Nothing can take the worker; the message lists every host and GPU with its free VRAM."""
 
 
-def place(need: Need, hosts: list[Host], policy: Policy = "binpack", *, allow_split: bool = True) -> Placement:
-    if policy not in POLICIES:
-        raise ValueError(f"unknown placement policy {policy!r}; use {' or '.join(POLICIES)}")
+def place(need: Need, hosts: list[Host], policy: PlacementPolicy = "binpack", *, allow_split: bool = True) -> Placement:
+    if policy not in PLACEMENT_POLICIES:
+        raise ValueError(f"unknown placement policy {policy!r}; use {' or '.join(PLACEMENT_POLICIES)}")
     with_model = [h for h in hosts if h.has_model]
     without = [h for h in hosts if not h.has_model]
     for group in (with_model, without):
@@ -76,7 +75,7 @@ def place(need: Need, hosts: list[Host], policy: Policy = "binpack", *, allow_sp
     raise NoFit(_why_not(need, hosts, allow_split))
 
 
-def _best(need: Need, hosts: list[Host], policy: Policy, allow_split: bool) -> Placement | None:
+def _best(need: Need, hosts: list[Host], policy: PlacementPolicy, allow_split: bool) -> Placement | None:
     single = [
         Placement(h.name, (g.index,), need.on(1), g.free_mb, h.has_model)
         for h in hosts for g in h.gpus if g.free_mb >= need.on(1)
@@ -105,7 +104,7 @@ def _split_on(need: Need, host: Host) -> Placement | None:
     return None
 
 
-def _pick(options: list[Placement], policy: Policy) -> Placement:
+def _pick(options: list[Placement], policy: PlacementPolicy) -> Placement:
     def key(p: Placement) -> tuple[int, str, tuple[int, ...]]:
         left = p.free_mb - p.need_mb
         return (left if policy == "binpack" else -left, p.host, p.gpus)

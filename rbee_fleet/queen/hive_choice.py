@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from rbee_fleet.common.errors import ApiError, OperationFailed
+from rbee_fleet.common.gpu_fit import CANNOT_PLACE, Gpu, Host, Need, NoFit, place
 from rbee_fleet.common.jobs import Emitter
-from rbee_fleet.common.placement import CANNOT_PLACE, Gpu, Host, Need, NoFit, place
 from rbee_fleet.common.vram import DEFAULT_OVERHEAD_MB
 from rbee_fleet.contracts.fleet import DeviceInfo, ModelDownloadOp, ModelEntry, WorkerSpawnOp
 from rbee_fleet.queen.hives import HiveHandle

@@ -1,4 +1,4 @@
-"""The keeper's SSH commands: ``deploy`` (every remote hive of the inventory) and ``hive ACTION ALIAS``."""
+"""The host commands, over SSH: ``deploy`` (every remote hive of the inventory) and ``hive ACTION ALIAS``."""
 
 from __future__ import annotations
 
@@ -11,34 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from rbee_fleet.common.inventory import InventoryError
+from rbee_fleet.contracts.vocabulary import HIVE_COMMANDS, ExitCode, HiveAction
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.plan import HostSpec
-from rbee_fleet.deploy.runner import CANCELLED, FAILED, HostResult, RunContext, deploy
-from rbee_fleet.keeper.commands import err, out
-from rbee_fleet.keeper.deploy_view import DeployView, results_table, summary
-from rbee_fleet.keeper.remote_hosts import (
-    control_hive,
-    hive_status,
-    install_hosts,
-    remote_specs,
-    run_context,
-    stream_log,
-    workers_via_queen,
-)
-from rbee_fleet.keeper.services import KeeperContext, start_queen
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-Command = Callable[[argparse.Namespace], Awaitable[int]]
-HIVE_ACTIONS = {
-    "install": "install (or update) the hive on a host, start it and spawn its workers",
-    "upgrade": "switch an installed hive to the keeper's version (a new venv, then one atomic switch)",
-    "start": "start the installed hive",
-    "stop": "stop the hive and its workers",
-    "restart": "stop, then start the hive",
-    "status": "show the host, the installed version and whether the hive runs and answers",
-    "uninstall": "stop the hive and remove its service and every file of ours from the host",
-    "logs": "print the hive's log (-f: follow it)",
-}
+from rbee_fleet.deploy.runner import HostResult, RunContext
+from rbee_fleet.keeper.cli.console import err, out
+from rbee_fleet.keeper.cli.deploy_view import DeployView, results_table, summary
+from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.host_service import HostService
+from rbee_fleet.keeper.queen_service import QueenService
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., argparse.ArgumentParser]) -> None:
@@ -54,7 +35,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., ar
     hive = sub.add_parser("hive", help="manage one remote hive over SSH", parents=[common],
                           description="Manage the hive of one remote host of the inventory over SSH.")
     hsub = hive.add_subparsers(dest="hive_command", metavar="ACTION", required=True)
-    for action, help in HIVE_ACTIONS.items():
+    for action, help in HIVE_COMMANDS.items():
         p = cmd(action, help, _hive_command(action), hsub)
         p.add_argument("alias", help="the hive's alias in the inventory")
         if action in ("install", "upgrade"):
@@ -78,61 +59,67 @@ def _deploy_flags(p: argparse.ArgumentParser) -> None:
 # -- shared set-up ---------------------------------------------------------------------------------
 
 
-def _run_context(args: argparse.Namespace, ctx: KeeperContext, *, check: bool = False) -> RunContext:
-    return run_context(ctx, source=Path(args.source) if getattr(args, "source", None) else None,
-                       accept_new=getattr(args, "accept_new_host_keys", False), check=check)
+def _run_context(args: argparse.Namespace, hosts: HostService, view: DeployView | None = None, *,
+                 check: bool = False) -> RunContext:
+    return hosts.run_context(update=view.update if view is not None else None, check=check,
+                             source=Path(args.source) if getattr(args, "source", None) else None,
+                             accept_new=getattr(args, "accept_new_host_keys", False))
 
 
 def _emit(args: argparse.Namespace, results: list[HostResult], title: str) -> None:
     if getattr(args, "json", False):
-        print(json.dumps({"ok": all(r.status not in (FAILED, CANCELLED) for r in results),
-                          "hosts": [r.to_json() for r in results]}, indent=2))
+        print(json.dumps({"ok": all(r.ok for r in results), "hosts": [r.to_json() for r in results]}, indent=2))
         return
     out.print(results_table(results, title))
     err.print(summary(results))
 
 
-async def _run_with_view(args: argparse.Namespace, specs: list[HostSpec], run: RunContext,
+async def _run_with_view(args: argparse.Namespace, specs: list[HostSpec], view: DeployView,
                          job: Callable[[list[HostResult]], Awaitable[Any]], title: str) -> int:
     results = [HostResult(s.alias) for s in specs]
     interrupted = False
-    with DeployView(err, [s.alias for s in specs], quiet=args.json) as view:
-        run.update = view.update
+    with view:
         try:
             await job(results)
         except (asyncio.CancelledError, KeyboardInterrupt):
             interrupted = True
     _emit(args, results, title)
     if interrupted:
-        return EXIT_INTERRUPTED
-    return EXIT_FAILED if any(r.status in (FAILED, CANCELLED) for r in results) else EXIT_OK
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK if all(r.ok for r in results) else ExitCode.FAILED
 
 
 # -- deploy ----------------------------------------------------------------------------------------
 
 
 async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    queen = QueenService(ctx)
     try:
-        specs = remote_specs(ctx, args.limit)
+        return await _deploy(args, HostService(queen))
+    finally:
+        await queen.close()
+
+
+async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
+    ctx = hosts.ctx
+    try:
+        specs = hosts.specs(args.limit)
     except InventoryError as exc:
         err.print(f"[red]inventory error:[/] {exc}", highlight=False)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if not specs:
         err.print(f"[yellow]the inventory ({ctx.inventory_path or 'built in'}) declares no remote hives; nothing to deploy[/]")
-        return EXIT_OK
+        return ExitCode.OK
+    view = DeployView(err, [s.alias for s in specs], quiet=args.json)
     try:
-        run = _run_context(args, ctx, check=args.check)
+        run = _run_context(args, hosts, view, check=args.check)
     except WheelhouseError as exc:
         err.print(f"[red]error:[/] {exc}")
-        return EXIT_FAILED
-    async with ctx.client() as client:
-        if not args.check:
-            started, _ = await start_queen(ctx, client)
-            if started and not args.json:
-                err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
-            run.ensure_workers = workers_via_queen(client)
-        return await _run_with_view(args, specs, run, lambda results: deploy(specs, run, args.parallel, results),
-                                    "deploy --check" if args.check else "deploy")
+        return ExitCode.FAILED
+    if not args.check and await hosts.with_queen() and not args.json:
+        err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
+    return await _run_with_view(args, specs, view, lambda results: hosts.deploy_specs(specs, run, args.parallel, results),
+                                "deploy --check" if args.check else "deploy")
 
 
 # -- hive ACTION ALIAS -----------------------------------------------------------------------------
@@ -140,43 +127,46 @@ async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
 
 def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], Awaitable[int]]:
     async def command(args: argparse.Namespace, ctx: KeeperContext) -> int:
+        queen = QueenService(ctx)
         try:
-            specs = remote_specs(ctx, args.alias)
+            hosts = HostService(queen)
+            specs = hosts.specs(args.alias)
             if action in ("install", "upgrade"):
-                return await _install(args, ctx, specs, upgrade=action == "upgrade")
-            return await _on_host(args, ctx, specs[0], action)
+                return await _install(args, hosts, specs, upgrade=action == "upgrade")
+            return await _on_host(args, hosts, specs[0], action)
         except InventoryError as exc:
             err.print(f"[red]inventory error:[/] {exc}", highlight=False)
-            return EXIT_USAGE
+            return ExitCode.USAGE
         except WheelhouseError as exc:
             err.print(f"[red]error:[/] {exc}", highlight=False)
-            return EXIT_FAILED
+            return ExitCode.FAILED
+        finally:
+            await queen.close()
 
     return command
 
 
-async def _install(args: argparse.Namespace, ctx: KeeperContext, specs: list[HostSpec], upgrade: bool) -> int:
-    run = _run_context(args, ctx)
-    async with ctx.client() as client:
-        await start_queen(ctx, client)
-        run.ensure_workers = workers_via_queen(client)
-        return await _run_with_view(args, specs, run,
-                                    lambda results: install_hosts(specs, run, upgrade=upgrade, results=results),
-                                    f"hive {'upgrade' if upgrade else 'install'}")
+async def _install(args: argparse.Namespace, hosts: HostService, specs: list[HostSpec], upgrade: bool) -> int:
+    view = DeployView(err, [s.alias for s in specs], quiet=args.json)
+    run = _run_context(args, hosts, view)
+    await hosts.with_queen()
+    return await _run_with_view(args, specs, view,
+                                lambda results: hosts.install(specs, run, upgrade=upgrade, results=results),
+                                f"hive {'upgrade' if upgrade else 'install'}")
 
 
-async def _on_host(args: argparse.Namespace, ctx: KeeperContext, spec: HostSpec, action: str) -> int:
-    run = _run_context(args, ctx)
+async def _on_host(args: argparse.Namespace, hosts: HostService, spec: HostSpec, action: str) -> int:
+    run = _run_context(args, hosts)
     try:
         if action == "logs":
             try:
-                code = await stream_log(spec, run, args.lines, args.follow, _print_line)
+                code = await hosts.logs(spec, run, args.lines, args.follow, _print_line)
             except asyncio.CancelledError:
-                return EXIT_INTERRUPTED
-            return EXIT_OK if code == 0 else EXIT_FAILED
+                return ExitCode.INTERRUPTED
+            return ExitCode.OK if code == 0 else ExitCode.FAILED
         if action == "status":
-            return _status(args, await hive_status(spec, run))
-        outcome = await control_hive(spec, run, action)
+            return _status(args, await hosts.status(spec, run))
+        outcome = await hosts.control(spec, run, HiveAction(action))
     except DeployError as exc:
         return _fail(args, spec.alias, exc.reason)
     return _done(args, spec.alias, outcome.message, changed=outcome.changed)
@@ -188,7 +178,7 @@ def _status(args: argparse.Namespace, info: dict[str, Any]) -> int:
     else:
         for key, value in info.items():
             out.print(f"[bold]{key:>12}[/]: {value}", highlight=False)
-    return EXIT_OK if info["running_pid"] and info["answering"] else EXIT_FAILED
+    return ExitCode.OK if info["running_pid"] and info["answering"] else ExitCode.FAILED
 
 
 def _print_line(line: str) -> None:
@@ -202,11 +192,11 @@ def _done(args: argparse.Namespace, alias: str, message: str, changed: bool) -> 
         print(json.dumps({"ok": True, "host": alias, "changed": changed, "message": message}))
     else:
         out.print(f"[bold]{alias}[/]: {message}", highlight=False)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _fail(args: argparse.Namespace, alias: str, reason: str) -> int:
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "host": alias, "error": reason}))
     err.print(f"[red]error:[/] {alias}: {reason}", highlight=False)
-    return EXIT_FAILED
+    return ExitCode.FAILED

@@ -14,9 +14,11 @@ import pytest
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import parse_inventory
 from rbee_fleet.common.paths import Layout
-from rbee_fleet.keeper.fleet_service import FleetService
-from rbee_fleet.keeper.host_actions import HiveAction, KeeperHostActions, follow_file
-from rbee_fleet.keeper.services import KeeperContext
+from rbee_fleet.contracts.vocabulary import HiveAction
+from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.host_service import HostService
+from rbee_fleet.keeper.log_follow import follow_file
+from rbee_fleet.keeper.queen_service import QueenService
 from tests.support import procs
 from tests.support.sshd import USER
 
@@ -53,13 +55,13 @@ def make_ctx(client_key: Path, sshd_port: int, install: Path, queen_port: int | 
 
 
 @pytest.fixture
-async def actions(client_key: Path, sshd, tmp_path: Path) -> AsyncIterator[KeeperHostActions]:
-    fleet = FleetService(make_ctx(client_key, sshd[1], tmp_path / "box-install"))
-    yield KeeperHostActions(fleet)
+async def actions(client_key: Path, sshd, tmp_path: Path) -> AsyncIterator[HostService]:
+    fleet = QueenService(make_ctx(client_key, sshd[1], tmp_path / "box-install"))
+    yield HostService(fleet)
     await fleet.close()
 
 
-async def test_the_plan_checks_remote_hosts_and_says_why_one_fails(actions: KeeperHostActions, sshd):
+async def test_the_plan_checks_remote_hosts_and_says_why_one_fails(actions: HostService, sshd):
     host_key, _ = sshd
     steps = await actions.plan(["home", "gone", "box"])
     assert [(s.alias, s.what, s.status) for s in steps] == [
@@ -70,7 +72,7 @@ async def test_the_plan_checks_remote_hosts_and_says_why_one_fails(actions: Keep
     assert not (Path(os.environ["RBEE_HOME"]) / "known_hosts").exists()
 
 
-async def test_remote_hive_actions_fail_with_the_hosts_reason(actions: KeeperHostActions):
+async def test_remote_hive_actions_fail_with_the_hosts_reason(actions: HostService):
     events = []
     with pytest.raises(OperationFailed, match=f"gone: connection refused by {USER}@127.0.0.1:"):
         await actions.hive("gone", HiveAction.STOP, lambda label, ev: events.append((label, ev.message)))
@@ -87,7 +89,7 @@ async def test_remote_hive_actions_fail_with_the_hosts_reason(actions: KeeperHos
     assert [a for a in HiveAction if a.destructive] == [HiveAction.STOP, HiveAction.RESTART, HiveAction.UNINSTALL]
 
 
-async def test_a_new_host_key_is_shown_then_trusted_only_when_accepted(actions: KeeperHostActions, sshd, tmp_path):
+async def test_a_new_host_key_is_shown_then_trusted_only_when_accepted(actions: HostService, sshd, tmp_path):
     host_key, port = sshd
     with pytest.raises(OperationFailed, match="does not reach it over SSH"):
         await actions.host_key("home")
@@ -102,7 +104,7 @@ async def test_a_new_host_key_is_shown_then_trusted_only_when_accepted(actions: 
     assert (probe.state, probe.reason) == ("not installed", f"no rbee-fleet under {tmp_path / 'box-install'}")
 
 
-async def test_a_changed_host_key_is_refused_with_both_fingerprints(actions: KeeperHostActions, sshd):
+async def test_a_changed_host_key_is_refused_with_both_fingerprints(actions: HostService, sshd):
     host_key, port = sshd
     old = asyncssh.generate_private_key("ssh-ed25519")
     known_hosts = Path(os.environ["RBEE_HOME"]) / "known_hosts"
@@ -124,10 +126,10 @@ async def test_remote_deploys_fail_alone_each_with_its_reason(client_key: Path, 
     inventory = procs.write_inventory(tmp_path / "queen.toml", port=port, worker_port_base=procs.free_port_range(4),
                                       workers=[])
     queen = procs.start_queen(tmp_path, inventory, tmp_path / "queen-home", port)
-    fleet = FleetService(ctx)
+    fleet = QueenService(ctx)
     try:
         events: list[tuple[str, str]] = []
-        outcomes = await KeeperHostActions(fleet).deploy(["gone", "box"], lambda label, ev: events.append((label, ev.message)))
+        outcomes = await HostService(fleet).deploy(["gone", "box"], lambda label, ev: events.append((label, ev.message)))
         assert [(o.alias, o.ok) for o in outcomes] == [("gone", False), ("box", False)]
         assert "connection refused" in (outcomes[0].error or "")
         assert "unknown host key" in (outcomes[1].error or "")
@@ -181,7 +183,7 @@ async def test_follow_file_waits_tails_and_survives_truncation_and_replacement(t
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_operations_at_once_share_one_wheelhouse_builder(actions: KeeperHostActions):
+async def test_operations_at_once_share_one_wheelhouse_builder(actions: HostService):
     """The TUI deploys each host as its own operation: they must not build the same wheelhouse twice at once."""
     first, second = actions._run(None), actions._run(None)
     assert first is not second and first.builder is second.builder

