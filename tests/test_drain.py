@@ -100,8 +100,8 @@ def test_keeper_down_reports_the_requests_it_waited_for(tmp_path: Path):
     inv = procs.write_inventory(tmp_path / "inv.toml", port=port, worker_port_base=procs.free_port_range(5),
                                 workers=[{"model": "smollm2", "threads": 2, "ctx_size": 1024}])
     env = {**os.environ, "RBEE_HOME": str(tmp_path / "home")}
-    keeper = [sys.executable, "-m", "rbee_fleet.keeper", "-i", str(inv)]
-    up = subprocess.run([*keeper, "up"], capture_output=True, text=True, env=env, timeout=180)
+    keeper = [sys.executable, "-m", "rbee_fleet.keeper"]
+    up = subprocess.run([*keeper, "up", "-i", str(inv)], capture_output=True, text=True, env=env, timeout=180)
     assert up.returncode == 0, up.stderr
     url = f"http://127.0.0.1:{port}"
     try:
@@ -116,11 +116,11 @@ def test_keeper_down_reports_the_requests_it_waited_for(tmp_path: Path):
         t.start()
         procs.wait_until(lambda: queen_view(url, in_flight=1), 20, "a stream in flight")
         started = time.monotonic()
-        down = subprocess.run([*keeper, "down"], capture_output=True, text=True, env=env, timeout=120)
+        down = subprocess.run([*keeper, "down", "-i", str(inv)], capture_output=True, text=True, env=env, timeout=120)
         t.join(30)
         assert down.returncode == 0, down.stderr
         assert "waited for 1 request(s) in flight" in down.stdout, down.stdout
         assert result.get("finish") == "length"  # the answer ran to its end before the queen went away
         assert time.monotonic() - started < 60
     finally:
-        subprocess.run([*keeper, "down"], capture_output=True, env=env, timeout=120)
+        subprocess.run([*keeper, "down", "-i", str(inv)], capture_output=True, env=env, timeout=120)
