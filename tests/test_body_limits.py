@@ -54,7 +54,7 @@ def test_lone_surrogates_are_refused_with_the_field(raw):
 
 
 def test_a_surrogate_pair_is_a_valid_character():
-    assert parse_json(r'{"prompt": "\ud83d\udc1d"}'.encode())["prompt"] == "🐝"
+    assert parse_json(br'{"prompt": "\ud83d\udc1d"}')["prompt"] == "🐝"
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[1, 2]", b'"text"', b"\xff\xfe{", b'{"a": 1,}', b"null", b"{} {}"])

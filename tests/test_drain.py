@@ -124,3 +124,43 @@ def test_keeper_down_reports_the_requests_it_waited_for(tmp_path: Path):
         assert time.monotonic() - started < 60
     finally:
         subprocess.run([*keeper, "down", "-i", str(inv)], capture_output=True, env=env, timeout=120)
+
+
+def test_a_hive_refuses_new_operations_while_its_workers_finish_their_answers(tmp_path: Path):
+    """SIGTERM to a standalone hive: new jobs get 503, its worker finishes the stream it serves, then all exit."""
+    port = procs.free_port()
+    hive = procs.spawn("hive", [sys.executable, "-m", "rbee_fleet.hive", "--hive-id", "box", "--port", str(port),
+                                "--home", str(tmp_path / "hive-home"), "--worker-port-base", str(procs.free_port_range(5))],
+                       tmp_path / "hive.log", f"http://127.0.0.1:{port}")
+    try:
+        procs.wait_until(lambda: hive.alive() and procs.port_open("127.0.0.1", port), 20, what="the hive")
+        spawn = {"operation": {"kind": "worker_spawn", "model": "smollm2", "worker_id": "w", "threads": 2, "ctx_size": 1024}}
+        status, body, _ = procs.http_json(f"{hive.url}/v1/jobs", method="POST", body=spawn)
+        assert status == 202
+        def ended() -> dict | None:
+            job = procs.http_json(f"{hive.url}/v1/jobs/{body['job_id']}")[1]
+            return job if job["state"] != "running" else None
+
+        job = procs.wait_until(ended, 120, what="the worker to start")
+        assert job["state"] == "succeeded", job
+        worker_url = job["result"]["worker"]["url"]
+
+        result: dict = {}
+
+        def stream() -> None:
+            client = openai.OpenAI(base_url=f"{worker_url}/v1", api_key="x", max_retries=0)
+            chunks = client.completions.create(model="smollm2", **procs.LONG, max_tokens=200, stream=True)
+            result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.5)
+        hive.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        status, body, headers = procs.http_json(f"{hive.url}/v1/jobs", method="POST", body=spawn)
+        assert status == 503 and body["error"]["code"] == "shutting_down" and int(headers["Retry-After"]) >= 1
+        t.join(60)
+        assert result.get("finish") == "length", hive.log_text()[-2000:]  # the answer ran to its end
+        assert hive.popen.wait(40) == 0
+    finally:
+        hive.stop()

@@ -140,6 +140,19 @@ def test_job_api_never_fails_with_5xx(queen, body):
     assert status == 400
 
 
+def worker_retries(queen: procs.Proc) -> float:
+    lines = procs.http_text(f"{queen.url}/metrics").splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("rbee_worker_retries_total{"))
+
+
+def test_a_workers_4xx_goes_back_as_it_is_and_is_never_retried(queen):
+    before = worker_retries(queen)
+    too_long = {"model": "smollm2", "prompt": "bee " * 1500, "max_tokens": 1}  # over the worker's 512-token context
+    status, body, _ = procs.http_json(f"{queen.url}/v1/completions", method="POST", body=too_long)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error", body
+    assert worker_retries(queen) == before
+
+
 def test_the_queen_is_healthy_after_the_fuzz(queen):
     assert procs.http_json(f"{queen.url}/health")[0] == 200
     status, body, _ = procs.http_json(f"{queen.url}/v1/completions", method="POST", body=TEXT)

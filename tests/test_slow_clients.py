@@ -125,7 +125,7 @@ MARKER = "ECHO-ME-NOT-" * 4
 
 @pytest.mark.parametrize("raw", [
     # a lying Content-Length: the rest of the body is read as the next request
-    (f"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+    ("POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n"
      + '{"model": "x", "prompt": "' + MARKER * 3000 + '"}'),
     f"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Bad\x01Header: {MARKER}\r\n\r\n",
     f"P{MARKER} /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n",
