@@ -250,3 +250,10 @@ async def test_closing_refuses_waiters_and_newcomers_with_503():
         await sched.acquire("m")
     held.release()
     assert sched.waiting == 0
+
+
+async def test_a_late_goodbye_of_an_old_process_leaves_its_successor_alone():
+    reg, _ = fleet(incarnation("a", 10))
+    reg.worker_heartbeat(incarnation("a", 11))
+    reg.worker_heartbeat(incarnation("a", 10).model_copy(update={"state": WorkerState.STOPPED}))
+    assert reg.workers["a"].instance == ("a", 11, 11.0)

@@ -87,7 +87,7 @@ class Registry:
             self._gone[hb.worker_id] = instance
             while len(self._gone) > GONE_REMEMBERED:
                 self._gone.popitem(last=False)
-            if rec is not None:
+            if rec is not None and (rec.hb.pid, rec.hb.started_at) == instance:  # not a newer process's record
                 del self.workers[hb.worker_id]
                 log.info("worker %s stopped; out of rotation", hb.worker_id)
             return
