@@ -299,6 +299,7 @@ async def _report(emit: Emitter, label: str, total: int | None, current: Callabl
 async def _copy_path(src: Path, dst_dir: Path, emit: Emitter) -> None:
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
+    disk_guard.require_room(total, dst_dir, str(src))
     copied = [0]
     cancelled = [False]
 
