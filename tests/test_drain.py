@@ -149,14 +149,14 @@ def test_a_hive_refuses_new_operations_while_its_workers_finish_their_answers(tm
 
         def stream() -> None:
             client = openai.OpenAI(base_url=f"{worker_url}/v1", api_key="x", max_retries=0)
-            chunks = client.completions.create(model="smollm2", **procs.LONG, max_tokens=200, stream=True)
+            chunks = client.completions.create(model="smollm2", **procs.LONG, max_tokens=100, stream=True)
             result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
 
         t = threading.Thread(target=stream)
         t.start()
         time.sleep(0.5)
         hive.popen.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.1)
         status, body, headers = procs.http_json(f"{hive.url}/v1/jobs", method="POST", body=spawn)
         assert status == 503 and body["error"]["code"] == "shutting_down" and int(headers["Retry-After"]) >= 1
         t.join(60)
