@@ -146,15 +146,19 @@ def test_a_hive_refuses_new_operations_while_its_workers_finish_their_answers(tm
         worker_url = job["result"]["worker"]["url"]
 
         result: dict = {}
+        streaming = threading.Event()
 
         def stream() -> None:
             client = openai.OpenAI(base_url=f"{worker_url}/v1", api_key="x", max_retries=0)
-            chunks = client.completions.create(model="smollm2", **procs.LONG, max_tokens=100, stream=True)
-            result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            finish = None
+            for chunk in client.completions.create(model="smollm2", **procs.LONG, max_tokens=100, stream=True):
+                streaming.set()
+                finish = chunk.choices[0].finish_reason if chunk.choices else finish
+            result["finish"] = finish
 
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(0.5)
+        assert streaming.wait(30), "the stream did not start"
         hive.popen.send_signal(signal.SIGTERM)
         time.sleep(0.1)
         status, body, headers = procs.http_json(f"{hive.url}/v1/jobs", method="POST", body=spawn)
