@@ -84,3 +84,22 @@ def test_embedded_workers_listen_where_they_are_advertised(tmp_path):
     inv = parse_inventory('[queen]\nhost = "0.0.0.0"\napi_keys = ["k"]\n[hives.ws]\nembedded = true\naddress = "10.0.0.5"\n')
     hive = settings_from_inventory(inv, Layout(tmp_path)).embedded_hive
     assert hive.bind_host == hive.advertise_host == "10.0.0.5"
+
+
+def test_drain_and_client_limits_come_from_the_inventory_and_the_command_line(tmp_path):
+    from rbee_fleet.common.paths import Layout
+    from rbee_fleet.queen.main import parse_args
+    from rbee_fleet.queen.settings import settings_from_inventory
+
+    inv = parse_inventory('[queen]\ndrain_timeout_s = 90\nheader_timeout_s = 4\nbody_timeout_s = 12\n'
+                          'max_connections_per_client = 32\n')
+    settings = settings_from_inventory(inv, Layout(tmp_path))
+    assert settings.drain_timeout_s == 90
+    limits = settings.client_limits
+    assert (limits.header_timeout_s, limits.body_timeout_s, limits.max_connections_per_client) == (4, 12, 32)
+    args = parse_args(["--drain-timeout", "5"])
+    assert settings_from_inventory(inv, Layout(tmp_path), drain_timeout_s=args.drain_timeout).drain_timeout_s == 5
+    defaults = settings_from_inventory(default_inventory(), Layout(tmp_path))
+    assert defaults.drain_timeout_s == 60 and defaults.client_limits.header_timeout_s == 10
+    with pytest.raises(InventoryError, match="max_connections_per_client"):
+        parse_inventory("[queen]\nmax_connections_per_client = 0\n")

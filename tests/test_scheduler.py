@@ -173,3 +173,87 @@ async def test_waiters_for_another_model_do_not_hold_up_a_free_worker():
     lease.release()
     held.release()
     (await asyncio.wait_for(waiting_for_m, 1)).release()
+
+
+def incarnation(wid: str, pid: int, slots: int = 1) -> WorkerHeartbeat:
+    return hb(wid, slots=slots).model_copy(update={"pid": pid, "started_at": float(pid)})
+
+
+async def test_a_restarted_worker_is_a_new_instance_that_starts_with_nothing_in_flight():
+    reg, sched = fleet(incarnation("a", 10, slots=2))
+    old = await sched.acquire("m")
+    assert reg.workers["a"].in_flight == 1
+    reg.worker_heartbeat(incarnation("a", 11, slots=2))  # killed and restarted by its hive
+    assert reg.workers["a"].in_flight == 0 and reg.workers["a"] is not old.record
+    new = await sched.acquire("m")
+    old.release()  # the dead process's request ends: it gives back its own instance's slot only
+    assert reg.workers["a"].in_flight == 1 and old.record.in_flight == 0
+    new.release()
+    assert reg.workers["a"].in_flight == 0
+
+
+async def test_a_retry_excludes_the_failed_process_not_its_id():
+    reg, sched = fleet(incarnation("a", 10))
+    failed = reg.workers["a"].instance
+    with pytest.raises(NoOtherWorker):
+        await sched.acquire("m", exclude={failed})
+    reg.worker_heartbeat(incarnation("a", 11))  # the hive restarted it under the same id
+    lease = await asyncio.wait_for(sched.acquire("m", exclude={failed}), 1)
+    assert lease.record.instance == ("a", 11, 11.0)
+    lease.release()
+
+
+async def test_a_retry_waiting_for_another_worker_never_keeps_a_newcomer_off_a_free_one():
+    reg, sched = fleet(incarnation("a", 10), incarnation("b", 20), admission=5)
+    held = await sched.acquire("m", exclude={reg.workers["a"].instance})  # b is busy
+    assert held.record.id == "b"
+    a_failed = reg.workers["a"].instance
+    retry = asyncio.create_task(sched.acquire("m", exclude={a_failed}))  # a failed for it: it waits for b
+    await asyncio.sleep(0.01)
+    assert not retry.done() and sched.waiting == 1
+    newcomer = await asyncio.wait_for(sched.acquire("m"), 0.5)  # a's slot is free and the retry cannot use it
+    assert newcomer.record.id == "a"
+    newcomer.release()
+    held.release()
+    lease = await asyncio.wait_for(retry, 1)
+    assert lease.record.id == "b"
+    lease.release()
+
+
+async def test_a_waiter_that_can_use_the_free_slot_still_goes_before_a_newcomer():
+    reg, sched = fleet(incarnation("a", 10), incarnation("b", 20), admission=5)
+    on_a = await sched.acquire("m", exclude={"b"})
+    on_b = await sched.acquire("m", exclude={"a"})
+    b_failed = reg.workers["b"].instance
+    retry = asyncio.create_task(sched.acquire("m", exclude={b_failed}))  # can use a only
+    plain = asyncio.create_task(sched.acquire("m"))  # can use either
+    await asyncio.sleep(0.01)
+    on_a.release()  # a frees: the retry (first in line, and a is all it can use) takes it
+    lease = await asyncio.wait_for(retry, 1)
+    assert lease.record.id == "a" and not plain.done()
+    on_b.release()
+    (await asyncio.wait_for(plain, 1)).release()
+    lease.release()
+    assert reg.workers["a"].in_flight == 0 and reg.workers["b"].in_flight == 0
+
+
+async def test_closing_refuses_waiters_and_newcomers_with_503():
+    _, sched = fleet(hb("a"), admission=5)
+    held = await sched.acquire("m")
+    waiter = asyncio.create_task(sched.acquire("m"))
+    await asyncio.sleep(0.01)
+    sched.close("shutting down")
+    with pytest.raises(Unavailable) as info:
+        await asyncio.wait_for(waiter, 1)
+    assert info.value.code == "shutting_down" and "Retry-After" in info.value.headers()
+    with pytest.raises(Unavailable):
+        await sched.acquire("m")
+    held.release()
+    assert sched.waiting == 0
+
+
+async def test_a_late_goodbye_of_an_old_process_leaves_its_successor_alone():
+    reg, _ = fleet(incarnation("a", 10))
+    reg.worker_heartbeat(incarnation("a", 11))
+    reg.worker_heartbeat(incarnation("a", 10).model_copy(update={"state": WorkerState.STOPPED}))
+    assert reg.workers["a"].instance == ("a", 11, 11.0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
-import json
 import logging
 import os
 import signal
@@ -15,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from rbee_fleet.common import body_limits
+from rbee_fleet.common.client_limits import ClientLimits, body_deadline_middleware, busy_middleware, guard
 from rbee_fleet.common.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unauthorized
 from rbee_fleet.common.net import is_loopback
 from rbee_fleet.contracts.openai import error_body
@@ -137,10 +138,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 def parse_json(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise BadRequest("the request body is empty; a JSON object was expected")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"malformed JSON in the request body: {exc}") from None
+    body = body_limits.loads(raw)
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
@@ -150,7 +148,8 @@ def new_app(middlewares: list[Any] | None = None, *, bind_host: str = "127.0.0.1
             allowed_origins: Collection[str] = ()) -> web.Application:
     return web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[error_middleware, browser_guard(bind_host, allowed_origins), *(middlewares or [])],
+        middlewares=[busy_middleware, error_middleware, browser_guard(bind_host, allowed_origins),
+                     *(middlewares or []), body_deadline_middleware],
     )
 
 
@@ -174,10 +173,16 @@ async def serve(
     *,
     on_ready: Callable[[], None] | None = None,
     before_shutdown: Callable[[web.Application], Awaitable[None]] | None = None,
+    limits: ClientLimits | None = None,
 ) -> None:
-    """Run ``app`` until SIGINT or SIGTERM, then shut down cleanly (cleanup contexts included)."""
+    """Run ``app`` until SIGINT or SIGTERM, then shut down cleanly (cleanup contexts included).
+
+    ``before_shutdown`` runs while the server still accepts connections (a drain answers them).
+    """
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
+    assert runner.server is not None
+    guard(runner.server, limits or ClientLimits())
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
         await site.start()

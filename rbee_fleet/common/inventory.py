@@ -49,6 +49,10 @@ class QueenConfig(_Section):
     heartbeat_timeout_s: float = Field(default=15.0, gt=0)
     admission_timeout_s: float = Field(default=30.0, ge=0)
     max_waiting: int = Field(default=64, ge=0)
+    drain_timeout_s: float = Field(default=60.0, ge=0)  # on shutdown, how long answers in flight may run on
+    header_timeout_s: float = Field(default=10.0, gt=0)  # a client's request headers must arrive within this
+    body_timeout_s: float = Field(default=30.0, gt=0)  # and its request body within this after them
+    max_connections_per_client: int = Field(default=256, ge=1)  # open connections from one address
 
     @model_validator(mode="after")
     def _timeout_after_interval(self) -> QueenConfig:

@@ -248,6 +248,7 @@ class QueenView(BaseModel):
     uptime_s: float
     requests_total: int
     in_flight: int
+    waiting: int = 0  # requests waiting for a worker slot
 
 
 class FleetStatus(BaseModel):

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from rbee_fleet.common.http import bearer_auth, new_app
+from rbee_fleet.common.errors import Unavailable
+from rbee_fleet.common.http import Handler, bearer_auth, new_app
 from rbee_fleet.common.jobs import Job, JobRegistry, job_routes
 from rbee_fleet.contracts.fleet import JobRequest
 from rbee_fleet.hive.service import HiveService, HiveSettings
@@ -24,6 +25,7 @@ class HiveJobs:
     def __init__(self, service: HiveService) -> None:
         self.service = service
         self.jobs = JobRegistry()
+        self.draining = False
 
     def dispatch(self, request: JobRequest) -> Job:
         op = request.operation
@@ -54,9 +56,31 @@ async def devices(request: web.Request) -> web.Response:
     return web.json_response(_service(request).devices().model_dump(mode="json"))
 
 
+@web.middleware
+async def _refuse_jobs_when_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "POST" and request.path.startswith("/v1/jobs") and request.app[JOBS].draining:
+        raise Unavailable("the hive is shutting down and takes no new operations; retry later",
+                          code="shutting_down", retry_after=5)
+    return await handler(request)
+
+
+async def drain(app: web.Application) -> None:
+    """On SIGTERM: refuse new operations, then stop the workers, each finishing its answers in flight.
+
+    The hive keeps answering status requests meanwhile; a worker drains for its own drain timeout and is
+    killed only after the supervisor's stop grace.
+    """
+    jobs = app[JOBS]
+    jobs.draining = True
+    log.info("hive shutting down: stopping %d worker(s), each after its answers in flight",
+             len(jobs.service.supervisor.list()))
+    await jobs.service.supervisor.close()
+
+
 def create_app(settings: HiveSettings) -> web.Application:
     token = settings.token
-    app = new_app([bearer_auth(lambda _req: (token,) if token else ())], bind_host=settings.bind_host)
+    app = new_app([bearer_auth(lambda _req: (token,) if token else ()), _refuse_jobs_when_draining],
+                  bind_host=settings.bind_host)
     app[SETTINGS] = settings
     app.router.add_get("/health", health)
     app.router.add_get("/v1/workers", workers)

@@ -27,6 +27,7 @@ from rbee_fleet.common.errors import Conflict, ModelNotFound, OperationFailed
 from rbee_fleet.common.jobs import Emitter
 from rbee_fleet.contracts.fleet import ModelEntry
 from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS as BUILTINS
+from rbee_fleet.hive import disk_guard
 from rbee_fleet.hive.hf_fetch import run_in_child
 
 META = "rbee-model.json"
@@ -287,6 +288,7 @@ async def _report(emit: Emitter, label: str, total: int | None, current: Callabl
 async def _copy_path(src: Path, dst_dir: Path, emit: Emitter) -> None:
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
+    disk_guard.require_room(total, dst_dir, str(src))
     copied = [0]
     cancelled = [False]
 
@@ -312,12 +314,16 @@ async def _fetch_url(url: str, dest: Path, emit: Emitter) -> None:
     got = [0]
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
 
-    async def fetch() -> None:
+    async def fetch(announced: int | None) -> None:
         async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as resp:
             if resp.status != 200:
                 raise OperationFailed(f"{url}: HTTP {resp.status} {resp.reason}")
+            declared = resp.content_length if resp.content_length is not None else announced
+            disk_guard.require_room(declared, dest.parent, url)
+            guard = disk_guard.BodyGuard(declared, dest.parent, url)
             with open(dest, "wb") as fh:
                 async for chunk in resp.content.iter_chunked(CHUNK // 4):
+                    guard.add(len(chunk))
                     fh.write(chunk)
                     got[0] += len(chunk)
 
@@ -328,10 +334,25 @@ async def _fetch_url(url: str, dest: Path, emit: Emitter) -> None:
         except (aiohttp.ClientError, ValueError):
             return None
 
+    size = await head()
+    disk_guard.require_room(size, dest.parent, url)
     try:
-        await _report(emit, f"downloading {dest.name}", await head(), lambda: got[0], fetch())
+        await _report(emit, f"downloading {dest.name}", size, lambda: got[0], fetch(size))
     except aiohttp.ClientError as exc:
         raise OperationFailed(f"{url}: {exc}") from exc
+
+
+def _size_within(dst: Path, total: int | None, where: str) -> Callable[[], int]:
+    """Bytes downloaded so far; past the hub's listed sizes (and a little bookkeeping) the download stops."""
+    limit = None if not total else total + total // 100 + 2**20
+
+    def current() -> int:
+        size = _size(dst)
+        if limit is not None and size > limit:
+            raise OperationFailed(f"{where}: the download grew past the {total} bytes the hub listed; stopped and discarded")
+        return size
+
+    return current
 
 
 async def _fetch_hf(src: HfSource, dst: Path, emit: Emitter) -> None:
@@ -357,7 +378,9 @@ async def _fetch_hf(src: HfSource, dst: Path, emit: Emitter) -> None:
         total = await asyncio.to_thread(plan)
         if src.filename and not total:
             raise OperationFailed(f"{where}: no file {src.filename!r} in this revision (not found)")
-        await _report(emit, f"downloading {src.repo_id}", total, lambda: _size(dst), run_in_child(src.repo_id, dst, src.revision, src.filename))
+        disk_guard.require_room(total, dst, where)
+        await _report(emit, f"downloading {src.repo_id}", total, _size_within(dst, total, where),
+                      run_in_child(src.repo_id, dst, src.revision, src.filename))
     except GatedRepoError as exc:
         raise OperationFailed(f"{where} is gated: accept its license on the hub, then set HF_TOKEN for the hive") from exc
     except RevisionNotFoundError as exc:

@@ -14,7 +14,7 @@ from rbee_fleet.common.logs import setup_logging
 from rbee_fleet.common.net import refuse_open_bind
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import read_secret
-from rbee_fleet.hive.app import create_app
+from rbee_fleet.hive.app import create_app, drain
 from rbee_fleet.hive.service import HiveSettings
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_interval_s=args.heartbeat_interval,
         worker_port_base=args.worker_port_base,
     )
-    run_daemon(serve(create_app(settings), args.host, args.port))
+    run_daemon(serve(create_app(settings), args.host, args.port, before_shutdown=drain))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class SupervisorSettings:
     port_base: int = 9300
     heartbeat_interval_s: float = 5.0
     ready_timeout_s: float = 600.0
-    stop_grace_s: float = 15.0
+    stop_grace_s: float = 25.0  # beyond a worker's drain (10 s) and its server's shutdown (5 s)
     restart_backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
     stable_after_s: float = 60.0  # a worker up this long has its backoff reset
 

@@ -117,13 +117,26 @@ async def start_queen(ctx: KeeperContext, client: QueenClient, *, foreground: bo
     return True, proc
 
 
+STOP_MARGIN_S = 30.0  # beyond the queen's drain timeout: its workers' own shutdown
+
+
+async def requests_in_flight(client: QueenClient) -> int | None:
+    """How many requests the local queen is answering now (None when it does not answer)."""
+    try:
+        return (await client.status()).queen.in_flight
+    except Exception:  # noqa: BLE001 - a queen that is down or half up has nothing to wait for
+        return None
+
+
 async def stop_queen(ctx: KeeperContext, client: QueenClient) -> bool:
     """Stop the local queen this keeper started (it stops its workers); False if none was running.
 
     A queen that answers but was started elsewhere is left alone: ``OperationFailed`` says so.
     """
     daemon = local_queen(ctx)
-    stopped = await asyncio.to_thread(daemon.stop)
+    # The queen lets answers in flight finish for up to its drain timeout, then its hive stops the workers.
+    patience = ctx.inventory.queen.drain_timeout_s + STOP_MARGIN_S
+    stopped = await asyncio.to_thread(daemon.stop, patience)
     if not stopped and await client.healthy():
         raise OperationFailed(f"a queen answers at {ctx.queen_url} but was not started by this keeper "
                               f"(no pidfile in {daemon.pidfile.parent}); stop it where it runs")

@@ -12,6 +12,7 @@ from rbee_fleet.common.http import bearer_auth, new_app
 from rbee_fleet.common.jobs import job_routes
 from rbee_fleet.queen.api import fleet, openai
 from rbee_fleet.queen.api.keys import QUEEN, SETTINGS
+from rbee_fleet.queen.drain import DRAIN, Drain
 from rbee_fleet.queen.settings import QueenSettings
 from rbee_fleet.queen.state import Queen
 
@@ -45,9 +46,11 @@ def _auth_rules(settings: QueenSettings):
 
 def create_app(settings: QueenSettings, *, reconcile: bool = True) -> web.Application:
     settings.check_security()
-    app = new_app([bearer_auth(_auth_rules(settings))], bind_host=settings.host,
+    drain = Drain()
+    app = new_app([bearer_auth(_auth_rules(settings)), drain.middleware], bind_host=settings.host,
                   allowed_origins=settings.allowed_origins)
     app[SETTINGS] = settings
+    app[DRAIN] = drain
     openai.add_routes(app)
     fleet.add_routes(app)
     app.router.add_routes(job_routes(QUEEN))

@@ -13,6 +13,7 @@ from rbee_fleet.common.inventory import InventoryError, default_inventory, load_
 from rbee_fleet.common.logs import setup_logging
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.queen.app import create_app
+from rbee_fleet.queen.drain import DRAIN
 from rbee_fleet.queen.settings import InsecureBind, settings_from_inventory
 
 log = logging.getLogger("rbee_fleet.queen")
@@ -24,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", help="address to bind (overrides [queen].host; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (overrides [queen].port; default 8500)")
     p.add_argument("--home", help="state directory (default: $RBEE_HOME or ~/.local/share/rbee-fleet)")
+    p.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                   help="on SIGTERM, how long answers in flight may run on (overrides [queen].drain_timeout_s; default 60)")
     p.add_argument("--no-reconcile", action="store_true", help="do not start the inventory's local workers")
     p.add_argument("--log-level", default=None)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         inv = load_inventory(args.inventory) if args.inventory else default_inventory()
         layout = Layout(Path(args.home)) if args.home else Layout.default()
-        settings = settings_from_inventory(inv, layout, host=args.host, port=args.port)
+        settings = settings_from_inventory(inv, layout, host=args.host, port=args.port,
+                                           drain_timeout_s=args.drain_timeout)
         app = create_app(settings, reconcile=not args.no_reconcile)
     except (InventoryError, InsecureBind, OSError, ValueError) as exc:
         sys.exit(f"queen-rbee: {exc}")
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     def ready() -> None:
         log.info("queen listening on %s:%d (advertised as %s)", settings.host, settings.port, settings.url)
 
-    run_daemon(serve(app, settings.host, settings.port, on_ready=ready))
+    run_daemon(serve(app, settings.host, settings.port, on_ready=ready, before_shutdown=app[DRAIN].run,
+                     limits=settings.client_limits))
 
 
 if __name__ == "__main__":

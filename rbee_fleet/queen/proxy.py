@@ -47,6 +47,7 @@ class _Watchdog:
 
     def __init__(self, registry: Registry, record: WorkerRecord) -> None:
         self.lost: str | None = None
+        self.shutdown = False  # cut by the queen's drain, not by the worker
         self.upstream: aiohttp.ClientResponse | None = None
         self._registry = registry
         self._record = record
@@ -58,7 +59,11 @@ class _Watchdog:
         if self._registry.is_live(self._record):
             self._handle = self._loop.call_later(WATCH_INTERVAL_S, self._check)
             return
-        self.lost = f"no heartbeat for {time.monotonic() - self._record.last_seen:.0f} s"
+        self.cut(f"no heartbeat for {time.monotonic() - self._record.last_seen:.0f} s")
+
+    def cut(self, why: str) -> None:
+        """End the attempt: a retry before the worker's headers, an error event after."""
+        self.lost = why
         if self.upstream is not None:
             self.upstream.close()
         elif self._task is not None:
@@ -89,6 +94,13 @@ class WorkerProxy:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read_timeout_s)
+        self._attempts: set[_Watchdog] = set()
+
+    def cut_all(self, why: str) -> None:
+        """End every attempt in flight (the queen's drain timeout has passed); streams get an error event."""
+        for dog in list(self._attempts):
+            dog.shutdown = True
+            dog.cut(why)
 
     async def forward(
         self, request: web.Request, *, endpoint: str, model: str, stream: bool, body: bytes,
@@ -122,7 +134,7 @@ class WorkerProxy:
         self, request: web.Request, endpoint: str, model: str, stream: bool, body: bytes, started: float,
         needs: frozenset[str],
     ) -> web.StreamResponse:
-        tried: set[str] = set()
+        tried: set[object] = set()  # worker instances: a restarted worker is a new one, usable at once
         last_error: ApiError | None = None
         for _ in range(MAX_ATTEMPTS):
             try:
@@ -133,7 +145,7 @@ class WorkerProxy:
             try:
                 return await self._attempt(request, lease, endpoint, model, stream, body, started)
             except _Retry as retry:
-                tried.add(lease.record.id)
+                tried.add(lease.record.instance)
                 last_error = retry.error
                 self.metrics.retries.labels(model).inc()
                 log.warning("worker %s failed before answering (%s); trying another", lease.record.id, retry.error.message)
@@ -147,9 +159,11 @@ class WorkerProxy:
     ) -> web.StreamResponse:
         rec = lease.record
         dog = _Watchdog(self.scheduler.registry, rec)
+        self._attempts.add(dog)
         try:
             return await self._exchange(request, rec, dog, endpoint, model, stream, body, started)
         finally:
+            self._attempts.discard(dog)
             dog.stop()
 
     async def _exchange(
@@ -235,6 +249,10 @@ class WorkerProxy:
         elif ERROR_EVENT_MARK in tail and failure is None:
             # The worker ended its own stream with an error event: the client has it already.
             self.metrics.errors.labels(model, "worker_error_mid_stream").inc()
+        elif dog.shutdown:
+            self.metrics.errors.labels(model, "shutting_down").inc()
+            gap = b"" if tail.endswith(b"\n\n") else b"\n\n"
+            await out.write(gap + error_event(f"the answer was cut short: {dog.lost}", code="shutting_down"))
         else:
             reason = failure or "the connection closed"
             log.warning("worker %s stopped mid-stream: %s", worker_id, reason)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from rbee_fleet.common.errors import BadRequest, ContextOverflow
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 FORGET_AFTER_TIMEOUTS = 20  # a silent worker is forgotten after this many heartbeat timeouts
 GONE_REMEMBERED = 1000
 
+WorkerInstance = tuple[str, int, float]  # worker id, pid, process start time
+
 
 @dataclass
 class WorkerRecord:
@@ -41,6 +43,15 @@ class WorkerRecord:
     @property
     def id(self) -> str:
         return self.hb.worker_id
+
+    @property
+    def instance(self) -> WorkerInstance:
+        """This process of the worker: a restart under the same id is another instance, with its own record."""
+        return (self.hb.worker_id, self.hb.pid, self.hb.started_at)
+
+    def excluded_by(self, exclude: Collection[object]) -> bool:
+        """Whether ``exclude`` names this instance (or, by its id, every instance of the worker)."""
+        return self.instance in exclude or self.id in exclude
 
     def free_slots(self) -> int:
         return self.hb.slots_total - self.in_flight
@@ -82,12 +93,18 @@ class Registry:
             self._gone[hb.worker_id] = instance
             while len(self._gone) > GONE_REMEMBERED:
                 self._gone.popitem(last=False)
-            if rec is not None:
+            if rec is not None and (rec.hb.pid, rec.hb.started_at) == instance:  # not a newer process's record
                 del self.workers[hb.worker_id]
                 log.info("worker %s stopped; out of rotation", hb.worker_id)
             return
         if self._gone.get(hb.worker_id) == instance:
             return  # a late heartbeat from an instance that already said goodbye
+        if rec is not None and (rec.hb.pid, rec.hb.started_at) != instance:
+            # A new process under the same id: a fresh record, so that it starts with nothing in flight
+            # (the old process's requests release the old record) and retries that excluded the old
+            # process may use it at once.
+            log.info("worker %s restarted (pid %d -> %d)", hb.worker_id, rec.hb.pid, hb.pid)
+            rec = None
         if rec is None:
             self.workers[hb.worker_id] = WorkerRecord(hb=hb, last_seen=now)
             log.info("worker %s registered: %s on %s at %s (%s)", hb.worker_id, hb.model, hb.device, hb.url, hb.state.value)
@@ -140,10 +157,10 @@ class Registry:
         """Whether any registered worker serves ``model``, even one loading or silent for now."""
         return any(r.hb.model == model and r.hb.state is not WorkerState.FAILED for r in self.workers.values())
 
-    def others(self, model: str, exclude: set[str]) -> list[WorkerRecord]:
-        """Live workers of ``model`` (any state but failed) outside ``exclude``."""
+    def others(self, model: str, exclude: Collection[object]) -> list[WorkerRecord]:
+        """Live workers of ``model`` (any state but failed) outside ``exclude`` (instances or ids)."""
         now = time.monotonic()
-        return [r for r in self.workers.values() if r.hb.model == model and r.id not in exclude
+        return [r for r in self.workers.values() if r.hb.model == model and not r.excluded_by(exclude)
                 and r.hb.state is not WorkerState.FAILED and self.is_live(r, now)]
 
     def capabilities_of(self, model: str) -> frozenset[str]:

@@ -1,7 +1,11 @@
 """Which worker gets a request: the fewest in flight for its slots, ties at random, with a bounded wait.
 
 In-flight counts are the queen's own: a ``Lease`` adds one when a request is placed and takes it back
-exactly once when the request ends, however it ends, so the counters cannot drift.
+exactly once when the request ends, however it ends, so the counters cannot drift. A lease holds the
+record of one worker *instance* (process): a restarted worker gets a new record starting from zero.
+
+Waiters are served in arrival order (retries, admitted before, ahead of newcomers), but a waiter
+holds back only slots it can use: one whose retry excludes a worker never keeps a newcomer off it.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ import asyncio
 import itertools
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 from rbee_fleet.common.errors import ModelNotFound, RateLimited, Unavailable
 from rbee_fleet.queen.registry import Registry, WorkerRecord
@@ -25,6 +30,12 @@ class _Waiter:
     ticket: int
     model: str
     fut: asyncio.Future[None]
+    exclude: Collection[object] = field(default_factory=frozenset)
+    needs: frozenset[str] = frozenset()  # capabilities its request needs (contracts.capabilities)
+
+    def ahead_of(self, other: _Waiter) -> bool:
+        """Served before ``other``: retries before newcomers, then in arrival order."""
+        return (bool(self.exclude), -self.ticket) > (bool(other.exclude), -other.ticket)
 
 
 class Lease:
@@ -51,6 +62,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self._queue: list[_Waiter] = []  # in arrival order; a waiter leaves it when served or given up
         self._tickets = itertools.count()
+        self.closed: str | None = None  # why new requests are refused (the queen is draining)
         registry.on_capacity.append(self.wake)
 
     @property
@@ -63,11 +75,30 @@ class Scheduler:
             if not waiter.fut.done():
                 waiter.fut.set_result(None)
 
-    def pick(self, model: str, exclude: set[str], needs: frozenset[str] = frozenset()) -> WorkerRecord | None:
+    def close(self, why: str) -> None:
+        """Refuse every request from now on, the waiting ones included (each gets a 503 saying ``why``)."""
+        self.closed = why
+        self.wake()
+
+    def pick(self, model: str, exclude: Collection[object] = frozenset(),
+             ahead: Collection[_Waiter] = (), needs: frozenset[str] = frozenset()) -> WorkerRecord | None:
+        """The least loaded worker of ``model`` with a slot free for this request, or None.
+
+        Each waiter in ``ahead`` keeps one free slot that it can use (restricted waiters choose first),
+        so this request gets only a slot that none of them could take.
+        """
+        candidates = [rec for rec in self.registry.serving(model) if rec.free_slots() > 0]
+        free = {rec.instance: rec.free_slots() for rec in candidates}
+        claims = [[rec for rec in candidates if not rec.excluded_by(w.exclude) and w.needs <= rec.capabilities]
+                  for w in ahead]
+        for usable in sorted(claims, key=len):
+            open_ = [rec for rec in usable if free[rec.instance] > 0]
+            if open_:
+                free[max(open_, key=lambda rec: free[rec.instance]).instance] -= 1
         best: list[WorkerRecord] = []
         best_load = float("inf")
-        for rec in self.registry.serving(model):
-            if rec.id in exclude or rec.free_slots() <= 0 or not needs <= rec.capabilities:
+        for rec in candidates:
+            if free[rec.instance] <= 0 or rec.excluded_by(exclude) or not needs <= rec.capabilities:
                 continue
             load = rec.in_flight / max(1, rec.hb.slots_total)
             if load < best_load:
@@ -76,24 +107,30 @@ class Scheduler:
                 best.append(rec)
         return random.choice(best) if best else None
 
-    async def acquire(self, model: str, exclude: set[str] | None = None,
+    async def acquire(self, model: str, exclude: Collection[object] | None = None,
                       needs: frozenset[str] = frozenset()) -> Lease:
         """A slot on a worker of ``model``: at once, or after the requests that came first (FIFO per model).
 
-        A retry (``exclude`` set) was admitted before and does not queue behind newcomers.
+        ``exclude`` holds the worker instances (``WorkerRecord.instance``) a retry already tried; a worker
+        id there excludes every instance of it. A retry was admitted before and goes ahead of newcomers.
         """
-        exclude = exclude or set()
+        exclude = exclude or frozenset()
+        if self.closed is not None:
+            raise Unavailable(self.closed, code="shutting_down", retry_after=5)
         if not self.registry.knows(model):
             served = ", ".join(self.registry.models()) or "none yet"
-            raise ModelNotFound(f"the model {model!r} does not exist in this fleet (serving: {served})", param="model")
+            raise ModelNotFound(f"the model {model[:200]!r} does not exist in this fleet (serving: {served})",
+                                param="model")
         deadline = time.monotonic() + self.admission_timeout_s
         loop = asyncio.get_running_loop()
-        me = _Waiter(next(self._tickets), model, loop.create_future())
+        me = _Waiter(next(self._tickets), model, loop.create_future(), exclude, needs)
         queued = False
         try:
             while True:
-                first = exclude or not any(w.model == model and w.ticket < me.ticket for w in self._queue)
-                rec = self.pick(model, exclude, needs) if first else None
+                if self.closed is not None:
+                    raise Unavailable(self.closed, code="shutting_down", retry_after=5)
+                ahead = [w for w in self._queue if w is not me and w.model == model and w.ahead_of(me)]
+                rec = self.pick(model, exclude, ahead, needs)
                 if rec is not None:
                     return Lease(rec, self)
                 if exclude and not self.registry.others(model, exclude):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rbee_fleet.common.client_limits import ClientLimits
 from rbee_fleet.common.inventory import Inventory
 from rbee_fleet.common.net import is_loopback
 from rbee_fleet.common.paths import Layout
@@ -31,6 +32,8 @@ class QueenSettings:
     admission_timeout_s: float = 30.0
     max_waiting: int = 64
     read_timeout_s: float = 300.0
+    drain_timeout_s: float = 60.0  # on shutdown, how long answers in flight may run on
+    client_limits: ClientLimits = ClientLimits()
     embedded_hive: HiveSettings | None = None
     remote_hives: dict[str, str] = field(default_factory=dict)  # alias -> URL, from the inventory
     declared_workers: tuple[WorkerSpawnOp, ...] = ()
@@ -49,10 +52,12 @@ def settings_from_inventory(
     *,
     host: str | None = None,
     port: int | None = None,
+    drain_timeout_s: float | None = None,
 ) -> QueenSettings:
     q = inv.queen
-    if host is not None or port is not None:
-        q = q.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
+    overrides = (("host", host), ("port", port), ("drain_timeout_s", drain_timeout_s))
+    if any(v is not None for _, v in overrides):
+        q = q.model_copy(update={k: v for k, v in overrides if v is not None})
     layout.ensure()
     token_file = layout.secrets / "cluster.token"
     token = load_or_create(token_file)
@@ -96,6 +101,9 @@ def settings_from_inventory(
         heartbeat_timeout_s=q.heartbeat_timeout_s,
         admission_timeout_s=q.admission_timeout_s,
         max_waiting=q.max_waiting,
+        drain_timeout_s=q.drain_timeout_s,
+        client_limits=ClientLimits(header_timeout_s=q.header_timeout_s, body_timeout_s=q.body_timeout_s,
+                                   max_connections_per_client=q.max_connections_per_client),
         embedded_hive=embedded,
         remote_hives=remote,
         declared_workers=tuple(declared),

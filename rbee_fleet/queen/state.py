@@ -89,7 +89,8 @@ class Queen:
         requests = sum(s.value for m in self.metrics.requests.collect() for s in m.samples if s.name.endswith("_total"))
         return FleetStatus(
             queen=QueenView(version=__version__, url=self.settings.url, started_at=self.started_at,
-                            uptime_s=round(now - self.started_at, 1), requests_total=int(requests), in_flight=in_flight),
+                            uptime_s=round(now - self.started_at, 1), requests_total=int(requests), in_flight=in_flight,
+                            waiting=self.scheduler.waiting),
             hives=self.registry.hive_views(),
             workers=self.registry.worker_views(),
             models=self.registry.models(),

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hive-id", default="standalone")
     p.add_argument("--token-file", help="cluster token (mode 0600): required from callers, sent to the queen")
     p.add_argument("--heartbeat-interval", type=float, default=5.0)
+    p.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="on SIGTERM, how long answers in flight may run on before the worker exits (seconds)")
     p.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process exits")
     p.add_argument("--log-level", default=None)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -78,6 +80,7 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
         queen_url=args.queen_url,
         token=token,
         heartbeat_interval_s=args.heartbeat_interval,
+        drain_timeout_s=args.drain_timeout,
         exit_with_parent=args.exit_with_parent,
     )
 

@@ -28,6 +28,7 @@ class HubStandIn:
     chunk_delay_s: float = 0.0  # slows downloads so that progress can be watched
     requests: list[str] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)  # files whose download was sent to the end
+    declared: dict[str, int] = field(default_factory=dict)  # path -> size the hub claims (a lie), else the real one
     url: str = ""
 
     def commit(self, repo: str, revision: str) -> str:
@@ -80,9 +81,10 @@ class HubStandIn:
             for i in range(1, len(parts)):
                 dirs.add("/".join(parts[:i]))
             data = files[path]
-            entry: dict[str, Any] = {"type": "file", "oid": _git_oid(data), "size": len(data), "path": path}
+            size = self.declared.get(path, len(data))
+            entry: dict[str, Any] = {"type": "file", "oid": _git_oid(data), "size": size, "path": path}
             if len(data) >= LFS_MIN:
-                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
             entries.append(entry)
         entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": d} for d in sorted(dirs)]
         return web.json_response(entries)
@@ -100,10 +102,11 @@ class HubStandIn:
                                      headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha})
         data = files[path]
         etag = hashlib.sha256(data).hexdigest() if len(data) >= LFS_MIN else _git_oid(data)
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Content-Length": str(len(data)),
+        size = self.declared.get(path, len(data))
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Content-Length": str(size),
                    "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         if len(data) >= LFS_MIN:
-            headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))}
+            headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)}
         start = 0
         if request.headers.get("Range", "").startswith("bytes="):
             start = int(request.headers["Range"][6:].split("-")[0] or 0)

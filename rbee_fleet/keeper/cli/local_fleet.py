@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import time
 from typing import Any
 
 from rich.markup import escape
@@ -17,7 +18,7 @@ from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
 from rbee_fleet.keeper.cli import tables
 from rbee_fleet.keeper.cli.console import emit_json, err, out
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.local_queen import start_queen, stop_queen
+from rbee_fleet.keeper.local_queen import requests_in_flight, start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.queen_service import ensure_workers
 
@@ -70,11 +71,20 @@ async def _wait_foreground(proc: Any) -> None:
 
 async def down(args: argparse.Namespace, ctx: KeeperContext) -> int:
     async with ctx.client() as client:
+        in_flight = await requests_in_flight(client)
+        if in_flight:
+            err.print(f"waiting for {in_flight} request(s) in flight to finish "
+                      f"(at most {ctx.inventory.queen.drain_timeout_s:g} s)")
+        started = time.monotonic()
         stopped = await stop_queen(ctx, client)
+    waited = in_flight if stopped and in_flight else 0
     if args.json:
-        emit_json({"ok": True, "stopped": stopped})
+        emit_json({"ok": True, "stopped": stopped, "waited_for_requests": waited,
+                   "seconds": round(time.monotonic() - started, 1)})
+    elif stopped:
+        out.print(f"queen stopped (waited for {waited} request(s) in flight, {time.monotonic() - started:.1f} s)")
     else:
-        out.print("queen stopped" if stopped else "queen was not running")
+        out.print("queen was not running")
     return ExitCode.OK
 
 
