@@ -56,7 +56,8 @@ def client(fleet):
 async def test_models_say_what_they_support(client):
     models = await client.models.list()
     card = {m.id: m for m in models.data}["smollm2"]
-    assert {"chat", "completion", "tools", "json", "embeddings", "logprobs", "infill"} <= set(card.capabilities)
+    assert {"chat", "completion", "tools", "json", "embeddings", "logprobs", "n"} <= set(card.capabilities)
+    assert "infill" not in card.capabilities
 
 
 async def test_tool_call_not_streamed(client):
@@ -115,12 +116,11 @@ async def test_logprobs(client):
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
 
 
-async def test_fill_in_the_middle_uses_the_suffix(client):
-    args = {"model": "smollm2", "prompt": "def add(a, b):\n    return", "max_tokens": 12, "temperature": 0}
-    with_suffix = await client.completions.create(suffix="\n\nprint(add(1, 2))\n", **args)
-    without = await client.completions.create(**args)
-    assert with_suffix.choices[0].text != without.choices[0].text or \
-        with_suffix.usage.prompt_tokens > without.usage.prompt_tokens  # the suffix reached the model
+async def test_suffix_is_refused_not_ignored(client):
+    # llama-server's /v1/completions would drop the suffix (and SmolLM2 has no fill-in-the-middle tokens).
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.completions.create(model="smollm2", prompt="def add(a, b):", suffix="\n", max_tokens=4)
+    assert info.value.body["param"] == "suffix" and info.value.body["code"] == "unsupported_parameter"
 
 
 async def test_responses_api(client):

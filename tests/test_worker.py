@@ -87,7 +87,7 @@ async def test_heartbeats_report_llama_servers_slots_and_capabilities(tmp_path):
             ready = await sink.wait_for(lambda b: b["state"] == "ready")
             assert ready["backend"] == "llamacpp" and ready["url"] == worker.url
             assert ready["slots_total"] == 3 and ready["context_length"] == 1024
-            assert {"chat", "completion", "tools", "json", "logprobs", "infill"} <= set(ready["capabilities"])
+            assert {"chat", "completion", "tools", "json", "logprobs"} <= set(ready["capabilities"])
             assert "embeddings" not in ready["capabilities"]
             client = openai.AsyncOpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0)
             stream = await client.completions.create(model="smollm2", stream=True, max_tokens=300, **procs.LONG)

@@ -20,7 +20,9 @@ from typing import Any
 from rbee_fleet.worker.backends.base import BackendError
 
 # What llama-server can do for every model (a worker started for embeddings does only that).
-BASE_CAPABILITIES = ("chat", "completion", "tools", "json", "logprobs", "infill", "n", "responses", "messages")
+# Not "infill": llama-server's /v1/completions ignores ``suffix`` (its own /infill endpoint needs a model with
+# fill-in-the-middle tokens and answers in another shape), so the queen refuses ``suffix`` instead.
+BASE_CAPABILITIES = ("chat", "completion", "tools", "json", "logprobs", "n", "responses", "messages")
 DEFAULT_SLOTS_MAX = 4  # llama-server's own default number of parallel sequences
 SLOTS_TOKEN_BUDGET = 16384
 OPTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
@@ -101,6 +103,8 @@ class EngineConfig:
             cmd += ["--threads", str(self.threads), "--threads-batch", str(self.threads)]
         if self.embeddings:
             cmd.append("--embeddings")
+            if "pooling" not in dict(self.options):
+                cmd += ["--pooling", "mean"]  # OpenAI's embeddings are one vector per input
         if self.api_key_file:
             cmd += ["--api-key-file", self.api_key_file]
         if self.chat_template_file:
