@@ -36,6 +36,10 @@ END_MARKS = {
 
 
 WATCH_INTERVAL_S = 0.5
+# Request-scoped hand-offs from the API layer: the chooser among workers (prefix routing), and an SSE
+# response already sent to the client (a streamed request that waited for an on-demand load).
+ROUTE = "rbee.route"
+PREPARED = "rbee.prepared"
 
 
 class _Watchdog:
@@ -126,7 +130,7 @@ class WorkerProxy:
         last_error: ApiError | None = None
         for _ in range(MAX_ATTEMPTS):
             try:
-                lease = await self.scheduler.acquire(model, tried, needs)
+                lease = await self.scheduler.acquire(model, tried, needs, request.get(ROUTE))
             except NoOtherWorker:
                 assert last_error is not None
                 raise last_error from None
@@ -189,7 +193,7 @@ class WorkerProxy:
             if not stream:
                 payload = await _read_or_retry(upstream, rec.id, dog)
                 finished = True
-                self.metrics.count_usage(model, (_json(payload) or {}).get("usage"))
+                self.metrics.count_usage(model, usage_of(_json(payload)))
                 return web.Response(body=payload, content_type="application/json")
             response = await self._relay(request, upstream, rec.id, dog, model, started, END_MARKS[endpoint])
             finished = True
@@ -214,8 +218,9 @@ class WorkerProxy:
         if not first:
             raise _Retry(UpstreamFailed(f"worker {worker_id} closed the stream before its first byte"))
         self.metrics.ttft.labels(model).observe(time.monotonic() - started)
-        out = web.StreamResponse(headers=sse.SSE_HEADERS)
-        await out.prepare(request)
+        out = request.get(PREPARED) or web.StreamResponse(headers=sse.SSE_HEADERS)
+        if not out.prepared:
+            await out.prepare(request)
         await out.write(first)
         tail = first[-TAIL:]
         failure = None
@@ -266,6 +271,7 @@ def _uncancel() -> None:
 def usage_from_tail(tail: bytes) -> dict[str, int] | None:
     """Token counts from the last events of a stream: an OpenAI ``usage`` object, or llama-server's
     ``timings`` (on every final chunk, whether or not the client asked for usage)."""
+    found: dict | None = None
     for event in reversed(tail.split(b"\n\n")):
         for line in event.split(b"\n"):
             if not line.startswith(b"data: {"):
@@ -274,14 +280,34 @@ def usage_from_tail(tail: bytes) -> dict[str, int] | None:
                 data = json.loads(line[6:])
             except ValueError:
                 continue
-            usage = data.get("usage") if isinstance(data, dict) else None
-            if isinstance(usage, dict) and "completion_tokens" in usage:
-                return usage
-            timings = data.get("timings") if isinstance(data, dict) else None
-            if isinstance(timings, dict) and "predicted_n" in timings:
-                prompt = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
-                return {"prompt_tokens": prompt, "completion_tokens": int(timings["predicted_n"]),
-                        "total_tokens": prompt + int(timings["predicted_n"])}
+            if not isinstance(data, dict):
+                continue
+            if found is None and (isinstance(data.get("usage"), dict) or "timings" in data):
+                found = data
+            elif found is not None and isinstance(data.get("timings"), dict) and "timings" not in found:
+                # The usage event may come after the event with llama-server's timings.
+                found = {**found, "timings": data["timings"]}
+            if found is not None and "timings" in found and isinstance(found.get("usage"), dict):
+                return usage_of(found)
+    return usage_of(found)
+
+
+def usage_of(data: dict | None) -> dict | None:
+    """The token counts of an answer (or a stream event): its ``usage``, else llama-server's ``timings``,
+    with the prompt tokens taken from the worker's KV cache as OpenAI's ``prompt_tokens_details``."""
+    if data is None:
+        return None
+    timings = data.get("timings") if isinstance(data.get("timings"), dict) else {}
+    usage = data.get("usage")
+    if isinstance(usage, dict) and "completion_tokens" in usage:
+        if "cache_n" in timings and not isinstance(usage.get("prompt_tokens_details"), dict):
+            usage = {**usage, "prompt_tokens_details": {"cached_tokens": int(timings["cache_n"])}}
+        return usage
+    if "predicted_n" in timings:
+        prompt = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
+        return {"prompt_tokens": prompt, "completion_tokens": int(timings["predicted_n"]),
+                "total_tokens": prompt + int(timings["predicted_n"]),
+                "prompt_tokens_details": {"cached_tokens": int(timings.get("cache_n", 0))}}
     return None
 
 

@@ -10,10 +10,15 @@ import asyncio
 import itertools
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rbee_fleet.common.errors import ModelNotFound, RateLimited, Unavailable
 from rbee_fleet.queen.registry import Registry, WorkerRecord
+
+
+# Chooses among the workers that could take a request now (prefix-aware routing); None: least busy.
+Route = Callable[[list[WorkerRecord]], WorkerRecord]
 
 
 class NoOtherWorker(Exception):
@@ -35,12 +40,14 @@ class Lease:
         self._released = False
         self._scheduler = scheduler
         record.in_flight += 1
+        record.last_used = time.monotonic()
 
     def release(self) -> None:
         if self._released:
             return
         self._released = True
         self.record.in_flight -= 1
+        self.record.last_used = time.monotonic()
         self._scheduler.wake()
 
 
@@ -63,12 +70,15 @@ class Scheduler:
             if not waiter.fut.done():
                 waiter.fut.set_result(None)
 
-    def pick(self, model: str, exclude: set[str], needs: frozenset[str] = frozenset()) -> WorkerRecord | None:
+    def pick(self, model: str, exclude: set[str], needs: frozenset[str] = frozenset(),
+             route: Route | None = None) -> WorkerRecord | None:
+        eligible = [rec for rec in self.registry.serving(model)
+                    if rec.id not in exclude and rec.free_slots() > 0 and needs <= rec.capabilities]
+        if route is not None and eligible:
+            return route(eligible)
         best: list[WorkerRecord] = []
         best_load = float("inf")
-        for rec in self.registry.serving(model):
-            if rec.id in exclude or rec.free_slots() <= 0 or not needs <= rec.capabilities:
-                continue
+        for rec in eligible:
             load = rec.in_flight / max(1, rec.hb.slots_total)
             if load < best_load:
                 best, best_load = [rec], load
@@ -77,7 +87,7 @@ class Scheduler:
         return random.choice(best) if best else None
 
     async def acquire(self, model: str, exclude: set[str] | None = None,
-                      needs: frozenset[str] = frozenset()) -> Lease:
+                      needs: frozenset[str] = frozenset(), route: Route | None = None) -> Lease:
         """A slot on a worker of ``model``: at once, or after the requests that came first (FIFO per model).
 
         A retry (``exclude`` set) was admitted before and does not queue behind newcomers.
@@ -93,7 +103,7 @@ class Scheduler:
         try:
             while True:
                 first = exclude or not any(w.model == model and w.ticket < me.ticket for w in self._queue)
-                rec = self.pick(model, exclude, needs) if first else None
+                rec = self.pick(model, exclude, needs, route) if first else None
                 if rec is not None:
                     return Lease(rec, self)
                 if exclude and not self.registry.others(model, exclude):
