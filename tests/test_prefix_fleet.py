@@ -13,6 +13,7 @@ import pytest
 
 from tests.support import procs
 
+
 @pytest.fixture(scope="module")
 def fleet(module_tmp):
     port = procs.free_port()

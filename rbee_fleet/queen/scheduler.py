@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from rbee_fleet.common.errors import ModelNotFound, RateLimited, Unavailable
 from rbee_fleet.queen.registry import Registry, WorkerRecord
 
-
 # Chooses among the workers that could take a request now (prefix-aware routing); None: least busy.
 Route = Callable[[list[WorkerRecord]], WorkerRecord]
 

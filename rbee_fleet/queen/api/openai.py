@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
 from aiohttp import web
+from pydantic import BaseModel
 
 from rbee_fleet.common.errors import ApiError, error_event
 from rbee_fleet.common.http import parse_json
