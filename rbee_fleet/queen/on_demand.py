@@ -96,7 +96,7 @@ class OnDemand:
     # -- the request path ------------------------------------------------------------------------
 
     def wanted(self, model: str) -> bool:
-        """Whether a request for ``model`` must first wait for a load (fast: no I/O)."""
+        """Whether a request for ``model`` must first wait for a load (no I/O while a worker of it runs)."""
         if not self.settings.on_demand or not self.settings.policy(model).on_demand:
             return False
         if model in self._loads:
@@ -162,6 +162,8 @@ class OnDemand:
                 await asyncio.wait_for(asyncio.shield(task), min(self.settings.load_keepalive_s, remaining))
                 return
             except asyncio.TimeoutError:
+                if task.done():  # the load itself timed out: its own error, not the wait's
+                    raise ModelLoadFailed(f"loading {model!r} failed: {task.exception() or 'timed out'}") from None
                 if keepalive is not None and time.monotonic() < deadline:
                     await keepalive(f"rbee: loading {model} ({time.monotonic() - started:.0f} s)")
 
