@@ -281,3 +281,24 @@ async def test_bad_option_fails_the_worker_with_the_reason(tiny_model, monkeypat
         health = await _wait_ready(url)
         assert health["state"] == "failed"
         assert "cache='q3'" in health["error"] and "fp16" in health["error"]
+
+
+@pytest.mark.parametrize("field, extra", [
+    ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+    ("response_format", {"response_format": {"type": "json_object"}}),
+    ("logprobs", {"logprobs": True}),
+    ("n", {"n": 2}),
+])
+async def test_fields_the_backend_cannot_honour_are_refused_naming_them(tiny_model, monkeypatch, field, extra):
+    async with worker(tiny_model, monkeypatch, lambda prompt: []) as (url, runtime, _gen):
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "tiny", "messages": HELLO, "max_tokens": 4, **extra}
+            async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+                status, answer = resp.status, await resp.json()
+            async with session.post(f"{url}/v1/completions",
+                                    json={"model": "tiny", "prompt": "x", "suffix": "y", "max_tokens": 4}) as resp:
+                suffix_status, suffix_answer = resp.status, await resp.json()
+    assert status == 400 and answer["error"]["param"] == field, answer
+    assert answer["error"]["code"] == "unsupported_parameter" and "exllamav2" in answer["error"]["message"]
+    assert suffix_status == 400 and suffix_answer["error"]["param"] == "suffix"
+    assert runtime.requests_total == 0  # nothing was generated

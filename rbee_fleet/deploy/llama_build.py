@@ -31,7 +31,6 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-
 # The pinned sources: llama.cpp as vendored by this llama-cpp-python release.
 SOURCE_PACKAGE = "llama-cpp-python"
 SOURCE_VERSION = "0.3.36"

@@ -10,10 +10,9 @@ from rbee_fleet import __version__
 from rbee_fleet.common.backends import BACKEND_NAMES
 from rbee_fleet.common.http import EXIT_PORT_IN_USE, run_daemon, serve
 from rbee_fleet.common.logs import set_process_title, setup_logging
-from rbee_fleet.common.net import refuse_open_bind
+from rbee_fleet.common.net import port_free, refuse_open_bind
 from rbee_fleet.common.options import parse_key_values
 from rbee_fleet.common.secrets import read_secret
-from rbee_fleet.common.net import port_free
 from rbee_fleet.worker.backends.base import BackendError, WorkerSpec
 from rbee_fleet.worker.runtime import WorkerSettings
 

