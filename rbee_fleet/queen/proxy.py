@@ -18,7 +18,7 @@ from rbee_fleet.common import sse
 from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_body, error_event, error_from_body
 from rbee_fleet.queen.metrics import QueenMetrics
 from rbee_fleet.queen.registry import Registry, WorkerRecord
-from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Scheduler
+from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Route, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ END_MARKS = {
 WATCH_INTERVAL_S = 0.5
 # Request-scoped hand-offs from the API layer: the chooser among workers (prefix routing), and an SSE
 # response already sent to the client (a streamed request that waited for an on-demand load).
-ROUTE = "rbee.route"
-PREPARED = "rbee.prepared"
+ROUTE = web.RequestKey("route", Route)
+PREPARED = web.RequestKey("prepared", web.StreamResponse)
 
 
 class _Watchdog:
