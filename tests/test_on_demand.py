@@ -105,7 +105,9 @@ async def test_a_request_for_an_unloaded_model_loads_it_once_for_two_callers(sta
                 if line.startswith(":"):
                     comments.append(line)
                 elif line.startswith("data: {"):
-                    text += [c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"]]
+                    data = json.loads(line[6:])
+                    assert "error" not in data, data
+                    text += [c["delta"].get("content") or "" for c in data["choices"]]
         return comments, "".join(text)
 
     (comments, text), plain = await asyncio.gather(streamed(), ask(queen, "smollm2"))
