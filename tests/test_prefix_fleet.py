@@ -68,7 +68,7 @@ async def test_the_load_guard_sends_turn_two_elsewhere_when_its_worker_is_busy(f
         # Three long answers in the same conversation go to the same worker (3 of its 4 slots busy: the
         # first three stay within the guard of 0.5) ...
         counting = conversation("swarms", answer, "Now count from 1 to 300, separated by commas.")
-        long = [asyncio.create_task(chat(session, fleet, counting, max_tokens=300, ignore_eos=True)) for _ in range(3)]
+        long = [asyncio.create_task(chat(session, fleet, counting, max_tokens=150, ignore_eos=True)) for _ in range(3)]
 
         def three_on_one() -> bool:
             busy = [w["in_flight"] for w in procs.http_json(f"{fleet.url}/v1/workers")[1]["workers"]]
