@@ -75,7 +75,7 @@ def start_fleet(tmp: Path, *, prefix: bool, workers: list[dict], extra: str = ""
     inv = procs.write_inventory(tmp / "inv.toml", port=port, worker_port_base=procs.free_port_range(10),
                                 workers=workers, queen_extra=queen_extra, tail=models)
     inv.write_text(inv.read_text().replace("admission_timeout_s = 5\n", "", 1))  # the test default: too short here
-    return procs.start_queen(tmp, inv, tmp / "home", port)
+    return procs.start_queen(tmp, inv, tmp / "home", port, timeout=180)
 
 
 async def chat_run(prefix: bool) -> dict[str, float]:
@@ -89,7 +89,7 @@ async def chat_run(prefix: bool) -> dict[str, float]:
     tokens = 0
     prompt_tokens: list[int] = []
     try:
-        procs.wait_workers_ready(queen, 2, timeout=120)
+        procs.wait_workers_ready(queen, 2, timeout=300)
         url = f"{queen.url}/v1/chat/completions"
         gate = asyncio.Semaphore(AT_ONCE)
 

@@ -211,7 +211,8 @@ def admin_headers(home: Path) -> dict[str, str]:
     return {"Authorization": f"Bearer {(home / 'secrets' / 'cluster.token').read_text().strip()}"}
 
 
-def start_queen(tmp: Path, inventory: Path, home: Path, port: int, env: dict[str, str] | None = None) -> Proc:
+def start_queen(tmp: Path, inventory: Path, home: Path, port: int, env: dict[str, str] | None = None,
+                timeout: float = 30.0) -> Proc:
     cmd = [sys.executable, "-m", "rbee_fleet.queen", "--inventory", str(inventory), "--home", str(home)]
     proc = spawn("queen", cmd, tmp / "queen.log", f"http://127.0.0.1:{port}", env=env, home=home)
 
@@ -223,7 +224,7 @@ def start_queen(tmp: Path, inventory: Path, home: Path, port: int, env: dict[str
         except OSError:
             return False
 
-    wait_until(up, 30, what="the queen to answer")
+    wait_until(up, timeout, what="the queen to answer")
     return proc
 
 
