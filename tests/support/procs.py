@@ -224,7 +224,11 @@ def start_queen(tmp: Path, inventory: Path, home: Path, port: int, env: dict[str
         except OSError:
             return False
 
-    wait_until(up, timeout, what="the queen to answer")
+    try:
+        wait_until(up, timeout, what="the queen to answer")
+    except BaseException:
+        proc.stop()  # never leave a queen (and the workers it started) behind
+        raise
     return proc
 
 
