@@ -103,3 +103,23 @@ def test_drain_and_client_limits_come_from_the_inventory_and_the_command_line(tm
     assert defaults.drain_timeout_s == 60 and defaults.client_limits.header_timeout_s == 10
     with pytest.raises(InventoryError, match="max_connections_per_client"):
         parse_inventory("[queen]\nmax_connections_per_client = 0\n")
+
+
+def test_on_demand_settings_per_queen_hive_and_model(tmp_path):
+    from rbee_fleet.common.paths import Layout
+    from rbee_fleet.queen.settings import settings_from_inventory
+
+    inv = parse_inventory(
+        '[queen]\nidle_ttl_s = 60\nprefix_load_guard = 0.25\n\n'
+        '[hives.box]\nembedded = true\nmemory_budget_mb = 2048\n\n'
+        '[models.smollm2]\nidle_ttl_s = 0\nmemory_mb = 300\nthreads = 1\n'
+    )
+    settings = settings_from_inventory(inv, Layout(tmp_path))
+    assert settings.hive_budgets_mb == {"box": 2048} and settings.prefix_load_guard == 0.25
+    assert settings.idle_ttl("smollm2") == 0 and settings.idle_ttl("other") == 60
+    assert settings.policy("smollm2").memory_mb == 300 and settings.policy("other").memory_mb is None
+    with pytest.raises(InventoryError) as err:
+        parse_inventory('[models.smollm2]\nidle_ttl = 5\n', "inv.toml")
+    assert str(err.value) == "inv.toml:2: models.smollm2.idle_ttl: unknown key (did you mean 'idle_ttl_s'?)"
+    with pytest.raises(InventoryError, match="inv.toml:2: queen.load_timeout_s"):
+        parse_inventory('[queen]\nload_timeout_s = 0\n', "inv.toml")

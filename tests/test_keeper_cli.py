@@ -118,6 +118,10 @@ def test_workers_and_models_from_the_cli(user, tmp_path):
     assert entry["id"] == "smol-copy" and entry["format"] == "gguf" and entry["size_bytes"] == gguf.stat().st_size
     models = json.loads(keeper("model", "list", "--json", env=env).stdout)
     assert {m["id"] for m in models} == {"smollm2", "smol-copy"}
+    states = {m["id"]: (m["state"], m["workers"]) for m in models}  # the fleet's view: state per model
+    assert states == {"smollm2": ("loaded", 1), "smol-copy": ("available", 0)}
+    hive_catalog = json.loads(keeper("model", "list", "--hive", "localhost", "--json", env=env).stdout)
+    assert {m["id"]: m["format"] for m in hive_catalog} == {"smollm2": "gguf", "smol-copy": "gguf"}
     refused = keeper("model", "delete", "smollm2", env=env)
     assert refused.returncode == 1 and "in use" in refused.stderr
     deleted = keeper("model", "delete", "smol-copy", env=env)

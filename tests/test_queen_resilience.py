@@ -104,7 +104,9 @@ class QueenAndWorker:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.port = procs.free_port()
-        self.inv = no_workers_inventory(tmp / "inv.toml", self.port)
+        # The worker's model is in the embedded hive's catalog too: with on-demand loading the queen would
+        # start a worker of its own when this one falls silent (see tests/test_on_demand.py).
+        self.inv = no_workers_inventory(tmp / "inv.toml", self.port, "on_demand = false")
         self.home = tmp / "home"
         self.queen = procs.start_queen(tmp, self.inv, self.home, self.port)
         self.worker = procs.start_worker(tmp, queen_url=self.queen.url, worker_id="solo",

@@ -53,6 +53,16 @@ class QueenConfig(_Section):
     header_timeout_s: float = Field(default=10.0, gt=0)  # a client's request headers must arrive within this
     body_timeout_s: float = Field(default=30.0, gt=0)  # and its request body within this after them
     max_connections_per_client: int = Field(default=256, ge=1)  # open connections from one address
+    # Models on demand (README: "Models on demand")
+    on_demand: bool = True  # load a model of a hive's catalog when a request asks for it
+    load_timeout_s: float = Field(default=120.0, gt=0)  # how long a request waits for such a load
+    idle_ttl_s: float = Field(default=300.0, ge=0)  # unload an idle on-demand worker after this; 0 keeps it
+    load_retry_after_s: float = Field(default=30.0, ge=0)  # a failed load is not tried again for this long
+    load_keepalive_s: float = Field(default=2.0, gt=0)  # SSE comment interval for a streamed request that waits
+    # Prefix-aware routing (README: "Routing that reuses the KV cache")
+    prefix_routing: bool = True
+    prefix_load_guard: float = Field(default=0.5, ge=0)  # how much busier (in slots) the holder may be
+    prefix_block_chars: int = Field(default=128, ge=16, le=65536)
 
     @model_validator(mode="after")
     def _timeout_after_interval(self) -> QueenConfig:
@@ -120,6 +130,18 @@ class HiveDecl(_Section):
     install_source: Literal["online", "offline"] | None = None
     python: str | None = None
     bind_host: str | None = None  # what the remote hive binds (default: its address)
+    memory_budget_mb: int | None = Field(default=None, ge=1)  # memory the queen may give this hive's workers
+
+
+class ModelPolicy(_Section):
+    """``[models.NAME]``: how the queen loads and keeps a model on demand."""
+
+    on_demand: bool = True
+    idle_ttl_s: float | None = Field(default=None, ge=0)  # default: [queen].idle_ttl_s
+    memory_mb: int | None = Field(default=None, ge=1)  # the need of one worker (default: estimated)
+    ctx_size: int | None = Field(default=None, ge=128)
+    slots: int | None = Field(default=None, ge=1, le=256)
+    threads: int | None = Field(default=None, ge=1)
 
 
 class Defaults(_Section):
@@ -139,6 +161,7 @@ class Inventory(_Section):
     queen: QueenConfig = QueenConfig()
     defaults: Defaults = Defaults()
     hives: dict[str, HiveDecl] = {}
+    models: dict[str, ModelPolicy] = {}
 
     @field_validator("hives")
     @classmethod
@@ -274,8 +297,8 @@ def _known_keys(parent: tuple[Any, ...]) -> list[str]:
     i = 0
     while i < len(names):
         name = names[i]
-        if model is Inventory and name == "hives":
-            model = HiveDecl
+        if model is Inventory and name in ("hives", "models"):
+            model = HiveDecl if name == "hives" else ModelPolicy
             i += 2  # skip the alias
             continue
         field = model.model_fields.get(name)

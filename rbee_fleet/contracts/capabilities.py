@@ -24,6 +24,12 @@ ECHO = "echo"  # echo on /v1/completions: no engine here offers it
 # Workers from before capabilities were reported serve chat and plain completions only.
 LEGACY = frozenset({CHAT, COMPLETION})
 
+# What a model's workers will serve, by its file format, before any of them runs: GGUF files run on
+# llama-server (everything but embeddings, which a worker offers only when started for them), the GPU
+# formats on exllamav2 (chat and plain completions).
+LLAMA_SERVER = frozenset({CHAT, COMPLETION, TOOLS, JSON, LOGPROBS, INFILL, MULTIPLE, RESPONSES, MESSAGES})
+BY_FORMAT: dict[str, frozenset[str]] = {"gguf": LLAMA_SERVER, "exl2": LEGACY, "safetensors": LEGACY}
+
 # The queen's routes (relative to /v1/) and what each needs.
 ENDPOINTS: dict[str, str] = {
     "chat/completions": CHAT,

@@ -122,6 +122,7 @@ class HiveHeartbeat(BaseModel):
     devices: DeviceInfo
     workers: list[SupervisedWorker] = []
     started_at: float = 0.0
+    models: list[ModelEntry] = []  # the hive's catalog: what the queen may load on demand
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +240,20 @@ class HiveView(BaseModel):
     last_seen_s: float
     devices: DeviceInfo
     workers: list[SupervisedWorker]
+    models: list[ModelEntry] = []
+
+
+class ModelView(BaseModel):
+    """A model of the fleet: in some hive's catalog, or served by some worker, and its state now."""
+
+    id: str
+    state: Literal["loaded", "loading", "available"]
+    workers: int = 0  # workers in rotation for it
+    hives: list[str] = []  # hives whose catalog holds its files
+    format: str = ""
+    size_bytes: int = 0
+    need_mb: int = 0  # the queen's estimate of the memory a worker of it takes
+    capabilities: list[str] = []
 
 
 class QueenView(BaseModel):
@@ -256,3 +271,4 @@ class FleetStatus(BaseModel):
     hives: list[HiveView]
     workers: list[WorkerView]
     models: list[str]
+    catalog: list[ModelView] = []  # every model of the fleet with its state (what /v1/models lists)

@@ -148,6 +148,11 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "rbee-fleet"
     capabilities: list[str] = []  # what its workers can serve (contracts.capabilities)
+    # rbee-fleet's own: loaded (on `workers` workers), loading, or available (in a hive's catalog, loaded
+    # on the first request for it)
+    state: str | None = None
+    workers: int = 0
+    hives: list[str] = []
 
 
 class ModelList(BaseModel):

@@ -25,41 +25,15 @@ def usage_comment(usage: Mapping[str, int]) -> str:
 
 
 def usage_in(tail: bytes) -> dict[str, int] | None:
-    """The usage a stream's last bytes report: the closing comment of rbee-fleet's own workers, else an
-    OpenAI ``usage`` object or llama-server's ``timings`` (on its final chunk, asked for or not) in the
-    last data events; None when there is none."""
+    """The usage a stream's last bytes report, or None when they carry no (readable) usage comment."""
     at = tail.rfind(USAGE_MARK)
-    if at >= 0:
-        end = tail.find(b"\n", at)
-        try:
-            return json.loads(tail[at + len(USAGE_MARK) : end])
-        except ValueError:
-            return None
-    for event in reversed(tail.split(b"\n\n")):
-        for line in event.split(b"\n"):
-            if line.startswith(b"data: {"):
-                found = _usage_of_chunk(line[6:])
-                if found is not None:
-                    return found
-    return None
-
-
-def _usage_of_chunk(raw: bytes) -> dict[str, int] | None:
+    if at < 0:
+        return None
+    end = tail.find(b"\n", at)
     try:
-        data = json.loads(raw)
+        return json.loads(tail[at + len(USAGE_MARK) : end])
     except ValueError:
         return None
-    if not isinstance(data, dict):
-        return None
-    usage = data.get("usage")
-    if isinstance(usage, dict) and "completion_tokens" in usage:
-        return usage
-    timings = data.get("timings")
-    if isinstance(timings, dict) and "predicted_n" in timings:
-        prompt = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
-        completion = int(timings["predicted_n"])
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    return None
 
 
 def error_event(message: str, *, type: str = "server_error", code: str | None = None) -> bytes:

@@ -120,6 +120,7 @@ class HiveService:
             devices=self.devices(),
             workers=self.supervisor.list(),
             started_at=self.started_at,
+            models=self.models(),
         )
 
     def models(self) -> list[ModelEntry]:

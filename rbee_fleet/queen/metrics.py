@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
@@ -34,13 +35,33 @@ class QueenMetrics:
                               ["model", "kind"], registry=r)
         self.retries = Counter("rbee_worker_retries", "Requests moved to another worker before their first byte",
                                ["model"], registry=r)
+        self.routing = Counter("rbee_routing_decisions", "How requests were placed: prefix_hit (the worker holding "
+                               "their prompt's longest prefix), load_guard (that worker was too busy), least_busy",
+                               ["model", "reason"], registry=r)
+        self.prefix_hits = Counter("rbee_prefix_hits", "Requests sent to a worker holding a prefix of their prompt",
+                                   ["model"], registry=r)
+        self.tokens_reused = Counter("rbee_prompt_tokens_reused", "Prompt tokens workers took from their KV cache",
+                                     ["model"], registry=r)
+        self.model_loads = Counter("rbee_model_loads", "On-demand loads, by result (loaded, failed)",
+                                   ["model", "result"], registry=r)
+        self.model_unloads = Counter("rbee_model_unloads", "On-demand workers unloaded, by reason (idle, evicted)",
+                                     ["model", "reason"], registry=r)
         r.register(_WorkerCollector(registry))
 
-    def count_usage(self, model: str, usage: dict[str, int] | None) -> None:
+    def count_usage(self, model: str, usage: dict[str, Any] | None) -> None:
         if not usage:
             return
         self.tokens.labels(model, "prompt").inc(usage.get("prompt_tokens", 0))
         self.tokens.labels(model, "completion").inc(usage.get("completion_tokens", 0))
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if isinstance(cached, int) and cached > 0:
+            self.tokens_reused.labels(model).inc(cached)
+
+    def count_decision(self, model: str, reason: str) -> None:
+        self.routing.labels(model, reason).inc()
+        if reason == "prefix_hit":
+            self.prefix_hits.labels(model).inc()
 
 
 class _WorkerCollector(Collector):

@@ -19,7 +19,7 @@ from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_body, error
 from rbee_fleet.contracts.stream import ERROR_EVENT_MARK, error_event, usage_in
 from rbee_fleet.queen.metrics import QueenMetrics
 from rbee_fleet.queen.registry import Registry, WorkerRecord
-from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Scheduler
+from rbee_fleet.queen.scheduler import Lease, NoOtherWorker, Route, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ END_MARKS = {
 
 
 WATCH_INTERVAL_S = 0.5
+# Request-scoped hand-offs from the API layer: the chooser among workers (prefix routing), and an SSE
+# response already sent to the client (a streamed request that waited for an on-demand load).
+ROUTE = web.RequestKey("route", Route)
+PREPARED = web.RequestKey("prepared", web.StreamResponse)
 
 
 class _Watchdog:
@@ -138,7 +142,7 @@ class WorkerProxy:
         last_error: ApiError | None = None
         for _ in range(MAX_ATTEMPTS):
             try:
-                lease = await self.scheduler.acquire(model, tried, needs)
+                lease = await self.scheduler.acquire(model, tried, needs, request.get(ROUTE))
             except NoOtherWorker:
                 assert last_error is not None
                 raise last_error from None
@@ -203,7 +207,7 @@ class WorkerProxy:
             if not stream:
                 payload = await _read_or_retry(upstream, rec.id, dog)
                 finished = True
-                self.metrics.count_usage(model, (_json(payload) or {}).get("usage"))
+                self.metrics.count_usage(model, usage_of(_json(payload)))
                 return web.Response(body=payload, content_type="application/json")
             response = await self._relay(request, upstream, rec.id, dog, model, started, END_MARKS[endpoint])
             finished = True
@@ -228,8 +232,9 @@ class WorkerProxy:
         if not first:
             raise _Retry(UpstreamFailed(f"worker {worker_id} closed the stream before its first byte"))
         self.metrics.ttft.labels(model).observe(time.monotonic() - started)
-        out = web.StreamResponse(headers=sse.SSE_HEADERS)
-        await out.prepare(request)
+        out = request.get(PREPARED) or web.StreamResponse(headers=sse.SSE_HEADERS)
+        if not out.prepared:
+            await out.prepare(request)
         await out.write(first)
         tail = first[-TAIL:]
         failure = None
@@ -245,7 +250,7 @@ class WorkerProxy:
             await out.write(chunk)  # a client that went away raises here: not the worker's doing
             tail = (tail + chunk)[-TAIL:]
         if end_mark in tail and failure is None:
-            self.metrics.count_usage(model, usage_in(tail))
+            self.metrics.count_usage(model, usage_in(tail) or usage_from_tail(tail))
         elif ERROR_EVENT_MARK in tail and failure is None:
             # The worker ended its own stream with an error event: the client has it already.
             self.metrics.errors.labels(model, "worker_error_mid_stream").inc()
@@ -279,6 +284,49 @@ def _uncancel() -> None:
     uncancel = getattr(task, "uncancel", None)
     if uncancel is not None:
         uncancel()
+
+
+def usage_from_tail(tail: bytes) -> dict[str, int] | None:
+    """Token counts from the last events of a stream: an OpenAI ``usage`` object, or llama-server's
+    ``timings`` (on every final chunk, whether or not the client asked for usage)."""
+    found: dict | None = None
+    for event in reversed(tail.split(b"\n\n")):
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data: {"):
+                continue
+            try:
+                data = json.loads(line[6:])
+            except ValueError:
+                continue
+            if not isinstance(data, dict):
+                continue
+            if found is None and (isinstance(data.get("usage"), dict) or "timings" in data):
+                found = data
+            elif found is not None and isinstance(data.get("timings"), dict) and "timings" not in found:
+                # The usage event may come after the event with llama-server's timings.
+                found = {**found, "timings": data["timings"]}
+            if found is not None and "timings" in found and isinstance(found.get("usage"), dict):
+                return usage_of(found)
+    return usage_of(found)
+
+
+def usage_of(data: dict | None) -> dict | None:
+    """The token counts of an answer (or a stream event): its ``usage``, else llama-server's ``timings``,
+    with the prompt tokens taken from the worker's KV cache as OpenAI's ``prompt_tokens_details``."""
+    if data is None:
+        return None
+    timings = data.get("timings") if isinstance(data.get("timings"), dict) else {}
+    usage = data.get("usage")
+    if isinstance(usage, dict) and "completion_tokens" in usage:
+        if "cache_n" in timings and not isinstance(usage.get("prompt_tokens_details"), dict):
+            usage = {**usage, "prompt_tokens_details": {"cached_tokens": int(timings["cache_n"])}}
+        return usage
+    if "predicted_n" in timings:
+        prompt = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
+        return {"prompt_tokens": prompt, "completion_tokens": int(timings["predicted_n"]),
+                "total_tokens": prompt + int(timings["predicted_n"]),
+                "prompt_tokens_details": {"cached_tokens": int(timings.get("cache_n", 0))}}
+    return None
 
 
 def openai_error(status: int, payload: bytes) -> tuple[int, bytes]:

@@ -19,6 +19,7 @@ from rbee_fleet.contracts.fleet import (
     DeviceInfo,
     HiveHeartbeat,
     HiveView,
+    ModelEntry,
     SupervisedWorker,
     WorkerHeartbeat,
     WorkerState,
@@ -39,6 +40,7 @@ class WorkerRecord:
     last_seen: float
     in_flight: int = 0  # requests the queen has sent and not yet seen finish
     live_reported: bool = True
+    last_used: float = 0.0  # monotonic time a request last started or ended on it
 
     @property
     def id(self) -> str:
@@ -69,6 +71,7 @@ class HiveRecord:
     embedded: bool
     devices: DeviceInfo
     workers: list[SupervisedWorker] = field(default_factory=list)
+    models: list[ModelEntry] = field(default_factory=list)
     last_seen: float = 0.0
 
 
@@ -80,6 +83,8 @@ class Registry:
         # Worker instances (id -> (pid, start time)) that said goodbye: a heartbeat of theirs that was
         # already on the wire must not bring them back. A restarted worker is a new instance.
         self._gone: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # Workers being unloaded: out of rotation, whatever their heartbeats still say.
+        self.withheld: set[str] = set()
         # Called whenever capacity may have appeared (a worker became ready); the scheduler listens.
         self.on_capacity: list[Callable[[], None]] = []
 
@@ -122,7 +127,7 @@ class Registry:
     def hive_heartbeat(self, hb: HiveHeartbeat) -> None:
         self.hives[hb.hive_id] = HiveRecord(
             hive_id=hb.hive_id, url=hb.url, version=hb.version, embedded=hb.embedded,
-            devices=hb.devices, workers=hb.workers, last_seen=time.monotonic(),
+            devices=hb.devices, workers=hb.workers, models=hb.models, last_seen=time.monotonic(),
         )
 
     def sweep(self) -> None:
@@ -146,7 +151,7 @@ class Registry:
         return ((now or time.monotonic()) - rec.last_seen) <= self.timeout
 
     def in_rotation(self, rec: WorkerRecord, now: float | None = None) -> bool:
-        return rec.hb.state is WorkerState.READY and self.is_live(rec, now)
+        return rec.hb.state is WorkerState.READY and self.is_live(rec, now) and rec.id not in self.withheld
 
     def serving(self, model: str) -> list[WorkerRecord]:
         """Workers in rotation for ``model``."""
@@ -215,7 +220,7 @@ class Registry:
             HiveView(
                 hive_id=h.hive_id, url=h.url, version=h.version, embedded=h.embedded,
                 live=h.embedded or now - h.last_seen <= self.timeout, last_seen_s=round(now - h.last_seen, 2),
-                devices=h.devices, workers=h.workers,
+                devices=h.devices, workers=h.workers, models=h.models,
             )
             for h in sorted(self.hives.values(), key=lambda h: h.hive_id)
         ]

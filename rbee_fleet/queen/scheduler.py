@@ -14,11 +14,14 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from rbee_fleet.common.errors import ModelNotFound, RateLimited, Unavailable
 from rbee_fleet.queen.registry import Registry, WorkerRecord
+
+# Chooses among the workers that could take a request now (prefix-aware routing); None: least busy.
+Route = Callable[[list[WorkerRecord]], WorkerRecord]
 
 
 class NoOtherWorker(Exception):
@@ -46,12 +49,14 @@ class Lease:
         self._released = False
         self._scheduler = scheduler
         record.in_flight += 1
+        record.last_used = time.monotonic()
 
     def release(self) -> None:
         if self._released:
             return
         self._released = True
         self.record.in_flight -= 1
+        self.record.last_used = time.monotonic()
         self._scheduler.wake()
 
 
@@ -81,7 +86,8 @@ class Scheduler:
         self.wake()
 
     def pick(self, model: str, exclude: Collection[object] = frozenset(),
-             ahead: Collection[_Waiter] = (), needs: frozenset[str] = frozenset()) -> WorkerRecord | None:
+             ahead: Collection[_Waiter] = (), needs: frozenset[str] = frozenset(),
+             route: Route | None = None) -> WorkerRecord | None:
         """The least loaded worker of ``model`` with a slot free for this request, or None.
 
         Each waiter in ``ahead`` keeps one free slot that it can use (restricted waiters choose first),
@@ -95,11 +101,13 @@ class Scheduler:
             open_ = [rec for rec in usable if free[rec.instance] > 0]
             if open_:
                 free[max(open_, key=lambda rec: free[rec.instance]).instance] -= 1
+        eligible = [rec for rec in candidates
+                    if free[rec.instance] > 0 and not rec.excluded_by(exclude) and needs <= rec.capabilities]
+        if route is not None and eligible:
+            return route(eligible)
         best: list[WorkerRecord] = []
         best_load = float("inf")
-        for rec in candidates:
-            if free[rec.instance] <= 0 or rec.excluded_by(exclude) or not needs <= rec.capabilities:
-                continue
+        for rec in eligible:
             load = rec.in_flight / max(1, rec.hb.slots_total)
             if load < best_load:
                 best, best_load = [rec], load
@@ -108,7 +116,7 @@ class Scheduler:
         return random.choice(best) if best else None
 
     async def acquire(self, model: str, exclude: Collection[object] | None = None,
-                      needs: frozenset[str] = frozenset()) -> Lease:
+                      needs: frozenset[str] = frozenset(), route: Route | None = None) -> Lease:
         """A slot on a worker of ``model``: at once, or after the requests that came first (FIFO per model).
 
         ``exclude`` holds the worker instances (``WorkerRecord.instance``) a retry already tried; a worker
@@ -130,7 +138,7 @@ class Scheduler:
                 if self.closed is not None:
                     raise Unavailable(self.closed, code="shutting_down", retry_after=5)
                 ahead = [w for w in self._queue if w is not me and w.model == model and w.ahead_of(me)]
-                rec = self.pick(model, exclude, ahead, needs)
+                rec = self.pick(model, exclude, ahead, needs, route)
                 if rec is not None:
                     return Lease(rec, self)
                 if exclude and not self.registry.others(model, exclude):

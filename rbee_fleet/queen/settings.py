@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rbee_fleet.common.client_limits import ClientLimits
-from rbee_fleet.common.inventory import Inventory
+from rbee_fleet.common.inventory import Inventory, ModelPolicy
 from rbee_fleet.common.net import is_loopback
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import load_or_create
@@ -37,6 +37,24 @@ class QueenSettings:
     embedded_hive: HiveSettings | None = None
     remote_hives: dict[str, str] = field(default_factory=dict)  # alias -> URL, from the inventory
     declared_workers: tuple[WorkerSpawnOp, ...] = ()
+    # Models on demand and prefix routing (see the inventory's [queen] and [models.NAME])
+    on_demand: bool = True
+    load_timeout_s: float = 120.0
+    idle_ttl_s: float = 300.0
+    load_retry_after_s: float = 30.0
+    load_keepalive_s: float = 2.0
+    model_policies: dict[str, ModelPolicy] = field(default_factory=dict)
+    hive_budgets_mb: dict[str, int] = field(default_factory=dict)
+    prefix_routing: bool = True
+    prefix_load_guard: float = 0.5
+    prefix_block_chars: int = 128
+
+    def policy(self, model: str) -> ModelPolicy:
+        return self.model_policies.get(model) or ModelPolicy()
+
+    def idle_ttl(self, model: str) -> float:
+        ttl = self.policy(model).idle_ttl_s
+        return self.idle_ttl_s if ttl is None else ttl
 
     def check_security(self) -> None:
         if not is_loopback(self.host) and not self.api_keys:
@@ -107,5 +125,15 @@ def settings_from_inventory(
         embedded_hive=embedded,
         remote_hives=remote,
         declared_workers=tuple(declared),
+        on_demand=q.on_demand,
+        load_timeout_s=q.load_timeout_s,
+        idle_ttl_s=q.idle_ttl_s,
+        load_retry_after_s=q.load_retry_after_s,
+        load_keepalive_s=q.load_keepalive_s,
+        model_policies=dict(inv.models),
+        hive_budgets_mb={a: h.memory_budget_mb for a, h in inv.hives.items() if h.memory_budget_mb},
+        prefix_routing=q.prefix_routing,
+        prefix_load_guard=q.prefix_load_guard,
+        prefix_block_chars=q.prefix_block_chars,
     )
 

@@ -17,6 +17,8 @@ from rbee_fleet.hive.service import HiveService
 from rbee_fleet.queen import hive_choice
 from rbee_fleet.queen.hives import EmbeddedHive, HiveHandle, RemoteHive
 from rbee_fleet.queen.metrics import QueenMetrics
+from rbee_fleet.queen.on_demand import OnDemand
+from rbee_fleet.queen.prefix_routing import PrefixRouter
 from rbee_fleet.queen.proxy import WorkerProxy
 from rbee_fleet.queen.registry import Registry
 from rbee_fleet.queen.scheduler import Scheduler
@@ -36,9 +38,12 @@ class Queen:
         self.metrics.waiting.set_function(lambda: self.scheduler.waiting)
         self.proxy = WorkerProxy(self.scheduler, session, self.metrics, settings.cluster_token, settings.read_timeout_s)
         self.jobs = JobRegistry()
+        self.router = PrefixRouter(block_chars=settings.prefix_block_chars, load_guard=settings.prefix_load_guard,
+                                   on_decision=self.metrics.count_decision)
         self.embedded: EmbeddedHive | None = None
         if settings.embedded_hive is not None:
             self.embedded = EmbeddedHive(HiveService(settings.embedded_hive, session))
+        self.on_demand = OnDemand(self)
 
     # -- hives -----------------------------------------------------------------------------------
 
@@ -94,6 +99,7 @@ class Queen:
             hives=self.registry.hive_views(),
             workers=self.registry.worker_views(),
             models=self.registry.models(),
+            catalog=self.on_demand.views(),
         )
 
     async def sweep_forever(self) -> None:
@@ -101,12 +107,14 @@ class Queen:
             await asyncio.sleep(1.0)
             self.registry.sweep()
             self.scheduler.wake()
+            self.on_demand.reap()
 
     async def start(self) -> None:
         if self.embedded is not None:
             await self.embedded.service.start()
 
     async def close(self) -> None:
+        await self.on_demand.close()
         await self.jobs.close()
         if self.embedded is not None:
             await self.embedded.service.close()

@@ -25,6 +25,7 @@ from rbee_fleet.worker.backends.base import BackendError
 BASE_CAPABILITIES = ("chat", "completion", "tools", "json", "logprobs", "n", "responses", "messages")
 DEFAULT_SLOTS_MAX = 4  # llama-server's own default number of parallel sequences
 SLOTS_TOKEN_BUDGET = 16384
+CACHE_REUSE_MIN_TOKENS = 256
 OPTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
 # Flags the worker sets itself: an option may not override them.
 RESERVED = frozenset({"model", "m", "host", "port", "api-key", "api-key-file", "ctx-size", "c", "parallel", "np",
@@ -98,6 +99,10 @@ class EngineConfig:
             "--metrics",
             "--slots",
             "--no-webui",
+            # Keep each slot's prompt in its KV cache (cache_prompt is llama-server's default) and reuse its
+            # chunks of at least this many tokens by shifting them, so a conversation's next turn sent here
+            # (the queen routes by prefix) reads only its new tokens.
+            "--cache-reuse", str(CACHE_REUSE_MIN_TOKENS),
         ]
         if self.threads:
             cmd += ["--threads", str(self.threads), "--threads-batch", str(self.threads)]

@@ -8,6 +8,7 @@ import sys
 BENCHES = [
     "tests.bench.bench_worker",
     "tests.bench.bench_queen",
+    "tests.bench.bench_prefix",
     "tests.bench.bench_exllamav2_path",
     "tests.bench.bench_deploy",
 ]

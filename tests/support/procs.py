@@ -177,20 +177,33 @@ def wait_worker_ready(proc: Proc, timeout: float = 60.0, token_file: str | None 
 
 
 def write_inventory(path: Path, *, port: int, worker_port_base: int, workers: list[dict[str, Any]] | None = None,
-                    queen_extra: str = "", embedded: bool = True) -> Path:
+                    queen_extra: str = "", embedded: bool = True, hive_extra: str = "", tail: str = "") -> Path:
     lines = [
         "[queen]", 'host = "127.0.0.1"', f"port = {port}", "heartbeat_interval_s = 0.5",
         "heartbeat_timeout_s = 2.0", "admission_timeout_s = 5", queen_extra, "",
         "[defaults]", f"worker_port_base = {worker_port_base}", "",
-        "[hives.localhost]", f"embedded = {'true' if embedded else 'false'}", 'address = "127.0.0.1"', "",
+        "[hives.localhost]", f"embedded = {'true' if embedded else 'false'}", 'address = "127.0.0.1"', hive_extra, "",
     ]
     for w in workers if workers is not None else [{"model": "smollm2", "threads": 2}]:
         lines.append("[[hives.localhost.workers]]")
         for key, value in w.items():
             lines.append(f"{key} = {json.dumps(value)}")
         lines.append("")
+    lines.append(tail)
     path.write_text("\n".join(lines))
     return path
+
+
+def metric(queen: Proc, name: str, **labels: str) -> float:
+    """The sum of a Prometheus series of the queen whose labels include ``labels`` (0 when absent)."""
+    total = 0.0
+    for line in http_text(f"{queen.url}/metrics").splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        series, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def admin_headers(home: Path) -> dict[str, str]:
@@ -198,7 +211,8 @@ def admin_headers(home: Path) -> dict[str, str]:
     return {"Authorization": f"Bearer {(home / 'secrets' / 'cluster.token').read_text().strip()}"}
 
 
-def start_queen(tmp: Path, inventory: Path, home: Path, port: int, env: dict[str, str] | None = None) -> Proc:
+def start_queen(tmp: Path, inventory: Path, home: Path, port: int, env: dict[str, str] | None = None,
+                timeout: float = 30.0) -> Proc:
     cmd = [sys.executable, "-m", "rbee_fleet.queen", "--inventory", str(inventory), "--home", str(home)]
     proc = spawn("queen", cmd, tmp / "queen.log", f"http://127.0.0.1:{port}", env=env, home=home)
 
@@ -210,7 +224,11 @@ def start_queen(tmp: Path, inventory: Path, home: Path, port: int, env: dict[str
         except OSError:
             return False
 
-    wait_until(up, 30, what="the queen to answer")
+    try:
+        wait_until(up, timeout, what="the queen to answer")
+    except BaseException:
+        proc.stop()  # never leave a queen (and the workers it started) behind
+        raise
     return proc
 
 

@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="list, download and delete models on a hive", parents=[common])
     msub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
-    p = cmd("list", "list the models in a hive's catalog", workers.model_list, msub)
-    p.add_argument("--hive")
+    p = cmd("list", "list the fleet's models and their state (loaded, loading, available), or one hive's catalog",
+            workers.model_list, msub)
+    p.add_argument("--hive", help="show this hive's catalog (files, sources) instead")
     _json_flag(p)
     p = cmd("download", "fetch a model into a hive's catalog", workers.model_download, msub)
     p.add_argument("source", help="alias (smollm2), local path, http(s) URL, or hf:OWNER/REPO[/FILE][@REVISION]")

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Table
 
-from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, JobEvent, ModelEntry, WorkerView
+from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, JobEvent, ModelEntry, ModelView, WorkerView
 
 
 def _cells(*values: object) -> list[str]:
@@ -66,6 +66,18 @@ def models_table(hive: str, models: list[ModelEntry]) -> Table:
         table.add_column(col)
     for m in models:
         table.add_row(*_cells(m.id, m.format, f"{m.size_bytes / 2**20:.1f} MiB", m.source, m.path))
+    return table
+
+
+def fleet_models_table(models: list[ModelView]) -> Table:
+    """Every model of the fleet: loaded (on how many workers), loading, or available to load on demand."""
+    table = Table(title="models", title_justify="left")
+    for col in ("model", "state", "workers", "hives", "format", "size", "need", "capabilities"):
+        table.add_column(col)
+    for m in models:
+        table.add_row(*_cells(m.id, m.state, m.workers, ", ".join(m.hives) or "-", m.format or "-",
+                              f"{m.size_bytes / 2**20:.1f} MiB" if m.size_bytes else "-",
+                              f"~{_mb(m.need_mb)}" if m.need_mb else "-", ", ".join(m.capabilities)))
     return table
 
 

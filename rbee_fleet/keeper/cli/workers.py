@@ -58,7 +58,15 @@ async def worker_stop(args: argparse.Namespace, ctx: KeeperContext) -> int:
 
 
 async def model_list(args: argparse.Namespace, ctx: KeeperContext) -> int:
-    hive = args.hive or ctx.local_hive()
+    if not args.hive:  # the fleet's models, each with its state (what /v1/models lists)
+        async with ctx.client() as client:
+            st = await client.status()
+        if args.json:
+            emit_json([m.model_dump(mode="json") for m in st.catalog])
+        else:
+            out.print(tables.fleet_models_table(st.catalog))
+        return ExitCode.OK
+    hive = args.hive
     async with ctx.client() as client:
         models = await client.models(hive)
     if args.json:

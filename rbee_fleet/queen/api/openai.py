@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from rbee_fleet.common.errors import BadRequest
+from rbee_fleet.common.errors import ApiError, BadRequest
 from rbee_fleet.common.http import parse_json
 from rbee_fleet.common.validation import validate
 from rbee_fleet.contracts.capabilities import requirements
@@ -21,7 +21,9 @@ from rbee_fleet.contracts.openai import (
     ModelList,
     ResponsesRequest,
 )
+from rbee_fleet.contracts.stream import error_event
 from rbee_fleet.queen.api.keys import QUEEN
+from rbee_fleet.queen.proxy import PREPARED, ROUTE
 
 # route (under /v1/) -> what its body must at least hold
 REQUESTS: dict[str, type[BaseModel]] = {
@@ -52,10 +54,31 @@ def _handler(endpoint: str):
             if isinstance(value, int):
                 queen.registry.refuse_over_context(req.model, value, param)
                 break
-        return await queen.proxy.forward(
-            request, endpoint=endpoint, model=req.model, stream=bool(getattr(req, "stream", False)), body=raw,
-            needs=requirements(endpoint, body),
-        )
+        stream = bool(getattr(req, "stream", False))
+        if queen.settings.prefix_routing:
+            hashes = queen.router.hashes(endpoint, body)
+            if hashes:
+                request[ROUTE] = queen.router.route(req.model, hashes)
+        try:
+            await queen.on_demand.hold(request, req.model, stream)
+            response = await queen.proxy.forward(
+                request, endpoint=endpoint, model=req.model, stream=stream, body=raw,
+                needs=requirements(endpoint, body),
+            )
+        except ApiError as exc:
+            prepared = request.get(PREPARED)
+            if prepared is None:
+                raise
+            await prepared.write(error_event(exc.message, type=exc.type, code=exc.code))
+            await prepared.write_eof()
+            return prepared
+        prepared = request.get(PREPARED)
+        if prepared is not None and response is not prepared:
+            # The SSE stream had started while a model loaded; the worker then refused the request.
+            await prepared.write(b"data: " + bytes(getattr(response, "body", b"") or b"{}") + b"\n\n")
+            await prepared.write_eof()
+            return prepared
+        return response
 
     return handle
 
@@ -77,9 +100,10 @@ def _name_the_only_tool(body: dict[str, Any]) -> bytes:
 async def models(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
     created = int(queen.started_at)
-    registry = queen.registry
-    cards = ModelList(data=[ModelCard(id=m, created=created, capabilities=sorted(registry.capabilities_of(m)))
-                            for m in registry.models()])
+    cards = ModelList(data=[
+        ModelCard(id=v.id, created=created, capabilities=v.capabilities, state=v.state, workers=v.workers, hives=v.hives)
+        for v in queen.on_demand.views()
+    ])
     return web.json_response(cards.model_dump())
 
 

@@ -44,4 +44,7 @@ class QueenHeader(Static):
         text.append("  " + "  ".join(parts), style="")
         text.append("\nmodels ", style="bold")
         text.append(", ".join(status.models) or "none serving", style="green" if status.models else "yellow")
+        waiting = [m.id for m in status.catalog if m.state != "loaded"]  # loaded on the first request for them
+        if waiting:
+            text.append("  on demand: " + ", ".join(waiting), style="dim")
         self.update(text)
