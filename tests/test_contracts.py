@@ -31,7 +31,7 @@ def test_max_completion_tokens_is_max_tokens():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, "max_tokens"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
 ])
 def test_chat_request_refusals_name_the_field(body, param):
     with pytest.raises(BadRequest) as info:

@@ -25,7 +25,7 @@ def fleet(tmp_path: Path):
     """A queen with two one-slot CPU workers and a short drain timeout."""
     port = procs.free_port()
     inv = procs.write_inventory(tmp_path / "inv.toml", port=port, worker_port_base=procs.free_port_range(8),
-                                workers=[{"model": "smollm2", "threads": 1, "ctx_size": 1024, "count": 2}],
+                                workers=[{"model": "smollm2", "threads": 1, "ctx_size": 1024, "count": 2, "slots": 1}],
                                 queen_extra=f"drain_timeout_s = {DRAIN_TIMEOUT_S}")
     inv.write_text(inv.read_text().replace("admission_timeout_s = 5", "admission_timeout_s = 60"))
     queen = procs.start_queen(tmp_path, inv, tmp_path / "home", port)

@@ -62,7 +62,7 @@ def one_worker_queen(tmp_path):
     """A queen with one slot in the whole fleet, at most one request waiting, and a 1 s admission wait."""
     port = procs.free_port()
     inv = procs.write_inventory(tmp_path / "inv.toml", port=port, worker_port_base=procs.free_port_range(5),
-                                workers=[{"model": "smollm2", "threads": 2, "ctx_size": 1024}],
+                                workers=[{"model": "smollm2", "threads": 2, "ctx_size": 1024, "slots": 1}],
                                 queen_extra="max_waiting = 1")
     inv.write_text(inv.read_text().replace("admission_timeout_s = 5", "admission_timeout_s = 1"))
     queen = procs.start_queen(tmp_path, inv, tmp_path / "home", port)

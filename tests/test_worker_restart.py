@@ -24,7 +24,7 @@ CLIENTS = 4
 def fleet(tmp_path: Path):
     port = procs.free_port()
     inv = procs.write_inventory(tmp_path / "inv.toml", port=port, worker_port_base=procs.free_port_range(8),
-                                workers=[{"model": "smollm2", "threads": 1, "ctx_size": 1024, "count": 2}])
+                                workers=[{"model": "smollm2", "threads": 1, "ctx_size": 1024, "count": 2, "slots": 1}])
     inv.write_text(inv.read_text().replace("admission_timeout_s = 5", "admission_timeout_s = 60"))
     queen = procs.start_queen(tmp_path, inv, tmp_path / "home", port)
     procs.wait_workers_ready(queen, 2)

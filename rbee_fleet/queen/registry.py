@@ -182,7 +182,9 @@ class Registry:
         workers = [r for r in self.workers.values() if r.hb.model == model and r.hb.state is not WorkerState.FAILED]
         if not workers or any(not missing(needs, r.capabilities) for r in workers):
             return
-        fields = missing(needs, workers[0].capabilities)
+        # Name what the closest worker lacks, fields before whole endpoints.
+        fields = min((missing(needs, r.capabilities) for r in workers), key=len)
+        fields.sort(key=lambda f: f.startswith("/v1/"))
         backends = ", ".join(sorted({r.hb.backend for r in workers}))
         field = fields[0]
         if field.startswith("/v1/"):

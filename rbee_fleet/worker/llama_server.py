@@ -228,6 +228,6 @@ class EngineStats:
             queue_depth=int(metrics.get("requests_deferred", 0)),
             tokens_predicted_total=int(metrics.get("tokens_predicted_total", 0)),
             prompt_tokens_total=int(metrics.get("prompt_tokens_total", 0)),
-            requests_total=int(metrics.get("n_decode_total", 0) and metrics.get("requests_total", 0) or 0),
+            requests_total=0,  # llama-server counts tokens, not requests; the queen counts requests (its metrics)
             cache_tokens_used=int(used) if used is not None else None,
         )

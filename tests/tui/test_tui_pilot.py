@@ -91,7 +91,7 @@ async def test_worker_spawned_from_the_tui_appears_and_stops_after_confirmation(
         workers = app.screen.query_one("#workers", DataTable)
         await wait_for(pilot, lambda: "tui-spawned" in [k.value for k in workers.rows], what="the worker row")
         cells = [str(c) for c in workers.get_row("tui-spawned")]
-        assert cells[1:4] == ["smollm2", "llamacpp", "cpu"] and cells[5] == "ready" and cells[6] == "0/1"
+        assert cells[1:4] == ["smollm2", "llamacpp", "cpu"] and cells[5] == "ready" and cells[6] == "0/4"  # llama-server's 4 slots
 
         # Stopping asks first; "n" leaves it running, "y" stops it.
         workers.move_cursor(row=workers.get_row_index("tui-spawned"))
