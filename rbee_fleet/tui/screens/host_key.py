@@ -20,6 +20,7 @@ class HostKeyScreen(ModalScreen[bool]):
     BINDINGS = [
         Binding("escape,n", "dismiss(False)", "Reject"),
     ]
+    AUTO_FOCUS = "#reject"  # the safe answer is the default (Textual focuses this when the screen shows)
 
     def __init__(self, key: HostKey, asked_for: str | None = None) -> None:
         super().__init__()
@@ -48,9 +49,6 @@ class HostKeyScreen(ModalScreen[bool]):
                 if k.state == "unknown":
                     yield Button("Trust this key", variant="warning", id="accept")
                 yield Button("Reject (n)" if k.state == "unknown" else "Close (n)", id="reject")
-
-    def on_mount(self) -> None:
-        self.query_one("#reject", Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "accept")
