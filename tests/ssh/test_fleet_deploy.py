@@ -140,7 +140,8 @@ def test_hives_and_workers_advertise_their_own_addresses(fleet: Fleet) -> None:
 
 
 def test_remote_hives_and_workers_require_the_cluster_token(fleet: Fleet) -> None:
-    for url in ("http://127.0.0.2:9000/v1/workers", "http://127.0.0.3:9300/health"):
+    # A worker's port is llama-server's: everything but its bare /health needs the token.
+    for url in ("http://127.0.0.2:9000/v1/workers", "http://127.0.0.3:9300/v1/models"):
         status, body, _ = procs.http_json(url)
         assert status == 401 and body["error"]["type"] == "authentication_error"
         status, _, _ = procs.http_json(url, headers={"Authorization": "Bearer wrong"})
@@ -156,18 +157,19 @@ def _ask(client: OpenAI, i: int) -> str:
 
 
 def test_openai_requests_through_the_queen_land_on_every_remote_worker(fleet: Fleet) -> None:
-    before = {w["heartbeat"]["worker_id"]: w["heartbeat"]["requests_total"] for w in fleet.workers()}
+    # llama-server counts tokens, not requests: every worker's count of generated tokens must grow.
+    before = {w["heartbeat"]["worker_id"]: w["heartbeat"]["tokens_generated_total"] for w in fleet.workers()}
     client = OpenAI(base_url=f"{fleet.queen.url}/v1", api_key="unused", max_retries=0, timeout=120)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda i: _ask(client, i), range(9)))
     assert all(answers)
 
     def served() -> dict[str, int] | None:
-        now = {w["heartbeat"]["worker_id"]: w["heartbeat"]["requests_total"] - before.get(w["heartbeat"]["worker_id"], 0)
-               for w in fleet.workers()}
-        return now if sum(now.values()) >= 9 else None
+        now = {w["heartbeat"]["worker_id"]: w["heartbeat"]["tokens_generated_total"]
+               - before.get(w["heartbeat"]["worker_id"], 0) for w in fleet.workers()}
+        return now if all(n >= 1 for n in now.values()) and len(now) == len(GOOD) else None
 
-    counts = wait_until(served, 10, "heartbeats counting the requests")
+    counts = wait_until(served, 10, "heartbeats counting the tokens")
     assert set(counts) == {f"{h}-smollm2-0" for h in GOOD}
     assert all(n >= 1 for n in counts.values()), counts
 
