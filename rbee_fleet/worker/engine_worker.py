@@ -138,7 +138,8 @@ class EngineRuntime:
             version=__version__,
             started_at=self.started_at,
             capabilities=self.capabilities,
-            cache_tokens_total=cache_total,
+            # llama-server reports its KV cache use only in some versions: both or neither.
+            cache_tokens_total=cache_total if s and s.cache_tokens_used is not None else None,
             cache_tokens_free=max(0, cache_total - s.cache_tokens_used) if s and s.cache_tokens_used is not None else None,
         )
 

@@ -148,7 +148,8 @@ async def test_one_remote_hosts_life_from_the_tui(remote_fleet: RemoteFleet) -> 
 
         # The deploy plan, checked over SSH, would start it again; cancelled, nothing changes.
         await pilot.press("D")
-        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen), timeout=60, what="the plan")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlanScreen)
+                       and app.screen.query_one("#plan", DataTable).row_count > 0, timeout=60, what="the plan")
         rows = [[str(c) for c in app.screen.query_one("#plan", DataTable).get_row_at(i)]
                 for i in range(app.screen.query_one("#plan", DataTable).row_count)]
         assert [ALIAS, "start", "change", "start the hive (pidfile)"] in rows, rows
