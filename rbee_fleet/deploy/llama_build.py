@@ -253,7 +253,7 @@ def _configure(source: Path, build: Path, say: Progress) -> None:
 
 def _compile(build: Path, say: Progress) -> None:
     jobs = str(os.cpu_count() or 2)
-    say(f"compiling llama-server with {jobs} jobs (about 10 minutes on 2 cores, once)")
+    say(f"compiling llama-server with {jobs} jobs (about 15 minutes on 2 cores, once)")
     env = {**os.environ, "NINJA_STATUS": "[%f/%t %es] "}
     _run([_tool("cmake"), "--build", str(build), "--target", "llama-server", "-j", jobs],
          "compiling llama-server", say, env=env, every=25)
