@@ -104,7 +104,9 @@ async def test_a_host_key_is_trusted_only_after_its_fingerprint_is_shown_and_acc
         await wait_for(pilot, lambda: isinstance(app.screen, HostKeyScreen), what="the host key dialog")
         shown = str(app.screen.query_one("#fingerprint", Label).content)
         assert fp in shown and "ssh-ed25519" in shown
-        assert app.screen.query_one("#reject", Button).has_focus  # the safe answer is the default
+        # The safe answer is the default: Reject gets the focus (as the screen finishes showing).
+        await wait_for(pilot, lambda: app.screen.query_one("#reject", Button).has_focus, timeout=10,
+                       what="Reject to have the focus")
         await pilot.press("enter")
         await wait_for(pilot, lambda: not isinstance(app.screen, HostKeyScreen), what="the dialog to close")
         assert not known_hosts.exists()
