@@ -162,8 +162,11 @@ class OnDemand:
                 await asyncio.wait_for(asyncio.shield(task), min(self.settings.load_keepalive_s, remaining))
                 return
             except asyncio.TimeoutError:
-                if task.done():  # the load itself timed out: its own error, not the wait's
-                    raise ModelLoadFailed(f"loading {model!r} failed: {task.exception() or 'timed out'}") from None
+                if task.done():  # it ended just as the wait did: loaded, or failed with its own error
+                    error = None if task.cancelled() else task.exception()
+                    if error is None and not task.cancelled():
+                        return
+                    raise ModelLoadFailed(f"loading {model!r} failed: {error or 'cancelled'}") from None
                 if keepalive is not None and time.monotonic() < deadline:
                     await keepalive(f"rbee: loading {model} ({time.monotonic() - started:.0f} s)")
 
