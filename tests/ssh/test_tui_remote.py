@@ -142,8 +142,9 @@ async def test_one_remote_hosts_life_from_the_tui(remote_fleet: RemoteFleet) -> 
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
         await pilot.press("y")
         await finished(pilot, 2, timeout=120)
-        await wait_for(pilot, lambda: state(app) is HostState.STOPPED, timeout=60, what="the host stopped")
-        assert "the hive is not running" in reason(app)
+        # The row says STOPPED while the stop runs too: wait for the probe's own reason, not the busy marker.
+        await wait_for(pilot, lambda: state(app) is HostState.STOPPED and "the hive is not running" in reason(app),
+                       timeout=60, what="the host stopped, as the probe says")
         assert "running" not in host.exec(f"{INSTALL}/bin/rbee-hive-ctl status").stdout
 
         # The deploy plan, checked over SSH, would start it again; cancelled, nothing changes.
