@@ -47,6 +47,10 @@ class QueenConfig(_Section):
     allowed_origins: list[str] = []  # web pages whose browsers may call the queen (localhost pages always may)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     heartbeat_timeout_s: float = Field(default=15.0, gt=0)
+    # Pulses: a worker's cheap proof of life between heartbeats; silent past pulse_timeout_s it is out
+    # (README: "A frozen host"). 0 turns pulses off (then heartbeat_timeout_s alone applies).
+    pulse_interval_s: float = Field(default=1.0, ge=0)
+    pulse_timeout_s: float = Field(default=4.0, gt=0)
     admission_timeout_s: float = Field(default=30.0, ge=0)
     max_waiting: int = Field(default=64, ge=0)
     drain_timeout_s: float = Field(default=60.0, ge=0)  # on shutdown, how long answers in flight may run on
@@ -68,6 +72,8 @@ class QueenConfig(_Section):
     def _timeout_after_interval(self) -> QueenConfig:
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
+        if self.pulse_interval_s and self.pulse_timeout_s <= 2 * self.pulse_interval_s:
+            raise ValueError("pulse_timeout_s must be more than twice pulse_interval_s (one late pulse is not death)")
         return self
 
     @property

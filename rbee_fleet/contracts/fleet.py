@@ -85,6 +85,25 @@ class WorkerHeartbeat(BaseModel):
 class HeartbeatAck(BaseModel):
     ok: bool = True
     heartbeat_interval_s: float
+    # How often the queen wants a pulse (see WorkerPulse); None from a queen that takes no pulses.
+    pulse_interval_s: float | None = None
+
+
+class WorkerPulse(BaseModel):
+    """A worker's cheap, frequent proof of life, sent between its full heartbeats.
+
+    It names the worker process and nothing else, so it never waits on the engine: a worker busy with a
+    long prompt keeps pulsing, while a frozen host or a paused process falls silent within seconds.
+    """
+
+    worker_id: str
+    pid: int
+    started_at: float
+
+
+class PulseAck(BaseModel):
+    # False when the queen does not know this process (it restarted, or forgot the worker): send a heartbeat.
+    known: bool
 
 
 class SupervisedWorker(BaseModel):

@@ -17,7 +17,7 @@ from rbee_fleet.queen.settings import QueenSettings
 from rbee_fleet.queen.state import Queen
 
 UPSTREAM_KEEPALIVE_S = 3.0
-COMPONENT_PATHS = frozenset({"/v1/worker-heartbeat", "/v1/hive-heartbeat"})
+COMPONENT_PATHS = frozenset({"/v1/worker-heartbeat", "/v1/worker-pulse", "/v1/hive-heartbeat"})
 PUBLIC_PATHS = frozenset({"/health"})
 
 

@@ -43,7 +43,11 @@ PREPARED = web.RequestKey("prepared", web.StreamResponse)
 
 
 class _Watchdog:
-    """Ends an attempt whose worker stops heartbeating, so a paused or vanished host never hangs a client.
+    """Ends an attempt whose worker falls silent, so a paused or vanished host never hangs a client.
+
+    Silence is judged by the registry: a worker that pulses is out after the pulse timeout (4 s by
+    default), so a frozen host is noticed within seconds, while a live worker busy with a long prompt
+    keeps pulsing and is never cut.
 
     Before the worker's headers arrive it cancels the attempt (which becomes a retry elsewhere); after,
     it closes the upstream connection (which ends the client's stream with an error event).
@@ -63,7 +67,7 @@ class _Watchdog:
         if self._registry.is_live(self._record):
             self._handle = self._loop.call_later(WATCH_INTERVAL_S, self._check)
             return
-        self.cut(f"no heartbeat for {time.monotonic() - self._record.last_seen:.0f} s")
+        self.cut(f"no heartbeat or pulse for {time.monotonic() - self._record.last_seen:.1f} s")
 
     def cut(self, why: str) -> None:
         """End the attempt: a retry before the worker's headers, an error event after."""

@@ -22,6 +22,7 @@ from rbee_fleet.contracts.fleet import (
     ModelEntry,
     SupervisedWorker,
     WorkerHeartbeat,
+    WorkerPulse,
     WorkerState,
     WorkerView,
 )
@@ -41,6 +42,7 @@ class WorkerRecord:
     in_flight: int = 0  # requests the queen has sent and not yet seen finish
     live_reported: bool = True
     last_used: float = 0.0  # monotonic time a request last started or ended on it
+    pulsing: bool = False  # its pulses arrive: it is judged by the short pulse timeout
 
     @property
     def id(self) -> str:
@@ -76,8 +78,9 @@ class HiveRecord:
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout_s: float) -> None:
+    def __init__(self, heartbeat_timeout_s: float, pulse_timeout_s: float | None = None) -> None:
         self.timeout = heartbeat_timeout_s
+        self.pulse_timeout = pulse_timeout_s
         self.workers: dict[str, WorkerRecord] = {}
         self.hives: dict[str, HiveRecord] = {}
         # Worker instances (id -> (pid, start time)) that said goodbye: a heartbeat of theirs that was
@@ -124,6 +127,22 @@ class Registry:
         if self.in_rotation(rec, now) and not was_ready:
             self._wake()
 
+    def worker_pulse(self, pulse: WorkerPulse) -> bool:
+        """A pulse from a worker process: alive. False when the queen has no record of that process."""
+        rec = self.workers.get(pulse.worker_id)
+        if rec is None or (rec.hb.pid, rec.hb.started_at) != (pulse.pid, pulse.started_at):
+            return False
+        now = time.monotonic()
+        was_ready = self.in_rotation(rec, now)
+        rec.last_seen = now
+        rec.pulsing = True
+        if not rec.live_reported:
+            rec.live_reported = True
+            log.info("worker %s is back (pulse)", rec.id)
+        if self.in_rotation(rec, now) and not was_ready:
+            self._wake()
+        return True
+
     def hive_heartbeat(self, hb: HiveHeartbeat) -> None:
         self.hives[hb.hive_id] = HiveRecord(
             hive_id=hb.hive_id, url=hb.url, version=hb.version, embedded=hb.embedded,
@@ -135,9 +154,10 @@ class Registry:
         now = time.monotonic()
         for wid, rec in list(self.workers.items()):
             silent = now - rec.last_seen
-            if silent > self.timeout and rec.live_reported:
+            if silent > self.timeout_of(rec) and rec.live_reported:
                 rec.live_reported = False
-                log.warning("worker %s missed its heartbeats (%.0f s); out of rotation", wid, silent)
+                log.warning("worker %s fell silent (%.1f s without a %s); out of rotation", wid, silent,
+                            "pulse" if rec.pulsing else "heartbeat")
             if silent > self.timeout * FORGET_AFTER_TIMEOUTS:
                 del self.workers[wid]
 
@@ -147,8 +167,12 @@ class Registry:
 
     # -- queries ---------------------------------------------------------------------------------
 
+    def timeout_of(self, rec: WorkerRecord) -> float:
+        """How long ``rec`` may stay silent: the pulse timeout once it pulses, else the heartbeat timeout."""
+        return min(self.pulse_timeout, self.timeout) if rec.pulsing and self.pulse_timeout else self.timeout
+
     def is_live(self, rec: WorkerRecord, now: float | None = None) -> bool:
-        return ((now or time.monotonic()) - rec.last_seen) <= self.timeout
+        return ((now or time.monotonic()) - rec.last_seen) <= self.timeout_of(rec)
 
     def in_rotation(self, rec: WorkerRecord, now: float | None = None) -> bool:
         return rec.hb.state is WorkerState.READY and self.is_live(rec, now) and rec.id not in self.withheld

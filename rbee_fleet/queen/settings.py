@@ -29,6 +29,8 @@ class QueenSettings:
     cluster_token_file: str | None = None
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 15.0
+    pulse_interval_s: float = 1.0  # 0: no pulses asked for
+    pulse_timeout_s: float = 4.0
     admission_timeout_s: float = 30.0
     max_waiting: int = 64
     read_timeout_s: float = 300.0
@@ -117,6 +119,8 @@ def settings_from_inventory(
         cluster_token_file=str(token_file),
         heartbeat_interval_s=q.heartbeat_interval_s,
         heartbeat_timeout_s=q.heartbeat_timeout_s,
+        pulse_interval_s=q.pulse_interval_s,
+        pulse_timeout_s=q.pulse_timeout_s,
         admission_timeout_s=q.admission_timeout_s,
         max_waiting=q.max_waiting,
         drain_timeout_s=q.drain_timeout_s,

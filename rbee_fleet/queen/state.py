@@ -32,7 +32,7 @@ class Queen:
         self.settings = settings
         self.session = session
         self.started_at = time.time()
-        self.registry = Registry(settings.heartbeat_timeout_s)
+        self.registry = Registry(settings.heartbeat_timeout_s, pulse_timeout_s=settings.pulse_timeout_s)
         self.scheduler = Scheduler(self.registry, settings.admission_timeout_s, settings.max_waiting)
         self.metrics = QueenMetrics(self.registry)
         self.metrics.waiting.set_function(lambda: self.scheduler.waiting)

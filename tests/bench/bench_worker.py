@@ -52,7 +52,9 @@ async def concurrent(session: aiohttp.ClientSession, url: str, body: dict, n: in
 async def measure(url: str) -> dict[str, float]:
     body = {"model": "smollm2", "messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0}
     out: dict[str, float] = {}
-    async with aiohttp.ClientSession() as session:
+    # A new connection per request on both sides: llama-server closes idle keep-alive connections, and a
+    # reused one it had closed fails the request (the official client retries; this bench does not).
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         await time_stream(session, url, body)  # warm-up
         singles = [await time_stream(session, url, body) for _ in range(ROUNDS)]
         out["decode_tps"] = median([t.decode_tps for t in singles])

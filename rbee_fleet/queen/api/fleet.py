@@ -8,14 +8,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from rbee_fleet import __version__
 from rbee_fleet.common.http import read_json
 from rbee_fleet.common.validation import validate
-from rbee_fleet.contracts.fleet import HeartbeatAck, HiveHeartbeat, WorkerHeartbeat
+from rbee_fleet.contracts.fleet import HeartbeatAck, HiveHeartbeat, PulseAck, WorkerHeartbeat, WorkerPulse
 from rbee_fleet.queen.api.keys import QUEEN
 
 
 async def worker_heartbeat(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
     queen.registry.worker_heartbeat(validate(WorkerHeartbeat, await read_json(request)))
-    return web.json_response(HeartbeatAck(heartbeat_interval_s=queen.settings.heartbeat_interval_s).model_dump())
+    ack = HeartbeatAck(heartbeat_interval_s=queen.settings.heartbeat_interval_s,
+                       pulse_interval_s=queen.settings.pulse_interval_s or None)
+    return web.json_response(ack.model_dump())
+
+
+async def worker_pulse(request: web.Request) -> web.Response:
+    known = request.app[QUEEN].registry.worker_pulse(validate(WorkerPulse, await read_json(request)))
+    return web.json_response(PulseAck(known=known).model_dump())
 
 
 async def hive_heartbeat(request: web.Request) -> web.Response:
@@ -58,6 +65,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/worker-heartbeat", worker_heartbeat)
+    app.router.add_post("/v1/worker-pulse", worker_pulse)
     app.router.add_post("/v1/hive-heartbeat", hive_heartbeat)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
