@@ -1,5 +1,7 @@
 """OpenAI request models: what is accepted, what is refused, and how the refusal names the field."""
 
+import json
+
 import pytest
 
 from rbee_fleet.common.errors import BadRequest
@@ -66,3 +68,28 @@ def test_worker_ids_cannot_be_paths():
         assert info.value.param == "operation.worker_spawn.worker_id"
     ok = validate(JobRequest, {"operation": {"kind": "worker_stop", "worker_id": "home-smollm2-0"}})
     assert ok.operation.worker_id == "home-smollm2-0"
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_streamed_chunks_are_the_typed_models_bytes(chat):
+    """The worker's fast per-token chunks are exactly what the typed chunk models serialise."""
+    from rbee_fleet.contracts.openai import ChatCompletionChunk, CompletionChunk, Usage
+    from rbee_fleet.worker.openai_api import ChunkEncoder
+
+    kind = ChatCompletionChunk if chat else CompletionChunk
+    enc = ChunkEncoder(chat=chat, id="id-1", created=7, model="smollm2")
+    events = [enc.text('a "quoted"\nline'), enc.text("ünï 🐝"), enc.finish("length"), enc.usage(Usage.counted(3, 2))]
+    if chat:
+        events.insert(0, enc.role())
+    parsed = []
+    for event in events:
+        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+        chunk = kind.model_validate_json(event[6:-2])
+        assert json.loads(chunk.model_dump_json()) == json.loads(event[6:-2])
+        parsed.append(chunk)
+    texts = [c.choices[0].delta.content if chat else c.choices[0].text for c in parsed if c.choices]
+    assert "".join(t or "" for t in texts) == 'a "quoted"\nlineünï 🐝'
+    assert parsed[-2].choices[0].finish_reason == "length" and parsed[-1].usage.total_tokens == 5
+    if chat:
+        assert parsed[0].choices[0].delta.role == "assistant"
+        assert json.loads(events[-2][6:-2])["choices"][0]["delta"] == {}  # OpenAI's last delta is empty

@@ -17,12 +17,20 @@ from rbee_fleet.common.http import read_json
 from rbee_fleet.common.validation import validate
 from rbee_fleet.contracts.capabilities import missing, requirements
 from rbee_fleet.contracts.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionRequest,
     SamplingFields,
-    chat_completion_body,
-    completion_body,
-    usage_of,
+    Usage,
 )
 from rbee_fleet.contracts.stream import error_event, usage_comment
 from rbee_fleet.worker.admission import Admission
@@ -35,39 +43,40 @@ RUNTIME = web.AppKey("runtime", Runtime)
 
 
 class ChunkEncoder:
-    """Pre-renders everything but the text, so each token costs one ``json.dumps`` of a short string."""
+    """Streamed chunks, as the typed models in ``contracts.openai`` serialise them.
+
+    A token's chunk is the model's own serialisation with the text spliced in: the bytes around a
+    placeholder are rendered once per request, so each token costs one ``json.dumps`` of a short string.
+    """
+
+    _SLOT = "rbee-text-slot"
 
     def __init__(self, *, chat: bool, id: str, created: int, model: str) -> None:
         self.chat = chat
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        head = {"id": id, "object": obj, "created": created, "model": model}
-        self._head = json.dumps(head, separators=(",", ":"))[:-1].encode()
-        if chat:
-            self._pre = self._head + b',"choices":[{"index":0,"delta":{"content":'
-            self._post = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-        else:
-            self._pre = self._head + b',"choices":[{"index":0,"text":'
-            self._post = b',"logprobs":null,"finish_reason":null}]}\n\n'
+        self._head = {"id": id, "created": created, "model": model}
+        template = self._chunk(self._SLOT, finish=None).encode()
+        self._pre, self._post = template.split(json.dumps(self._SLOT).encode())
+
+    def _chunk(self, text: str, *, finish: str | None, role: bool = False) -> str:
+        if self.chat:
+            delta = ChatDelta(role="assistant" if role else None, content=None if finish else text)
+            return ChatCompletionChunk(**self._head, choices=[
+                ChatChunkChoice(delta=delta, finish_reason=finish)]).model_dump_json()
+        return CompletionChunk(**self._head, choices=[
+            CompletionChunkChoice(text=text, finish_reason=finish)]).model_dump_json()
 
     def text(self, text: str) -> bytes:
-        return b"data: " + self._pre + json.dumps(text).encode() + self._post
+        return b"data: " + self._pre + json.dumps(text).encode() + self._post + b"\n\n"
 
     def role(self) -> bytes:
-        return b"data: " + self._head + (
-            b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-            b'"logprobs":null,"finish_reason":null}]}\n\n'
-        )
+        return sse.encode(self._chunk("", finish=None, role=True))
 
     def finish(self, reason: str) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
-        if self.chat:
-            choice["delta"] = {}
-        else:
-            choice["text"] = ""
-        return b"data: " + self._head + b',"choices":' + json.dumps([choice]).encode() + b"}\n\n"
+        return sse.encode(self._chunk("", finish=reason))
 
-    def usage(self, usage: dict[str, int]) -> bytes:
-        return b"data: " + self._head + b',"choices":[],"usage":' + json.dumps(usage).encode() + b"}\n\n"
+    def usage(self, usage: Usage) -> bytes:
+        kind = ChatCompletionChunk if self.chat else CompletionChunk
+        return sse.encode(kind(**self._head, choices=[], usage=usage).model_dump_json())
 
 
 def sampling_params(req: SamplingFields, prompt_tokens: int, backend: Backend) -> SamplingParams:
@@ -171,12 +180,16 @@ async def _collect(runtime: Runtime, stream: Any, encoder: ChunkEncoder, prompt_
             runtime.meter.add(item.tokens)
         else:
             finish = item
-    usage = usage_of(prompt_tokens, finish.completion_tokens)
-    build = chat_completion_body if encoder.chat else completion_body
-    id_ = f"{'chatcmpl' if encoder.chat else 'cmpl'}-{uuid.uuid4().hex}"
-    body = build(id=id_, created=int(time.time()), model=model, text="".join(parts),
-                 finish_reason=finish.reason, usage=usage)
-    return web.json_response(body)
+    usage = Usage.counted(prompt_tokens, finish.completion_tokens)
+    text, created = "".join(parts), int(time.time())
+    body: ChatCompletion | Completion
+    if encoder.chat:
+        body = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=created, model=model, usage=usage,
+                              choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=finish.reason)])
+    else:
+        body = Completion(id=f"cmpl-{uuid.uuid4().hex}", created=created, model=model, usage=usage,
+                          choices=[CompletionChoice(text=text, finish_reason=finish.reason)])
+    return web.json_response(text=body.model_dump_json())
 
 
 async def _stream_out(
@@ -214,11 +227,11 @@ async def _stream_out(
         return response
     if head:
         await response.write(head)
-    usage = usage_of(prompt_tokens, finish.completion_tokens)
+    usage = Usage.counted(prompt_tokens, finish.completion_tokens)
     tail = encoder.finish(finish.reason)
     if include_usage:
         tail += encoder.usage(usage)
-    tail += sse.comment(usage_comment(usage)) + sse.DONE
+    tail += sse.comment(usage_comment(usage.model_dump())) + sse.DONE
     await response.write(tail)
     await response.write_eof()
     return response
