@@ -55,7 +55,7 @@ def gpu_queen(cuda, module_tmp):
 
 async def job(queen, op) -> dict:
     async with aiohttp.ClientSession() as session:
-        return await JobClient(session, queen.url).run(op)
+        return await JobClient(session, queen.url, headers=procs.admin_headers(queen.extra["home"])).run(op)
 
 
 @pytest.fixture(scope="module")
