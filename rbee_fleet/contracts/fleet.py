@@ -76,6 +76,8 @@ class WorkerHeartbeat(BaseModel):
     started_at: float = 0.0
     # What the worker's engine can serve (see contracts.capabilities); empty from older workers.
     capabilities: list[str] = []
+    # With "infill": the model's fill-in-the-middle markers (prefix, suffix, middle) the queen writes into prompts.
+    fim_tokens: list[str] = []
     # GPU backends fill these in.
     cache_tokens_total: int | None = None
     cache_tokens_free: int | None = None

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from rbee_fleet.common.errors import BadRequest, ContextOverflow
-from rbee_fleet.contracts.capabilities import LEGACY, missing
+from rbee_fleet.contracts.capabilities import INFILL, LEGACY, missing
 from rbee_fleet.contracts.fleet import (
     DeviceInfo,
     HiveHeartbeat,
@@ -201,6 +201,13 @@ class Registry:
                 caps |= r.capabilities
         return caps
 
+    def fim_tokens(self, model: str) -> list[str] | None:
+        """The fill-in-the-middle markers of ``model``, from any worker of it that can fill in the middle."""
+        for rec in self.workers.values():
+            if rec.hb.model == model and INFILL in rec.capabilities and len(rec.hb.fim_tokens) == 3:
+                return rec.hb.fim_tokens
+        return None
+
     def refuse_unable(self, model: str, needs: dict[str, str]) -> None:
         """A 400 naming the field when no worker of ``model`` can honour the request (and some exist)."""
         workers = [r for r in self.workers.values() if r.hb.model == model and r.hb.state is not WorkerState.FAILED]
@@ -214,6 +221,9 @@ class Registry:
         if field.startswith("/v1/"):
             hint = " (start a worker with embeddings = true)" if field == "/v1/embeddings" else ""
             message = f"{model!r} runs on the {backends} backend, which does not serve {field}{hint}"
+        elif field == "suffix":
+            message = (f"'suffix' (fill-in-the-middle) is not supported for {model!r}: the model has no "
+                       f"fill-in-the-middle tokens, or its {backends} backend cannot use them")
         else:
             message = f"'{field}' is not supported by the {backends} backend that serves {model!r}"
         raise BadRequest(message, param=None if field.startswith("/v1/") else field, code="unsupported_parameter")

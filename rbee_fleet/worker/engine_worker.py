@@ -27,8 +27,9 @@ from rbee_fleet.worker.heartbeat import HeartbeatSender
 from rbee_fleet.worker.llama_server import (
     EngineConfig,
     EngineStats,
+    ModelFacts,
     find_binary,
-    model_chat_template,
+    model_facts,
     parse_metrics,
     spawn,
     tool_template,
@@ -138,6 +139,7 @@ class EngineRuntime:
             version=__version__,
             started_at=self.started_at,
             capabilities=self.capabilities,
+            fim_tokens=list(self.config.fim_tokens or ()),
             # llama-server reports its KV cache use only in some versions: both or neither.
             cache_tokens_total=cache_total if s and s.cache_tokens_used is not None else None,
             cache_tokens_free=max(0, cache_total - s.cache_tokens_used) if s and s.cache_tokens_used is not None else None,
@@ -162,7 +164,9 @@ def engine_config(settings: WorkerSettings, slots: int, embeddings: bool, token_
 
 async def run(settings: WorkerSettings, config: EngineConfig) -> int:
     """Serve until SIGTERM (drain, then stop llama-server: exit 0) or until llama-server exits (its code)."""
-    template_file = _tool_template_file(config, settings.worker_id)
+    facts = ModelFacts() if config.embeddings else model_facts(config.model_path)
+    config = dataclasses.replace(config, fim_tokens=facts.fim_tokens)
+    template_file = _tool_template_file(config, settings.worker_id, facts.chat_template)
     if template_file is not None:
         config = dataclasses.replace(config, chat_template_file=str(template_file))
     runtime = EngineRuntime(settings, config)
@@ -221,11 +225,11 @@ async def _wait_ready(runtime: EngineRuntime, session: aiohttp.ClientSession, ex
         await asyncio.sleep(READY_POLL_S)
 
 
-def _tool_template_file(config: EngineConfig, worker_id: str) -> Path | None:
+def _tool_template_file(config: EngineConfig, worker_id: str, own: str | None) -> Path | None:
     """A chat template with function calling for this model, written for llama-server, when it needs one."""
     if config.embeddings or config.chat_template_file:
         return None
-    template = tool_template(model_chat_template(config.model_path))
+    template = tool_template(own)
     if template is None:
         return None
     with tempfile.NamedTemporaryFile("w", prefix=f"rbee-{worker_id}-", suffix=".jinja", delete=False) as fh:

@@ -19,10 +19,19 @@ from typing import Any
 
 from rbee_fleet.worker.backends.base import BackendError
 
-# What llama-server can do for every model (a worker started for embeddings does only that).
-# Not "infill": llama-server's /v1/completions ignores ``suffix`` (its own /infill endpoint needs a model with
-# fill-in-the-middle tokens and answers in another shape), so the queen refuses ``suffix`` instead.
+# What llama-server can do for every model (a worker started for embeddings does only that). "infill"
+# (``suffix``) is added for a model with fill-in-the-middle tokens: the queen writes them into the prompt.
 BASE_CAPABILITIES = ("chat", "completion", "tools", "json", "logprobs", "n", "responses", "messages")
+# Fill-in-the-middle markers (prefix, suffix, middle) as model families spell them, for GGUF files whose
+# metadata does not name them by id (llama.cpp looks for the same spellings).
+FIM_SPELLINGS = (
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SantaCoder
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, Granite
+    ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
+    ("<PRE>", "<SUF>", "<MID>"),  # CodeLlama
+)
+FIM_ID_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
 DEFAULT_SLOTS_MAX = 4  # llama-server's own default number of parallel sequences
 SLOTS_TOKEN_BUDGET = 16384
 CACHE_REUSE_MIN_TOKENS = 256
@@ -85,6 +94,7 @@ class EngineConfig:
     api_key_file: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
     chat_template_file: str | None = None  # replaces the model's own (see ``tool_template``)
+    fim_tokens: tuple[str, str, str] | None = None  # the model's fill-in-the-middle markers, if it has them
 
     def command(self, binary: Path) -> list[str]:
         cmd = [
@@ -120,22 +130,57 @@ class EngineConfig:
     @property
     def capabilities(self) -> list[str]:
         # llama-server's --embeddings restricts it to embeddings: such a worker generates nothing.
-        return ["embeddings"] if self.embeddings else list(BASE_CAPABILITIES)
+        if self.embeddings:
+            return ["embeddings"]
+        return [*BASE_CAPABILITIES, "infill"] if self.fim_tokens else list(BASE_CAPABILITIES)
 
 
-def model_chat_template(model_path: str) -> str | None:
-    """The chat template stored in a GGUF file, if any (read with the ``gguf`` package, no model load)."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the worker reads from a GGUF file's metadata before llama-server loads it."""
+
+    chat_template: str | None = None
+    fim_tokens: tuple[str, str, str] | None = None  # prefix, suffix, middle markers
+
+
+def model_facts(model_path: str) -> ModelFacts:
+    """The chat template and fill-in-the-middle tokens of a GGUF file (``gguf`` package, no model load)."""
     try:
         from gguf import GGUFReader
     except ImportError:
-        return None
+        return ModelFacts()
     try:
-        field = GGUFReader(model_path).fields.get("tokenizer.chat_template")
+        fields = GGUFReader(model_path).fields
     except (OSError, ValueError):
+        return ModelFacts()
+
+    def text(name: str) -> str | None:
+        field = fields.get(name)
+        if field is None or not field.data:
+            return None
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+    return ModelFacts(chat_template=text("tokenizer.chat_template"), fim_tokens=_fim_tokens(fields))
+
+
+def _fim_tokens(fields: Any) -> tuple[str, str, str] | None:
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
         return None
-    if field is None or not field.data:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+    def token(i: int) -> str:
+        return bytes(tokens.parts[tokens.data[i]]).decode("utf-8", errors="replace")
+
+    ids = []
+    for key in FIM_ID_KEYS:
+        field = fields.get(key)
+        if field is None or not field.data:
+            break
+        ids.append(int(field.parts[field.data[0]][0]))
+    if len(ids) == 3 and all(0 <= i < len(tokens.data) for i in ids):
+        return token(ids[0]), token(ids[1]), token(ids[2])
+    vocab = {token(i) for i in range(len(tokens.data))}
+    return next((spelling for spelling in FIM_SPELLINGS if all(t in vocab for t in spelling)), None)
 
 
 def tool_template(own: str | None) -> str | None:

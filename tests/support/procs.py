@@ -138,10 +138,11 @@ def spawn(name: str, cmd: list[str], log: Path, url: str, env: dict[str, str] | 
 def start_worker(tmp: Path, *, model_id: str = "smollm2", port: int | None = None, queen_url: str | None = None,
                  worker_id: str | None = None, ctx_size: int = 2048, max_queue: int = 8,
                  token_file: str | None = None, heartbeat_interval: float = 0.5, threads: int | None = None,
-                 slots: int | None = None, embeddings: bool = False, wait: bool = True) -> Proc:
+                 slots: int | None = None, embeddings: bool = False, wait: bool = True,
+                 model_file: str | None = None) -> Proc:
     port = port or free_port()
     worker_id = worker_id or f"test-worker-{port}"
-    cmd = [sys.executable, "-m", "rbee_fleet.worker", "--model-path", model_path(), "--model-id", model_id,
+    cmd = [sys.executable, "-m", "rbee_fleet.worker", "--model-path", model_file or model_path(), "--model-id", model_id,
            "--port", str(port), "--ctx-size", str(ctx_size), "--max-queue", str(max_queue),
            "--worker-id", worker_id, "--heartbeat-interval", str(heartbeat_interval)]
     if threads:

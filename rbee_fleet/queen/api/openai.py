@@ -61,6 +61,8 @@ def _handler(endpoint: str):
                 request[ROUTE] = queen.router.route(req.model, hashes)
         try:
             await queen.on_demand.hold(request, req.model, stream)
+            if endpoint == "completions" and body.get("suffix"):
+                raw = _fill_in_the_middle(body, queen.registry.fim_tokens(req.model)) or raw
             response = await queen.proxy.forward(
                 request, endpoint=endpoint, model=req.model, stream=stream, body=raw,
                 needs=requirements(endpoint, body),
@@ -95,6 +97,22 @@ def _name_the_only_tool(body: dict[str, Any]) -> bytes:
     if not tools:
         raise BadRequest(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
     return json.dumps({**body, "tool_choice": "required", "tools": tools}).encode()
+
+
+def _fill_in_the_middle(body: dict[str, Any], markers: list[str] | None) -> bytes | None:
+    """``prompt`` and ``suffix`` as one fill-in-the-middle prompt in the model's own markers (prefix, suffix,
+    middle: the order llama.cpp's infill uses), so the answer is the text that goes between them. None when
+    no worker of the model has markers: the proxy then refuses ``suffix`` by name."""
+    if not markers:
+        return None
+    pre, suf, mid = markers
+    suffix = body["suffix"]
+    if not isinstance(suffix, str):
+        raise BadRequest("suffix must be a string", param="suffix")
+    prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+    filled = [f"{pre}{prompt}{suf}{suffix}{mid}" for prompt in prompts]
+    rest = {k: v for k, v in body.items() if k != "suffix"}
+    return json.dumps({**rest, "prompt": filled if isinstance(body["prompt"], list) else filled[0]}).encode()
 
 
 async def models(request: web.Request) -> web.Response:
