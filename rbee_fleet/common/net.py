@@ -36,3 +36,8 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def connect_host(bind_host: str) -> str:
+    """The address this machine uses to reach a server bound to ``bind_host`` (a wildcard means loopback)."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "") else ("::1" if bind_host == "::" else bind_host)

@@ -18,7 +18,7 @@ from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.http import EXIT_PORT_IN_USE
 from rbee_fleet.common.jobs import Emitter
 from rbee_fleet.common.logs import rotate_if_large
-from rbee_fleet.common.net import port_free
+from rbee_fleet.common.net import connect_host, port_free
 from rbee_fleet.contracts.fleet import SupervisedWorker
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class Supervisor:
         """Poll the worker's health until it is ready, failed, or gone."""
         deadline = time.monotonic() + self.settings.ready_timeout_s
         headers = {"Authorization": f"Bearer {self.settings.token}"} if self.settings.token else {}
-        url = f"http://{_connect_host(self.settings.bind_host)}:{m.port}/health"
+        url = f"http://{connect_host(self.settings.bind_host)}:{m.port}/health"
         last_note = time.monotonic()
         while True:
             if m.ready.done():
@@ -346,10 +346,6 @@ class Supervisor:
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(wid) for wid in list(self._workers)), return_exceptions=True)
-
-
-def _connect_host(bind_host: str) -> str:
-    return "127.0.0.1" if bind_host in ("0.0.0.0", "") else ("::1" if bind_host == "::" else bind_host)
 
 
 def _describe_exit(code: int) -> str:

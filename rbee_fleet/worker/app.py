@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -16,6 +17,7 @@ from rbee_fleet.contracts.fleet import WorkerState
 from rbee_fleet.worker import openai_api
 from rbee_fleet.worker.heartbeat import HeartbeatSender
 from rbee_fleet.worker.openai_api import RUNTIME
+from rbee_fleet.worker.parent import watch_parent
 from rbee_fleet.worker.runtime import Runtime, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[HEARTBEAT] = sender
     tasks = [asyncio.create_task(runtime.load(), name="load-model"), asyncio.create_task(sender.run(), name="heartbeat")]
     if runtime.settings.exit_with_parent:
-        tasks.append(asyncio.create_task(_watch_parent(), name="watch-parent"))
+        tasks.append(asyncio.create_task(watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM)), name="watch-parent"))
     try:
         yield
     finally:
@@ -77,14 +79,3 @@ async def drain(app: web.Application) -> None:
         await app[HEARTBEAT].send()
         if runtime.admission is not None:
             await runtime.admission.wait_idle(runtime.settings.drain_timeout_s)
-
-
-async def _watch_parent() -> None:
-    """Exit when the hive that started us is gone: workers never outlive their supervisor."""
-    parent = os.getppid()
-    while True:
-        await asyncio.sleep(1.0)
-        if os.getppid() != parent:
-            log.warning("the parent process %d is gone; stopping", parent)
-            os.kill(os.getpid(), 15)
-            return

@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 
 from rbee_fleet import __version__
+from rbee_fleet.common.net import connect_host
 from rbee_fleet.contracts.fleet import WorkerHeartbeat, WorkerState
 from rbee_fleet.worker.heartbeat import HeartbeatSender
 from rbee_fleet.worker.llama_server import (
@@ -34,6 +35,7 @@ from rbee_fleet.worker.llama_server import (
     spawn,
     tool_template,
 )
+from rbee_fleet.worker.parent import watch_parent
 from rbee_fleet.worker.runtime import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class EngineRuntime:
         self._rate = 0.0
         self._last: tuple[float, int] | None = None
         self._session: aiohttp.ClientSession | None = None
-        base = f"http://{_connect_host(config.host)}:{config.port}"
+        base = f"http://{connect_host(config.host)}:{config.port}"
         self._slots_url = f"{base}/slots"
         self._props_url = f"{base}/props"
         self._metrics_url = f"{base}/metrics"
@@ -184,7 +186,7 @@ async def run(settings: WorkerSettings, config: EngineConfig) -> int:
         sender = HeartbeatSender(runtime, session)
         tasks = [asyncio.create_task(sender.run(), name="heartbeat")]
         if settings.exit_with_parent:
-            tasks.append(asyncio.create_task(_watch_parent(stop), name="watch-parent"))
+            tasks.append(asyncio.create_task(watch_parent(stop.set), name="watch-parent"))
         try:
             await _wait_ready(runtime, session, exited, stop)
             await asyncio.wait([exited, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
@@ -261,17 +263,3 @@ async def _terminate(proc: subprocess.Popen[bytes], exited: asyncio.Future[int])
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await exited
-
-
-async def _watch_parent(stop: asyncio.Event) -> None:
-    """Stop when the hive that started us is gone: workers never outlive their supervisor."""
-    parent = os.getppid()
-    while not stop.is_set():
-        await asyncio.sleep(1.0)
-        if os.getppid() != parent:
-            log.warning("the parent process %d is gone; stopping", parent)
-            stop.set()
-
-
-def _connect_host(bind_host: str) -> str:
-    return "127.0.0.1" if bind_host in ("0.0.0.0", "") else ("::1" if bind_host == "::" else bind_host)
