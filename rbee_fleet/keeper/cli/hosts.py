@@ -15,6 +15,7 @@ from rbee_fleet.contracts.vocabulary import HIVE_COMMANDS, ExitCode, HiveAction
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import HostResult, RunContext
+from rbee_fleet.keeper.cli import fleet_ops
 from rbee_fleet.keeper.cli.console import err, out
 from rbee_fleet.keeper.cli.deploy_view import DeployView, results_table, summary
 from rbee_fleet.keeper.context import KeeperContext
@@ -31,6 +32,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., ar
     p.add_argument("--limit", metavar="A,B", help="only these hive aliases")
     p.add_argument("--parallel", type=int, default=8, metavar="N", help="hosts at a time (default 8)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    fleet_ops.add_wait_flag(p)
 
     hive = sub.add_parser("hive", help="manage one remote hive over SSH", parents=[common],
                           description="Manage the hive of one remote host of the inventory over SSH.")
@@ -48,6 +50,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., ar
             p.add_argument("-n", "--lines", type=int, default=100, help="lines to show first (default 100)")
         if action in ("install", "upgrade", "status", "start", "stop", "restart", "uninstall"):
             p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+        if action in ("install", "upgrade", "start", "stop", "restart", "uninstall"):
+            fleet_ops.add_wait_flag(p)
+    fleet_ops.add_forget_key_parser(hsub, cmd)
 
 
 def _deploy_flags(p: argparse.ArgumentParser) -> None:
@@ -95,7 +100,7 @@ async def _run_with_view(args: argparse.Namespace, specs: list[HostSpec], view: 
 async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
     queen = QueenService(ctx)
     try:
-        return await _deploy(args, HostService(queen))
+        return await _deploy(args, fleet_ops.host_service(args, queen))
     finally:
         await queen.close()
 
@@ -116,7 +121,7 @@ async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
     except WheelhouseError as exc:
         err.print(f"[red]error:[/] {exc}")
         return ExitCode.FAILED
-    if not args.check and await hosts.with_queen() and not args.json:
+    if not args.check and await hosts.with_queen():
         err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
     return await _run_with_view(args, specs, view, lambda results: hosts.deploy_specs(specs, run, args.parallel, results),
                                 "deploy --check" if args.check else "deploy")
@@ -129,7 +134,7 @@ def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], 
     async def command(args: argparse.Namespace, ctx: KeeperContext) -> int:
         queen = QueenService(ctx)
         try:
-            hosts = HostService(queen)
+            hosts = fleet_ops.host_service(args, queen)
             specs = hosts.specs(args.alias)
             if action in ("install", "upgrade"):
                 return await _install(args, hosts, specs, upgrade=action == "upgrade")
