@@ -77,6 +77,15 @@ class FleetChanges:
     def lock(self) -> FleetLock:
         return fleet_lock(self.ctx, lambda message: self.warn(message))
 
+    async def wait_free(self, operation: str) -> None:
+        """Refuse (or wait, ``wait_s``) now when another operation holds the lock: before a front end starts
+        anything slow for an operation (the local queen, a build) that would be refused later anyway."""
+        if _inside.get():
+            return
+        lock = self.lock()
+        await lock.acquire(operation, self.wait_s)
+        lock.release()
+
     @contextlib.asynccontextmanager
     async def change(self, action: str, targets: Iterable[str], *, lock: bool = True) -> AsyncIterator[Change]:
         """Hold the fleet lock (``FleetLocked`` at once, or after ``wait_s``) while the operation runs, then

@@ -16,7 +16,7 @@ from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import HostResult, RunContext
 from rbee_fleet.keeper.cli import fleet_ops
-from rbee_fleet.keeper.cli.console import err, out
+from rbee_fleet.keeper.cli.console import err, fail, out
 from rbee_fleet.keeper.cli.deploy_view import DeployView, results_table, summary
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_service import HostService
@@ -119,8 +119,10 @@ async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
     try:
         run = _run_context(args, hosts, view, check=args.check)
     except WheelhouseError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        fail(args, str(exc))
         return ExitCode.FAILED
+    if not args.check:
+        await hosts.changes.wait_free(f"deploy {','.join(s.alias for s in specs)}")
     if not args.check and await hosts.with_queen():
         err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
     return await _run_with_view(args, specs, view, lambda results: hosts.deploy_specs(specs, run, args.parallel, results),
@@ -143,7 +145,7 @@ def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], 
             err.print(f"[red]inventory error:[/] {exc}", highlight=False)
             return ExitCode.USAGE
         except WheelhouseError as exc:
-            err.print(f"[red]error:[/] {exc}", highlight=False)
+            fail(args, str(exc))
             return ExitCode.FAILED
         finally:
             await queen.close()
@@ -154,6 +156,7 @@ def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], 
 async def _install(args: argparse.Namespace, hosts: HostService, specs: list[HostSpec], upgrade: bool) -> int:
     view = DeployView(err, [s.alias for s in specs], quiet=args.json)
     run = _run_context(args, hosts, view)
+    await hosts.changes.wait_free(f"hive {'upgrade' if upgrade else 'install'} {','.join(s.alias for s in specs)}")
     await hosts.with_queen()
     return await _run_with_view(args, specs, view,
                                 lambda results: hosts.install(specs, run, upgrade=upgrade, results=results),
