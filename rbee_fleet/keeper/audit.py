@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from rbee_fleet.keeper.deploy_lock import utc_now, who
 
@@ -82,6 +83,15 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         return parse_time(text)
     except ValueError:
         raise ValueError(f"--since {text!r}: give a duration (30m, 2h, 1d) or a time (2026-11-30T22:00Z)") from None
+
+
+def safe_source(source: str) -> str:
+    """A download source as the audit log keeps it: a URL without credentials or query string."""
+    parts = urlsplit(source)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return source
+    host = parts.hostname or ""
+    return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
 
 
 class AuditLog:

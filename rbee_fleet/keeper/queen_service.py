@@ -22,6 +22,7 @@ from rbee_fleet.contracts.fleet import (
     WorkerSpawnOp,
     WorkerStopOp,
 )
+from rbee_fleet.keeper.audit import safe_source
 from rbee_fleet.keeper.chat import ChatStream, openai_client
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.fleet_change import FleetChanges
@@ -135,7 +136,7 @@ class QueenService:
     async def download_model(self, source: str, hive: str | None = None, name: str | None = None,
                              sink: EventSink | None = None) -> dict[str, Any]:
         op = ModelDownloadOp(hive=hive or self.ctx.local_hive(), source=source, name=name)
-        target = f"{op.hive}/{name or source}"
+        target = f"{op.hive}/{name or safe_source(source)}"
         return await self._audited("model download", [target], op, name or source, sink)
 
     async def delete_model(self, model: str, hive: str | None = None, sink: EventSink | None = None) -> dict[str, Any]:
