@@ -307,8 +307,8 @@ class HostService:
         async def stop_one(spec: HostSpec, result: HostResult) -> None:
             try:
                 outcome = await control_hive(spec, run, HiveAction.STOP)
-            except HiveNotInstalled as exc:
-                result.status, result.reason = OK, exc.reason
+            except HiveNotInstalled:
+                result.status, result.reason = OK, "not installed: nothing to stop"
                 return
             result.status, result.reason = (CHANGED if outcome.changed else OK), outcome.message
 
@@ -316,6 +316,7 @@ class HostService:
             change.results = results
             await run_hosts(specs, stop_one, parallel, run, results[:len(specs)])
             queen = results[-1]
+            run.update(queen.alias, "stopping the local queen and its workers (after draining)")
             started = time.monotonic()
             try:
                 stopped = await stop_queen(self.ctx, self.queen.client)
@@ -325,6 +326,7 @@ class HostService:
                 queen.status = CHANGED if stopped else OK
                 queen.reason = "queen stopped" if stopped else "the queen was not running"
             queen.elapsed_s = time.monotonic() - started
+            run.update(queen.alias, queen.reason)
         return results
 
     async def plan(self, aliases: list[str]) -> list[PlanStep]:
