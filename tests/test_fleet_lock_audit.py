@@ -78,7 +78,7 @@ def test_a_second_operation_is_refused_with_the_holders_name_time_and_operation(
         refused = keeper("hive", "stop", "box", env=env)
         assert refused.returncode == 4, refused.stderr
         since = json.loads(lock_file.read_text())["since"]
-        assert f"locked by {WHO} (pid {holder.pid}) since {since}: deploy box" in refused.stderr
+        assert f"locked by {WHO} (pid {holder.pid}) since {since}: deploy box; wait for it" in refused.stderr
         assert "connecting" not in refused.stderr  # refused before touching the host
         started = time.monotonic()
         waited = keeper("deploy", "--wait-lock", "1.5", "--json", env=env)

@@ -167,7 +167,7 @@ class FleetLock:
                 return
             waited = time.monotonic() - started
             if waited >= wait_s:
-                raise FleetLocked(holder, self.inventory, waited)
+                raise FleetLocked(holder, self.inventory, waited if wait_s > 0 else 0.0)
             await asyncio.sleep(min(POLL_S, wait_s - waited))
 
     def release(self) -> None:
