@@ -3,6 +3,8 @@
 # start | stop | status of this host's hive, supervised by {{ mode }}.
 # Without systemd the hive runs detached (setsid) with a pidfile, and a pid counts as the hive only
 # when its command line says so: a stale pidfile never makes us signal someone else's process.
+# The hive retitles itself "rbee-hive --home INSTALL ..." (what ps shows); before that, and in the
+# instant between exec and retitling, it is "python -m rbee_fleet.hive --home INSTALL ..." or the run script.
 INSTALL={{ install_dir | q }}
 PIDFILE="$INSTALL/run/hive.pid"
 LOG="$INSTALL/logs/hive.log"
@@ -19,6 +21,7 @@ is_hive() {
     [ -r "/proc/$1/cmdline" ] || return 1
     cmd=$(tr '\0' ' ' < "/proc/$1/cmdline")
     case "$cmd" in
+        "rbee-hive --home $INSTALL "*) return 0 ;;
         *"-m rbee_fleet.hive --home $INSTALL "*) return 0 ;;
         *"$INSTALL/bin/rbee-hive-run"*) return 0 ;;
     esac

@@ -152,6 +152,15 @@ def test_a_silent_hive_is_explained_by_its_probe_and_a_live_one_ignores_it():
     assert row.state is HostState.INSTALLING
 
 
+def test_an_uninstalled_host_shows_as_not_installed_without_the_queens_stale_version_and_workers():
+    st = status([hive("local"), hive("far", live=False)], [])
+    remembered = host_rows(INV, st)[1]
+    assert remembered.version and remembered.state is HostState.UNREACHABLE  # what the queen alone says
+    row = host_rows(INV, st, probes={"far": probe("far", "not installed", "no rbee-fleet under /srv/rbee")})[1]
+    assert (row.state, row.reason, row.version) == (HostState.NOT_INSTALLED, "no rbee-fleet under /srv/rbee", "")
+    assert row.devices is None and row.running == 0 and all(w.supervised is None for w in row.workers)
+
+
 def test_only_remote_hosts_without_a_live_hive_need_a_probe():
     assert not needs_probe(INV.hives["local"], None)
     assert needs_probe(INV.hives["new"], None)

@@ -117,6 +117,20 @@ async def test_a_changed_host_key_is_refused_with_both_fingerprints(actions: Hos
     assert old.get_fingerprint("sha256") in str(info.value) and host_key.get_fingerprint("sha256") in str(info.value)
     probe = await actions.probe("box")
     assert probe.state == "unknown" and probe.reason.startswith("host key changed: expected")
+    # The refusal names the keeper's own file and the command that forgets the key there.
+    assert f"rbee-keeper hive forget-key box` (it is recorded in the keeper's own {known_hosts})" in probe.reason
+
+    # Forgotten, the host's key is new again: shown, then trusted once accepted; both are audited.
+    assert actions.forget_host_key("box") == (known_hosts, 1)
+    assert known_hosts.read_text() == "" and oct(known_hosts.stat().st_mode & 0o777) == "0o600"
+    key = await actions.host_key("box")
+    assert (key.state, key.fingerprint) == ("unknown", host_key.get_fingerprint("sha256"))
+    await actions.accept_host_key(key)
+    assert (await actions.host_key("box")).state == "known"
+    assert actions.forget_host_key("gone") == (known_hosts, 0)  # nothing recorded for it
+    audit = [(e.action, e.targets, e.result) for e in actions.changes.audit.read()]
+    assert audit == [("host-key accept", ("box",), "failed"), ("host-key forget", ("box",), "ok"),
+                     ("host-key accept", ("box",), "ok"), ("host-key forget", ("gone",), "ok")]
 
 
 async def test_remote_deploys_fail_alone_each_with_its_reason(client_key: Path, sshd, tmp_path: Path):

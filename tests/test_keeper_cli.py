@@ -134,12 +134,28 @@ def test_workers_and_models_from_the_cli(user, tmp_path):
     kinds = [j["operation"]["kind"] for j in jobs]
     assert "worker_spawn" in kinds and "model_download" in kinds and "model_delete" in kinds
 
+    # Every one of them is in the keeper's audit log, the refused delete as failed, and no secret is.
+    audit = keeper("audit", "--json", env=env)
+    entries = [json.loads(line) for line in audit.stdout.splitlines()]
+    seen = [(e["action"], e["targets"], e["result"]) for e in entries]
+    assert seen == [("worker spawn", ["localhost/cli-extra"], "ok"), ("worker stop", ["localhost/cli-extra"], "ok"),
+                    ("model download", ["localhost/smol-copy"], "ok"), ("model delete", ["localhost/smollm2"], "failed"),
+                    ("model delete", ["localhost/smol-copy"], "ok"),
+                    ("model download", ["localhost//no/such/file.gguf"], "failed")], seen
+    assert "in use" in entries[3]["reason"]
+    token = (Path(env["RBEE_HOME"]) / "secrets" / "cluster.token").read_text().strip()
+    assert token not in (Path(env["RBEE_HOME"]) / "audit.jsonl").read_text()
+
 
 def test_down_stops_queen_and_workers(user):
     env, port = user
     assert keeper("up", env=env).returncode == 0
     status = json.loads(keeper("status", "--json", env=env).stdout)
     pids = [w["heartbeat"]["pid"] for w in status["workers"]]
+    # ps shows the queen and its workers by name; down still finds the retitled queen by its pidfile.
+    queen_pid = int((Path(env["RBEE_HOME"]) / "run" / "queen.pid").read_text())
+    assert Path(f"/proc/{queen_pid}/cmdline").read_text().startswith(f"queen-rbee --home {env['RBEE_HOME']} ")
+    assert all(Path(f"/proc/{pid}/cmdline").read_text().startswith("llm-worker-rbee smollm2") for pid in pids)
     result = keeper("down", env=env)
     assert result.returncode == 0 and "queen stopped" in result.stdout
     for pid in pids:

@@ -131,6 +131,26 @@ def test_heartbeats_need_the_cluster_token(fleet):
     assert "intruder" not in workers(fleet)
 
 
+def test_an_uninstalled_hive_is_forgotten_with_the_cluster_token_only(fleet):
+    token = procs.admin_headers(fleet.extra["home"])
+    beat = {"hive_id": "gone-box", "url": "http://127.0.0.9:9000", "version": "0.1.0",
+            "devices": {"cpu": {"cores": 1, "threads": 1, "ram_total_mb": 1024, "ram_available_mb": 512}}}
+    assert procs.http_json(fleet.url + "/v1/hive-heartbeat", method="POST", body=beat, headers=token)[0] == 200
+
+    def hives() -> set[str]:
+        return {h["hive_id"] for h in procs.http_json(fleet.url + "/v1/hives")[1]["hives"]}
+
+    assert "gone-box" in hives()
+    got, body, _ = procs.http_json(fleet.url + "/v1/hives/gone-box", method="DELETE")
+    assert got == 401 and body["error"]["type"] == "authentication_error" and "gone-box" in hives()
+    assert procs.http_json(fleet.url + "/v1/hives/gone-box", method="DELETE", headers=token)[1] == {"forgotten": True}
+    assert "gone-box" not in hives()
+    assert procs.http_json(fleet.url + "/v1/hives/gone-box", method="DELETE", headers=token)[1] == {"forgotten": False}
+    # The embedded hive is the queen's own: never forgotten.
+    assert procs.http_json(fleet.url + "/v1/hives/localhost", method="DELETE", headers=token)[1] == {"forgotten": False}
+    assert "localhost" in hives()
+
+
 def metric_samples(queen) -> dict[str, float]:
     samples = {}
     for line in procs.http_text(f"{queen.url}/metrics").splitlines():

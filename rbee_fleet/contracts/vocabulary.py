@@ -84,4 +84,5 @@ class ExitCode(IntEnum):
     FAILED = 1  # an operation failed
     USAGE = 2  # bad usage or a bad inventory: nothing was started
     NO_QUEEN = 3  # the queen is not running
+    LOCKED = 4  # another operation holds the fleet lock (rbee-keeper lock status)
     INTERRUPTED = 130  # Ctrl-C

@@ -280,7 +280,8 @@ async def uninstall(t: Transport, spec: HostSpec, facts: HostFacts) -> bool:
     systemctl = "systemctl --user" if mode == "systemd-user" else "systemctl"
     service = (f"{systemctl} disable --now rbee-hive.service 2>/dev/null; rm -f {shlex.quote(unit)}; "
                f"{systemctl} daemon-reload 2>/dev/null; ") if unit else ""
-    pattern = shlex.quote(f"rbee_fleet.(hive|worker) .*{inst}")
+    # Hives and workers as started (python -m ...) or retitled (rbee-hive ..., llm-worker-rbee MODEL ...).
+    pattern = shlex.quote(f"(rbee_fleet.(hive|worker)|^rbee-hive|^llm-worker-rbee) .*{inst}")
     q = shlex.quote(inst)
     own = " ".join(f"{q}/{name}" for name in OWN_PATHS)
     command = f"""

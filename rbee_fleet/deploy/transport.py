@@ -101,8 +101,8 @@ def trust(keys: HostKeyStore, key: HostKey) -> bool:
         return False
     if recorded:
         expected = ", ".join(sorted({fingerprint(k) for k in recorded}))
-        raise HostKeyChanged(key.alias, f"host key changed: expected {expected}, got {key.fingerprint}; "
-                                        "refused: if the host was reinstalled, remove its old entry from known_hosts")
+        raise HostKeyChanged(key.alias, f"host key changed: expected {expected}, got {key.fingerprint}; refused: "
+                                        + keys.changed_key_advice(key.alias, key.host, key.port))
     keys.record(key.host, key.port, key.public_key)
     return True
 
@@ -259,7 +259,7 @@ async def _open(target: SSHTarget, keys: HostKeyStore, accept_new: bool,
                                           client_factory=check.client, **options)
             return conn, _verified(target, check, conn.get_server_host_key())
         except asyncssh.HostKeyNotVerifiable:
-            refusal = await _refusal(who, target, tunnel, options, check)
+            refusal = await _refusal(who, target, tunnel, options, check, keys)
             key = refusal.host_key
             if not accept_new or not isinstance(refusal, HostKeyUnknown) or key is None or attempt == 2:
                 raise refusal from None
@@ -288,7 +288,8 @@ def _verified(target: SSHTarget, check: _KeyCheck, key: Any) -> HostKey | None:
     return _host_key(target.alias, check.host or target.host, check.port, key, "known")
 
 
-async def _refusal(who: str, target: SSHTarget, tunnel: Any, options: dict[str, Any], check: _KeyCheck) -> DeployError:
+async def _refusal(who: str, target: SSHTarget, tunnel: Any, options: dict[str, Any], check: _KeyCheck,
+                   keys: HostKeyStore) -> DeployError:
     """Why the host's key was refused: changed (both fingerprints) or unknown (its fingerprint)."""
     host, port = check.host or target.host, check.port
     if check.expected:
@@ -297,8 +298,8 @@ async def _refusal(who: str, target: SSHTarget, tunnel: Any, options: dict[str, 
         got = fingerprint(presented) if presented is not None else "unknown"
         expected = tuple(sorted({fingerprint(k) for k in check.expected}))
         key = _host_key(target.alias, host, port, presented, "changed", expected) if presented is not None else None
-        return HostKeyChanged(who, f"host key changed: expected {', '.join(expected)}, got {got}; if the host was "
-                                   "reinstalled, remove its old entry from known_hosts", host_key=key)
+        return HostKeyChanged(who, f"host key changed: expected {', '.join(expected)}, got {got}; "
+                                   + keys.changed_key_advice(target.alias, host, port), host_key=key)
     # The strongest kind of key the host offers is the one shown and recorded.
     presented = await _presented_key(target, tunnel, options) or check.presented
     got = fingerprint(presented) if presented is not None else "unknown"

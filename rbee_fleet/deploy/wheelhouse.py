@@ -68,6 +68,8 @@ def _read_version(source: Path) -> str:
         exec((source / "rbee_fleet" / "_version.py").read_text(), ns)  # noqa: S102 - our own one-line file
     except OSError as exc:
         raise WheelhouseError(f"{source}: not an rbee-fleet checkout ({exc.strerror})") from None
+    except Exception as exc:  # noqa: BLE001 - a broken _version.py is the checkout's fault, not a crash of ours
+        raise WheelhouseError(f"{source}: rbee_fleet/_version.py cannot be read: {type(exc).__name__}: {exc}") from None
     return ns.get("__version__", __version__)
 
 
@@ -91,8 +93,18 @@ class Release:
 
     @classmethod
     def from_source(cls, source: Path | None = None) -> Release:
-        src = (source or default_source_dir()).resolve()
-        return cls(src, _read_version(src), source_hash(src))
+        """The release built from ``source`` (default: the keeper's own checkout); ``WheelhouseError`` for a
+        directory that is not an rbee-fleet checkout."""
+        src = (source.expanduser() if source else default_source_dir()).resolve()
+        if not src.is_dir():
+            raise WheelhouseError(f"--source {source}: no such directory")
+        missing = [name for name in ("pyproject.toml", "rbee_fleet/_version.py") if not (src / name).is_file()]
+        if missing:
+            raise WheelhouseError(f"--source {src}: not an rbee-fleet checkout (no {' and no '.join(missing)})")
+        try:
+            return cls(src, _read_version(src), source_hash(src))
+        except OSError as exc:
+            raise WheelhouseError(f"--source {src}: cannot read {exc.filename}: {exc.strerror}") from None
 
     @property
     def id(self) -> str:

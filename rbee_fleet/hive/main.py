@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rbee_fleet import __version__
 from rbee_fleet.common.http import run_daemon, serve
-from rbee_fleet.common.logs import setup_logging
+from rbee_fleet.common.logs import set_process_title, setup_logging
 from rbee_fleet.common.net import refuse_open_bind
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.common.secrets import read_secret
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         sys.exit(check())
     setup_logging("hive", args.log_level)
+    # ps and pkill see "rbee-hive --home INSTALL ..."; the control script and uninstall match on that.
+    set_process_title(" ".join(["rbee-hive", *(sys.argv[1:] if argv is None else argv)]))
     layout = Layout(Path(args.home)) if args.home else Layout.default()
     try:
         token = read_secret(args.token_file) if args.token_file else None

@@ -23,7 +23,7 @@ from rbee_fleet.common.secrets import load_or_create
 from rbee_fleet.contracts.fleet import FleetStatus, JobEvent
 from rbee_fleet.contracts.vocabulary import HiveAction
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
-from rbee_fleet.deploy.host_keys import HostKey
+from rbee_fleet.deploy.host_keys import HostKey, known_hosts_pattern
 from rbee_fleet.deploy.hosts import host_spec, select, ssh_target
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import (
@@ -41,12 +41,13 @@ from rbee_fleet.deploy.runner import (
 from rbee_fleet.deploy.transport import scan_host_key, trust
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.fleet_change import FleetChanges
 from rbee_fleet.keeper.host_probe import PROBE_GRACE_S, HostProbe, probe_host
 from rbee_fleet.keeper.local_queen import local_queen, start_queen, stop_queen
 from rbee_fleet.keeper.log_follow import follow_file
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers, run_job
-from rbee_fleet.keeper.remote_hive import HiveOutcome, control_hive, hive_status, stream_log
+from rbee_fleet.keeper.remote_hive import HiveNotInstalled, HiveOutcome, control_hive, hive_status, stream_log
 from rbee_fleet.keeper.ssh_login import ssh_command
 
 PARALLEL = 8  # hosts deployed or checked at a time
@@ -121,6 +122,8 @@ class HostService:
         self.queen = queen
         self._queen_lock = asyncio.Lock()
         self._builders: dict[str, WheelhouseBuilder] = {}
+        # The fleet lock and the audit log: every action that changes the fleet goes through ``changes.change``.
+        self.changes = FleetChanges(queen.ctx)
 
     @property
     def ctx(self) -> KeeperContext:
@@ -147,9 +150,12 @@ class HostService:
                     accept_new: bool = False, source: Path | None = None) -> RunContext:
         """A run whose progress goes to ``update`` (else to ``sink`` as log events) and which, unless it only
         checks, spawns hosts' workers through the queen (their job events to ``sink``); raises ``WheelhouseError``."""
-        return run_context(self.ctx, source=source, accept_new=accept_new, check=check,
-                           update=update or (lambda alias, message: _say(sink, alias, message)), builders=self._builders,
-                           ensure_workers=None if check else workers_via_queen(self.queen.client, sink))
+        run = run_context(self.ctx, source=source, accept_new=accept_new, check=check,
+                          update=update or (lambda alias, message: _say(sink, alias, message)), builders=self._builders,
+                          ensure_workers=None if check else workers_via_queen(self.queen.client, sink))
+        run.keys.on_record = lambda host, port, _key: self.changes.audit.record(
+            "host-key accept", [known_hosts_pattern(host, port)], "ok", "trusted on first use (--accept-new-host-keys)")
+        return run
 
     def _run(self, sink: EventSink | None, *, check: bool = False) -> RunContext:
         """``run_context`` for the TUI: new host keys are never trusted implicitly; failures as ``OperationFailed``."""
@@ -171,10 +177,21 @@ class HostService:
     async def install(self, specs: list[HostSpec], run: RunContext, *, upgrade: bool = False,
                       results: list[HostResult] | None = None) -> list[HostResult]:
         """``hive install`` (or ``upgrade``, which needs an installed hive): a deploy of these hosts, one at a time."""
-        return await run_hosts(specs, lambda s, r: deploy_host(s, run, r, require_installed=upgrade), 1, run, results)
+        results = results if results is not None else [HostResult(s.alias) for s in specs]
+        async with self.changes.change(f"hive {'upgrade' if upgrade else 'install'}", [s.alias for s in specs]) as change:
+            change.results = results
+            return await run_hosts(specs, lambda s, r: deploy_host(s, run, r, require_installed=upgrade), 1, run, results)
 
     async def control(self, spec: HostSpec, run: RunContext, action: HiveAction) -> HiveOutcome:
-        return await control_hive(spec, run, action)
+        """Start, stop, restart or uninstall one remote hive (under the fleet lock, audited); an uninstalled
+        hive is forgotten by the queen, so that ``status`` no longer shows it as a live hive."""
+        action = HiveAction(action)
+        async with self.changes.change(f"hive {action.value}", [spec.alias]) as change:
+            outcome = await control_hive(spec, run, action)
+            change.reason = outcome.message
+        if action is HiveAction.UNINSTALL:
+            await self.queen.forget_hive(spec.alias)
+        return outcome
 
     async def status(self, spec: HostSpec, run: RunContext) -> dict[str, Any]:
         return await hive_status(spec, run)
@@ -207,11 +224,12 @@ class HostService:
             raise OperationFailed(f"{alias} runs the embedded hive, part of this keeper's own rbee-fleet install: "
                                   f"{action.value} applies to remote hosts")
         result: dict[str, Any] = {}
-        if action in (HiveAction.STOP, HiveAction.RESTART):
-            _say(sink, alias, "stopping the local queen and its workers")
-            result["stopped"] = await stop_queen(self.ctx, self.queen.client)
-        if action in (HiveAction.START, HiveAction.RESTART):
-            result.update(await self._start_local(alias, sink))
+        async with self.changes.change(f"hive {action.value}", [alias]):
+            if action in (HiveAction.STOP, HiveAction.RESTART):
+                _say(sink, alias, "stopping the local queen and its workers")
+                result["stopped"] = await stop_queen(self.ctx, self.queen.client)
+            if action in (HiveAction.START, HiveAction.RESTART):
+                result.update(await self._start_local(alias, sink))
         return result
 
     async def _start_local(self, alias: str, sink: EventSink | None) -> dict[str, Any]:
@@ -240,7 +258,12 @@ class HostService:
             else:
                 await deploy_host(spec, run, result)
 
-        return await run_hosts(specs, job, parallel, run, results)
+        if run.check:  # changes nothing: no lock, no audit entry
+            return await run_hosts(specs, job, parallel, run, results)
+        results = results if results is not None else [HostResult(s.alias) for s in specs]
+        async with self.changes.change("deploy", [s.alias for s in specs]) as change:
+            change.results = results
+            return await run_hosts(specs, job, parallel, run, results)
 
     async def _deploy_embedded(self, spec: HostSpec, run: RunContext, result: HostResult,
                                sink: EventSink | None) -> None:
@@ -272,6 +295,38 @@ class HostService:
         for r in results:
             if not r.ok:
                 _say(sink, r.alias, f"failed: {r.reason}", error=True)
+        return results
+
+    async def stop_fleet(self, specs: list[HostSpec], run: RunContext, parallel: int = PARALLEL,
+                         results: list[HostResult] | None = None) -> list[HostResult]:
+        """``down --fleet``: stop every remote hive with its workers over SSH, at most ``parallel`` at a time
+        (one failing host never stops the others), then the local queen and its workers (the last result,
+        ``queen``)."""
+        results = results if results is not None else [HostResult(s.alias) for s in specs] + [HostResult("queen")]
+
+        async def stop_one(spec: HostSpec, result: HostResult) -> None:
+            try:
+                outcome = await control_hive(spec, run, HiveAction.STOP)
+            except HiveNotInstalled:
+                result.status, result.reason = OK, "not installed: nothing to stop"
+                return
+            result.status, result.reason = (CHANGED if outcome.changed else OK), outcome.message
+
+        async with self.changes.change("down --fleet", [*(s.alias for s in specs), "queen"]) as change:
+            change.results = results
+            await run_hosts(specs, stop_one, parallel, run, results[:len(specs)])
+            queen = results[-1]
+            run.update(queen.alias, "stopping the local queen and its workers (after draining)")
+            started = time.monotonic()
+            try:
+                stopped = await stop_queen(self.ctx, self.queen.client)
+            except OperationFailed as exc:
+                queen.status, queen.reason = FAILED, str(exc)
+            else:
+                queen.status = CHANGED if stopped else OK
+                queen.reason = "queen stopped" if stopped else "the queen was not running"
+            queen.elapsed_s = time.monotonic() - started
+            run.update(queen.alias, queen.reason)
         return results
 
     async def plan(self, aliases: list[str]) -> list[PlanStep]:
@@ -343,9 +398,29 @@ class HostService:
     async def accept_host_key(self, key: HostKey) -> None:
         """Record a key the operator accepted in the keeper's known_hosts; a changed key is always refused."""
         try:
-            trust(self.ctx.host_keys(), key)
+            trusted = trust(self.ctx.host_keys(), key)
         except DeployError as exc:
+            self.changes.audit.record("host-key accept", [key.alias], "failed", exc.reason)
             raise OperationFailed(f"{key.alias}: {exc.reason}") from None
+        if trusted:
+            self.changes.audit.record("host-key accept", [key.alias], "ok", f"{key.key_type} {key.fingerprint}")
+
+    def forget_host_key(self, alias: str) -> tuple[Path, int]:
+        """Remove ``alias``'s entries from the keeper's own known_hosts (the file, how many lines went).
+        Keys in the user's ``~/.ssh/known_hosts`` are left alone: ``ssh-keygen -R`` is for those."""
+        if self._decl(alias).embedded:
+            raise OperationFailed(f"{alias} is the queen's own machine: the keeper keeps no host key for it")
+        try:
+            target = ssh_target(self.ctx.inventory, alias)
+        except ValueError as exc:
+            raise OperationFailed(f"{alias}: {exc}") from None
+        store = self.ctx.host_keys()
+        removed = store.forget(target.host, target.port)
+        pattern = known_hosts_pattern(target.host, target.port)
+        self.changes.audit.record("host-key forget", [alias], "ok",
+                                  f"removed {removed} entr{'y' if removed == 1 else 'ies'} for {pattern} "
+                                  f"from {store.keeper_file}")
+        return store.keeper_file, removed
 
     def ssh_command(self, alias: str) -> list[str]:
         """The OpenSSH command line that logs the operator into ``alias`` (the TUI's shell action)."""

@@ -1,7 +1,9 @@
 """The local queen: a daemon started detached with a pidfile and stopped by signal, and the keeper's
 ``start_queen`` / ``stop_queen`` that bring it up (unless one answers already) and down.
 
-The pidfile alone is never trusted: a pid is ours only if that process's command line is a queen.
+The pidfile alone is never trusted: a pid is ours only if that process's command line is a queen of this
+``RBEE_HOME``: ``python -m rbee_fleet.queen --home HOME`` as started, or ``queen-rbee --home HOME`` once the
+queen has set its process title (which rewrites what ``/proc/PID/cmdline`` shows).
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 
 QUEEN_MODULE = "rbee_fleet.queen"
+QUEEN_TITLE = "queen-rbee"
+
+
+def is_queen_cmdline(cmdline: list[str], home: Path) -> bool:
+    """Whether a process's command line (``psutil``'s list, before or after retitling) is a queen of ``home``."""
+    words = " ".join(cmdline).split()  # a retitled process shows one string with spaces
+    if not words:
+        return False
+    started = any(words[i:i + 2] == ["-m", QUEEN_MODULE] for i in range(len(words)))
+    if not (started or words[0] == QUEEN_TITLE):
+        return False
+    return any(words[i:i + 2] == ["--home", str(home)] for i in range(len(words)))
 QUEEN_START_TIMEOUT_S = 60.0
 
 
@@ -49,7 +63,7 @@ class QueenDaemon:
             cmdline = psutil.Process(pid).cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
-        return pid if QUEEN_MODULE in cmdline else None
+        return pid if is_queen_cmdline(cmdline, self.layout.home) else None
 
     def start_detached(self) -> subprocess.Popen[bytes]:
         """Start the queen in its own session, detached from this terminal, logging to a file."""

@@ -81,6 +81,18 @@ class QueenClient:
         body = await self.get(f"/v1/hives/{hive}/models", timeout=30.0)
         return [ModelEntry.model_validate(m) for m in body["models"]]
 
+    async def forget_hive(self, hive: str) -> bool:
+        """Make the queen forget a hive and its workers (after an uninstall); False if it knew none."""
+        try:
+            async with self.session.delete(f"{self.url}/v1/hives/{hive}", headers=self.headers,
+                                           timeout=aiohttp.ClientTimeout(total=10.0)) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise error_from_body(resp.status, body)
+                return bool(body.get("forgotten"))
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            raise QueenUnreachable(self.url, str(exc) or "timed out") from None
+
     async def job_list(self) -> list[JobInfo]:
         body = await self.get("/v1/jobs")
         return [JobInfo.model_validate(j) for j in body["jobs"]]

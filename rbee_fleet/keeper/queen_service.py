@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from rbee_fleet.common.errors import OperationFailed, Unauthorized
+from rbee_fleet.common.errors import ApiError, OperationFailed, Unauthorized
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.contracts.fleet import (
     FleetStatus,
@@ -22,9 +22,11 @@ from rbee_fleet.contracts.fleet import (
     WorkerSpawnOp,
     WorkerStopOp,
 )
+from rbee_fleet.keeper.audit import safe_source
 from rbee_fleet.keeper.chat import ChatStream, openai_client
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.queen_client import QueenClient
+from rbee_fleet.keeper.fleet_change import FleetChanges
+from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 
 EventSink = Callable[[str, JobEvent], None]  # (label, event)
 
@@ -63,6 +65,14 @@ class QueenService:
         self.ctx = ctx
         self.client = client or ctx.client()
         self._oai: Any = None
+        self._changes: FleetChanges | None = None
+
+    @property
+    def changes(self) -> FleetChanges:
+        """The audit log (worker and model operations are audited here, on the keeper's side; not locked)."""
+        if self._changes is None:
+            self._changes = FleetChanges(self.ctx)
+        return self._changes
 
     @property
     def queen_url(self) -> str:
@@ -107,20 +117,38 @@ class QueenService:
         """Run one operation as a job on the queen, following its events; raise ``OperationFailed``."""
         return await run_job(self.client, op, label, sink)
 
+    async def _audited(self, action: str, targets: list[str], op: Any, label: str,
+                       sink: EventSink | None) -> dict[str, Any]:
+        async with self.changes.change(action, targets, lock=False) as change:
+            result = await self.run(op, label, sink)
+            change.reason = str(result.get("message") or ("changed" if result.get("changed") else "nothing to change"))
+            return result
+
     async def spawn_worker(self, op: WorkerSpawnOp, sink: EventSink | None = None) -> dict[str, Any]:
-        return await self.run(op, op.worker_id or f"spawn {op.model}", sink)
+        target = f"{op.hive}/{op.worker_id or op.model}"
+        return await self._audited("worker spawn", [target], op, op.worker_id or f"spawn {op.model}", sink)
 
     async def stop_worker(self, worker_id: str, hive: str | None = None, sink: EventSink | None = None) -> dict[str, Any]:
         hive = hive or await self.worker_hive(worker_id)
-        return await self.run(WorkerStopOp(hive=hive, worker_id=worker_id), worker_id, sink)
+        return await self._audited("worker stop", [f"{hive}/{worker_id}"], WorkerStopOp(hive=hive, worker_id=worker_id),
+                                   worker_id, sink)
 
     async def download_model(self, source: str, hive: str | None = None, name: str | None = None,
                              sink: EventSink | None = None) -> dict[str, Any]:
         op = ModelDownloadOp(hive=hive or self.ctx.local_hive(), source=source, name=name)
-        return await self.run(op, name or source, sink)
+        target = f"{op.hive}/{name or safe_source(source)}"
+        return await self._audited("model download", [target], op, name or source, sink)
 
     async def delete_model(self, model: str, hive: str | None = None, sink: EventSink | None = None) -> dict[str, Any]:
-        return await self.run(ModelDeleteOp(hive=hive or self.ctx.local_hive(), model=model), model, sink)
+        op = ModelDeleteOp(hive=hive or self.ctx.local_hive(), model=model)
+        return await self._audited("model delete", [f"{op.hive}/{model}"], op, model, sink)
+
+    async def forget_hive(self, hive: str) -> bool:
+        """After an uninstall: the queen forgets the hive and its workers (False if it knew none, or is down)."""
+        try:
+            return await self.client.forget_hive(hive)
+        except (QueenUnreachable, ApiError):
+            return False
 
     # -- chat ------------------------------------------------------------------------------------
 

@@ -25,8 +25,12 @@ class HiveOutcome:
     message: str
 
 
+class HiveNotInstalled(DeployError):
+    kind = "not-installed"
+
+
 def not_installed(spec: HostSpec, facts: HostFacts) -> DeployError:
-    return DeployError(spec.alias, f"rbee-fleet is not installed under {facts.install_dir}; install it first "
+    return HiveNotInstalled(spec.alias, f"rbee-fleet is not installed under {facts.install_dir}; install it first "
                                    f"(rbee-keeper hive install {spec.alias}, or the TUI's host menu)")
 
 

@@ -39,6 +39,8 @@ def _auth_rules(settings: QueenSettings):
             return token
         if request.path.startswith("/v1/jobs") and request.method in ("POST", "DELETE"):
             return token
+        if request.path.startswith("/v1/hives/") and request.method == "DELETE":
+            return token
         return keys
 
     return accepted

@@ -10,7 +10,7 @@ from pathlib import Path
 from rbee_fleet import __version__
 from rbee_fleet.common.http import run_daemon, serve
 from rbee_fleet.common.inventory import InventoryError, default_inventory, load_inventory
-from rbee_fleet.common.logs import setup_logging
+from rbee_fleet.common.logs import set_process_title, setup_logging
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.queen.app import create_app
 from rbee_fleet.queen.drain import DRAIN
@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging("queen", args.log_level)
+    # ps and pkill see "queen-rbee --home HOME ..."; the keeper's pidfile check matches on that.
+    set_process_title(" ".join(["queen-rbee", *(sys.argv[1:] if argv is None else argv)]))
     try:
         inv = load_inventory(args.inventory) if args.inventory else default_inventory()
         layout = Layout(Path(args.home)) if args.home else Layout.default()

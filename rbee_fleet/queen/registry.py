@@ -149,6 +149,19 @@ class Registry:
             devices=hb.devices, workers=hb.workers, models=hb.models, last_seen=time.monotonic(),
         )
 
+    def forget_hive(self, hive_id: str) -> bool:
+        """Forget a remote hive and its workers (the keeper uninstalled it); False if it was unknown.
+        A hive that still runs registers again with its next heartbeat."""
+        rec = self.hives.get(hive_id)
+        if rec is None or rec.embedded:
+            return False
+        del self.hives[hive_id]
+        for wid, worker in list(self.workers.items()):
+            if worker.hb.hive_id == hive_id:
+                del self.workers[wid]
+        log.info("hive %s forgotten (uninstalled)", hive_id)
+        return True
+
     def sweep(self) -> None:
         """Log workers that went silent, and forget the long-gone."""
         now = time.monotonic()

@@ -166,8 +166,10 @@ def host_rows(inv: Inventory, status: FleetStatus | None, busy: Mapping[str, str
     rows = []
     for alias, decl in inv.hives.items():
         hive = hives.get(alias)
-        workers = _host_workers(inv, alias, hive, views)
         probe = (probes or {}).get(alias) if needs_probe(decl, hive) else None
+        if probe is not None and probe.state == "not installed":
+            hive = None  # the queen's memory of an uninstalled hive (its version, its workers) is stale: SSH wins
+        workers = _host_workers(inv, alias, hive, views)
         state, reason = _state(decl, hive, workers, status is not None, (busy or {}).get(alias), probe)
         live = [w.view for w in workers if w.view is not None and w.view.live]
         rows.append(HostRow(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ def keeper(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
                           timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
 
 
-@pytest.mark.parametrize("args", [["deploy"], *(["hive", action] for action in HIVE_COMMANDS)])
+@pytest.mark.parametrize("args", [["deploy"], *(["hive", action] for action in HIVE_COMMANDS), ["hive", "forget-key"],
+                                  ["lock", "status"], ["lock", "release"], ["audit"], ["down"]])
 def test_every_fleet_command_has_help(args: list[str], tmp_path: Path) -> None:
     result = keeper(*args, "--help", home=tmp_path)
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
@@ -61,3 +63,24 @@ def test_an_inventory_without_remote_hives_has_nothing_to_deploy(tmp_path: Path)
     inv.write_text("[hives.here]\nembedded = true\n")
     result = keeper("deploy", "-i", str(inv), home=tmp_path / "home")
     assert result.returncode == 0 and "declares no remote hives" in result.stderr
+
+
+def test_a_source_that_is_not_a_checkout_is_a_clear_error_before_any_connection(tmp_path: Path) -> None:
+    inv = tmp_path / "fleet.toml"
+    inv.write_text(INVENTORY)
+    broken = tmp_path / "broken"
+    (broken / "rbee_fleet").mkdir(parents=True)
+    (broken / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (broken / "rbee_fleet" / "_version.py").write_text("__version__ = (\n")
+    cases = {
+        tmp_path / "nowhere": "--source {src}: no such directory",
+        tmp_path: f"--source {tmp_path}: not an rbee-fleet checkout (no pyproject.toml and no rbee_fleet/_version.py)",
+        broken: f"{broken}: rbee_fleet/_version.py cannot be read: SyntaxError",
+    }
+    for src, message in cases.items():
+        for args in (["hive", "upgrade", "box1"], ["deploy"]):
+            result = keeper(*args, "-i", str(inv), "--source", str(src), "--json", home=tmp_path / "home")
+            assert result.returncode == 1, result.stderr
+            assert "Traceback" not in result.stderr and "connecting" not in result.stderr
+            assert json.loads(result.stdout)["ok"] is False
+            assert message.format(src=src) in json.loads(result.stdout)["error"], result.stdout

@@ -114,6 +114,9 @@ def test_first_deploy_installs_three_hosts_and_the_faulty_ones_fail_alone(fleet:
     changed = results[CHANGED_KEY]
     assert changed["status"] == "failed" and changed["error"] == "host-key-changed"
     assert changed["reason"].count("SHA256:") == 2, changed["reason"]
+    # The message names the keeper's own file and the command that forgets the key (not ssh-keygen -R).
+    assert f"rbee-keeper hive forget-key {CHANGED_KEY}" in changed["reason"]
+    assert str(fleet.keeper.home / "known_hosts") in changed["reason"]
     no_python = results[NO_PYTHON]
     assert no_python["status"] == "failed" and no_python["reason"] == "no python3.9 on the host (Python 3.10+ is needed)"
     taken = results[PORT_TAKEN]
@@ -122,6 +125,31 @@ def test_first_deploy_installs_three_hosts_and_the_faulty_ones_fail_alone(fleet:
     assert fleet.hosts[PORT_TAKEN].exec(f"test -e {INSTALL}").returncode == 1  # nothing was touched
     # Neither the JSON nor the progress shows the cluster token.
     assert fleet.token not in proc.stdout and fleet.token not in proc.stderr
+    # Under --json, progress still goes to stderr: one line per step per host.
+    lines = proc.stderr.splitlines()
+    for name, address in GOOD.items():
+        steps = [line.removeprefix(f"{name}: ") for line in lines if line.startswith(f"{name}: ")]
+        assert steps[0].startswith(f"connecting to rbee@{address}"), steps
+        assert "checking the host" in steps and any(s.startswith("installing ") for s in steps), steps
+    assert f"{WRONG_KEY}: authentication failed" in proc.stderr
+
+
+def test_the_audit_log_records_the_deploy_without_secrets(fleet: Fleet) -> None:
+    log = fleet.keeper.home / "audit.jsonl"
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+    text = log.read_text()
+    assert fleet.token not in text
+    proc = fleet.keeper.run("audit", "--json")
+    entries = [json.loads(line) for line in proc.stdout.splitlines()]
+    (deploy,) = [e for e in entries if e["action"] == "deploy"]
+    assert deploy["result"] == "failed" and set(deploy["targets"]) == {*GOOD, WRONG_KEY, CHANGED_KEY, NO_PYTHON, PORT_TAKEN}
+    assert {deploy["details"][h] for h in GOOD} == {"changed"}
+    assert deploy["details"][WRONG_KEY].startswith("failed: authentication failed")
+    assert deploy["reason"].startswith("3 changed, 4 failed") and deploy["who"].endswith(f"@{os.uname().nodename}")
+    accepted = {t for e in entries if e["action"] == "host-key accept" for t in e["targets"]}
+    assert accepted >= set(GOOD.values())  # trusted on first use, each recorded
+    assert fleet.keeper.run("audit", "--since", "1h", "--json").stdout.count('"deploy"') == 1
+    assert fleet.keeper.run("audit", "--since", "2099-01-01", "--json").stdout == ""
 
 
 def test_hives_and_workers_advertise_their_own_addresses(fleet: Fleet) -> None:
@@ -200,8 +228,14 @@ def test_status_and_logs_of_one_hive(fleet: Fleet) -> None:
     assert proc.returncode == 0, proc.stderr
     assert info["answering"] and info["running_pid"] and info["supervision"] == "pidfile"
     assert info["url"] == "http://127.0.0.2:9000" and info["installed"] == info["current"]
-    # The pid is the hive's, verified against its command line on the host.
-    assert "rbee_fleet.hive" in fleet.hosts["h2"].exec(f"tr '\\0' ' ' < /proc/{info['running_pid']}/cmdline").stdout
+    # The pid is the hive's, verified against its command line on the host, which is its process title.
+    host = fleet.hosts["h2"]
+    assert host.exec(f"tr '\\0' ' ' < /proc/{info['running_pid']}/cmdline").stdout.startswith(f"rbee-hive --home {INSTALL} ")
+    assert "rbee-hive --home" in host.exec("ps -eo args").stdout
+    workers = host.exec("pgrep -f '^llm-worker-rbee smollm2'").stdout.split()
+    assert len(workers) == 1, host.exec("ps -eo args").stdout
+    queen_title = Path(f"/proc/{fleet.queen.popen.pid}/cmdline").read_text().replace("\0", " ")
+    assert queen_title.startswith("queen-rbee --inventory "), queen_title
     logs = fleet.keeper.run("hive", "logs", "h2", "-n", "50")
     assert logs.returncode == 0 and "rbee_fleet" in logs.stdout
     assert fleet.token not in logs.stdout
@@ -283,14 +317,21 @@ def test_ctrl_c_during_an_upgrade_leaves_the_host_on_its_old_version(fleet: Flee
                             env=fleet.keeper.env(), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
+    refused = None
     assert proc.stderr is not None
     for line in proc.stderr:
         seen.append(line)
+        if refused is None and line.startswith("h2: preparing the"):
+            # A second deploy of the same inventory meanwhile is refused at once, naming the first one.
+            refused = fleet.keeper.run("deploy", "--limit", "h3", "--json")
         if "installing 0.1.2-" in line:
             proc.send_signal(signal.SIGINT)
             break
     out, rest = proc.communicate(timeout=60)
     assert proc.returncode == 130, "".join(seen) + rest
+    assert refused is not None and refused.returncode == 4, "".join(seen)
+    assert f"(pid {proc.pid}) since " in refused.stderr, refused.stderr
+    assert f"@{os.uname().nodename} (pid {proc.pid})" in refused.stderr and ": deploy h2;" in refused.stderr
     assert "cancelled" in out and "h2" in out  # the final table still shows the host
     assert host.exec(f"readlink {INSTALL}/current").stdout.strip() == before
     assert host.exec(f"cat {INSTALL}/marker.json").stdout == marker
@@ -351,3 +392,57 @@ def test_uninstall_leaves_nothing_behind(fleet: Fleet) -> None:
              "h2's worker gone")
     again = fleet.keeper.run("hive", "uninstall", "h2", "--json")
     assert again.returncode == 0 and not json.loads(again.stdout)["changed"]
+
+
+def test_status_shows_an_uninstalled_host_as_not_installed(fleet: Fleet) -> None:
+    """After ``hive uninstall`` the queen forgets the hive, and ``status`` asks the host over SSH."""
+    hives = {h["hive_id"] for h in procs.http_json(f"{fleet.queen.url}/v1/hives")[1]["hives"]}
+    assert "h2" not in hives and {"h3", "h4"} <= hives
+    proc = fleet.keeper.run("status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    probed = json.loads(proc.stdout)["probed"]
+    assert probed["h2"]["state"] == "not installed" and probed["h2"]["version"] is None
+    assert probed[WRONG_KEY]["state"] == "unknown" and "authentication failed" in probed[WRONG_KEY]["reason"]
+    table = fleet.keeper.run("status").stdout
+    h2_row = next(line for line in table.splitlines() if " h2 " in f" {line} ")
+    assert "not installed" in h2_row and "unreachable" not in h2_row and "0.1.0" not in h2_row, table
+
+
+def test_forget_key_then_trust_the_new_one(fleet: Fleet) -> None:
+    """h6 presents a key other than the recorded one; once forgotten, its key is trusted again on first use."""
+    known = fleet.keeper.home / "known_hosts"
+    assert "127.0.0.6 " in known.read_text()
+    proc = fleet.keeper.run("hive", "forget-key", CHANGED_KEY, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"ok": True, "host": CHANGED_KEY, "file": str(known), "removed": 1}
+    assert "127.0.0.6 " not in known.read_text() and oct(known.stat().st_mode & 0o777) == "0o600"
+    unknown = fleet.keeper.run("hive", "start", CHANGED_KEY)
+    assert unknown.returncode == 1 and "unknown host key SHA256:" in unknown.stderr
+    trusted = fleet.keeper.run("hive", "start", CHANGED_KEY, "--accept-new-host-keys")
+    assert trusted.returncode == 1 and "is not installed under" in trusted.stderr, trusted.stderr  # the key passed
+    assert fleet.keeper.run("hive", "start", CHANGED_KEY).stderr == trusted.stderr  # and stays trusted
+    entries = [json.loads(line) for line in fleet.keeper.run("audit", "--json", "--since", "10m").stdout.splitlines()]
+    actions = [(e["action"], e["targets"]) for e in entries]
+    assert ("host-key forget", [CHANGED_KEY]) in actions and ("host-key accept", ["127.0.0.6"]) in actions
+
+
+def test_down_fleet_stops_every_remote_hive_and_its_workers(fleet: Fleet) -> None:
+    running = ["h3", "h4"]
+    for name in running:
+        assert "rbee-hive --home" in _ps(fleet.hosts[name])
+    proc = fleet.keeper.run("down", "--fleet", "--json")
+    results = {h["host"]: h for h in json.loads(proc.stdout)["hosts"]}
+    assert proc.returncode == 1, proc.stderr  # some hosts cannot be reached, and this queen is not the keeper's
+    for name in running:
+        assert (results[name]["status"], results[name]["reason"]) == ("changed", "hive stopped"), results[name]
+        ps = _ps(fleet.hosts[name])
+        assert "rbee-hive" not in ps and "llm-worker-rbee" not in ps and "llama-server" not in ps, ps
+        assert "stopped" in fleet.hosts[name].exec(f"{INSTALL}/bin/rbee-hive-ctl status").stdout
+    assert results["h2"]["status"] == "ok" and "not installed" in results["h2"]["reason"]
+    assert results[WRONG_KEY]["status"] == "failed" and "authentication failed" in results[WRONG_KEY]["reason"]
+    # The queen of this test was not started by the keeper: it is left alone, and says so, after the hosts.
+    assert results["queen"]["status"] == "failed" and "not started by this keeper" in results["queen"]["reason"]
+    assert fleet.queen.alive()
+    assert f"h3: {results['h3']['reason']}" in proc.stderr  # progress on stderr under --json
+    entry = [json.loads(line) for line in fleet.keeper.run("audit", "--json").stdout.splitlines()][-1]
+    assert entry["action"] == "down --fleet" and entry["result"] == "failed" and entry["details"]["h3"] == "changed"

@@ -192,6 +192,17 @@ async def test_download_with_progress_then_delete(live_fleet: LiveFleet, tmp_pat
                        what="the model to leave the catalog")
         assert app.operations.get(2).state == "succeeded"
 
+        # Both operations are in the audit log, shown on the Jobs screen's audit tab, newest first.
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, JobsScreen), what="the jobs screen")
+        await pilot.press("t", "t")
+        audit = app.screen.query_one("#audit-table", DataTable)
+        await wait_for(pilot, lambda: audit.row_count >= 2, what="the audit entries")
+        rows = [[str(c) for c in audit.get_row_at(i)] for i in range(2)]
+        assert [r[2] for r in rows] == ["model delete", "model download"], rows
+        assert rows[0][3] == "localhost/tiny-test" and rows[0][4] == "ok"
+        assert rows[1][3] == f"localhost/{model}"[:40]
+
 
 async def test_inventory_edit_is_written_back_and_read_again(live_fleet: LiveFleet, tmp_path: Path):
     path = tmp_path / "fleet.toml"

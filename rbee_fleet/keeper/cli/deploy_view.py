@@ -17,7 +17,8 @@ STYLE = {OK: "green", CHANGED: "yellow", FAILED: "red", CANCELLED: "magenta"}
 
 
 class DeployView:
-    """One line per host, kept current; plain lines instead when stderr is not a terminal (CI logs)."""
+    """One line per host, kept current; plain lines instead (one per step per host) when stderr is not a
+    terminal (CI logs) or when stdout carries JSON (``quiet``)."""
 
     def __init__(self, console: Console, aliases: list[str], quiet: bool = False) -> None:
         self.console = console
@@ -38,8 +39,8 @@ class DeployView:
             self._live.stop()
 
     def update(self, alias: str, message: str) -> None:
-        if self.quiet:
-            return
+        if self.messages.get(alias) == message and self._live is None:
+            return  # the same step again: one line per step
         self.messages[alias] = message
         if self._live is not None:
             self._live.update(self._render())

@@ -2,7 +2,8 @@
 
 With no command on a terminal, opens the TUI (same as `rbee-keeper tui`).
 
-Exit codes: 0 success, 1 an operation failed, 2 bad usage or a bad inventory, 3 the queen is not running.
+Exit codes: 0 success, 1 an operation failed, 2 bad usage or a bad inventory, 3 the queen is not running,
+4 another operation holds the fleet lock.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from rbee_fleet import __version__
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.vocabulary import BACKEND_CHOICES, PLACEMENT_POLICIES, ExitCode
-from rbee_fleet.keeper.cli import hosts, local_fleet, workers
+from rbee_fleet.keeper.cli import audit, fleet_ops, hosts, local_fleet, lock, workers
 from rbee_fleet.keeper.cli.console import err, fail
 from rbee_fleet.keeper.context import KeeperContext
+from rbee_fleet.keeper.deploy_lock import FleetLocked
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 
 
@@ -50,9 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("up", "start the queen and the inventory's local workers, wait until ready", local_fleet.up)
     p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the fleet")
     _json_flag(p)
-    p = cmd("down", "stop the local queen and its workers", local_fleet.down)
+    p = cmd("down", "stop the local queen and its workers (--fleet: every remote hive's too, first)", local_fleet.down)
+    p.add_argument("--fleet", action="store_true",
+                   help="first stop every remote hive of the inventory and its workers over SSH, then the local queen")
+    p.add_argument("--parallel", type=int, default=8, metavar="N", help="with --fleet: hosts at a time (default 8)")
+    fleet_ops.add_wait_flag(p)
     _json_flag(p)
     p = cmd("status", "show the queen, hives and workers", local_fleet.status)
+    p.add_argument("--no-probe", action="store_true",
+                   help="do not ask remote hosts the queen has no live hive of over SSH (not installed, stopped, ...)")
     _json_flag(p)
     p = cmd("demo", "bring up the local fleet, stream one chat answer, show the fleet", local_fleet.demo)
     p.add_argument("--prompt", default="In two sentences, what is a bee hive?")
@@ -122,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
 
     hosts.add_parsers(sub, common, cmd)
+    lock.add_parsers(sub, common, cmd)
+    audit.add_parser(cmd)
     return parser
 
 
@@ -151,6 +161,9 @@ async def run(args: argparse.Namespace) -> int:
     except QueenUnreachable as exc:
         fail(args, str(exc))
         return ExitCode.NO_QUEEN
+    except FleetLocked as exc:
+        fail(args, str(exc))
+        return ExitCode.LOCKED
     except (OperationFailed, ApiError) as exc:
         fail(args, str(exc))
         return ExitCode.FAILED

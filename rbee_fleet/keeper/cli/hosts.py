@@ -15,7 +15,8 @@ from rbee_fleet.contracts.vocabulary import HIVE_COMMANDS, ExitCode, HiveAction
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import HostResult, RunContext
-from rbee_fleet.keeper.cli.console import err, out
+from rbee_fleet.keeper.cli import fleet_ops
+from rbee_fleet.keeper.cli.console import err, fail, out
 from rbee_fleet.keeper.cli.deploy_view import DeployView, results_table, summary
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_service import HostService
@@ -31,6 +32,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., ar
     p.add_argument("--limit", metavar="A,B", help="only these hive aliases")
     p.add_argument("--parallel", type=int, default=8, metavar="N", help="hosts at a time (default 8)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    fleet_ops.add_wait_flag(p)
 
     hive = sub.add_parser("hive", help="manage one remote hive over SSH", parents=[common],
                           description="Manage the hive of one remote host of the inventory over SSH.")
@@ -48,6 +50,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., ar
             p.add_argument("-n", "--lines", type=int, default=100, help="lines to show first (default 100)")
         if action in ("install", "upgrade", "status", "start", "stop", "restart", "uninstall"):
             p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+        if action in ("install", "upgrade", "start", "stop", "restart", "uninstall"):
+            fleet_ops.add_wait_flag(p)
+    fleet_ops.add_forget_key_parser(hsub, cmd)
 
 
 def _deploy_flags(p: argparse.ArgumentParser) -> None:
@@ -95,7 +100,7 @@ async def _run_with_view(args: argparse.Namespace, specs: list[HostSpec], view: 
 async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
     queen = QueenService(ctx)
     try:
-        return await _deploy(args, HostService(queen))
+        return await _deploy(args, fleet_ops.host_service(args, queen))
     finally:
         await queen.close()
 
@@ -114,9 +119,11 @@ async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
     try:
         run = _run_context(args, hosts, view, check=args.check)
     except WheelhouseError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        fail(args, str(exc))
         return ExitCode.FAILED
-    if not args.check and await hosts.with_queen() and not args.json:
+    if not args.check:
+        await hosts.changes.wait_free(f"deploy {','.join(s.alias for s in specs)}")
+    if not args.check and await hosts.with_queen():
         err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
     return await _run_with_view(args, specs, view, lambda results: hosts.deploy_specs(specs, run, args.parallel, results),
                                 "deploy --check" if args.check else "deploy")
@@ -129,7 +136,7 @@ def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], 
     async def command(args: argparse.Namespace, ctx: KeeperContext) -> int:
         queen = QueenService(ctx)
         try:
-            hosts = HostService(queen)
+            hosts = fleet_ops.host_service(args, queen)
             specs = hosts.specs(args.alias)
             if action in ("install", "upgrade"):
                 return await _install(args, hosts, specs, upgrade=action == "upgrade")
@@ -138,7 +145,7 @@ def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], 
             err.print(f"[red]inventory error:[/] {exc}", highlight=False)
             return ExitCode.USAGE
         except WheelhouseError as exc:
-            err.print(f"[red]error:[/] {exc}", highlight=False)
+            fail(args, str(exc))
             return ExitCode.FAILED
         finally:
             await queen.close()
@@ -149,6 +156,7 @@ def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], 
 async def _install(args: argparse.Namespace, hosts: HostService, specs: list[HostSpec], upgrade: bool) -> int:
     view = DeployView(err, [s.alias for s in specs], quiet=args.json)
     run = _run_context(args, hosts, view)
+    await hosts.changes.wait_free(f"hive {'upgrade' if upgrade else 'install'} {','.join(s.alias for s in specs)}")
     await hosts.with_queen()
     return await _run_with_view(args, specs, view,
                                 lambda results: hosts.install(specs, run, upgrade=upgrade, results=results),

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.contracts.vocabulary import ExitCode
 from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
-from rbee_fleet.keeper.cli import tables
+from rbee_fleet.keeper.cli import fleet_ops, tables
 from rbee_fleet.keeper.cli.console import emit_json, err, out
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.local_queen import requests_in_flight, start_queen, stop_queen
@@ -70,6 +70,8 @@ async def _wait_foreground(proc: Any) -> None:
 
 
 async def down(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    if args.fleet:
+        return await fleet_ops.down_fleet(args, ctx)
     async with ctx.client() as client:
         in_flight = await requests_in_flight(client)
         if in_flight:
@@ -91,10 +93,12 @@ async def down(args: argparse.Namespace, ctx: KeeperContext) -> int:
 async def status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     async with ctx.client() as client:
         st = await client.status()
+    probes = {} if args.no_probe else await fleet_ops.probe_unseen(ctx, st)
     if args.json:
-        emit_json(st.model_dump(mode="json"))
+        emit_json({**st.model_dump(mode="json"),
+                   "probed": {a: {"state": p.state, "reason": p.reason, "version": p.version} for a, p in probes.items()}})
     else:
-        for table in tables.status_tables(st):
+        for table in tables.status_tables(st, probes):
             out.print(table)
     return ExitCode.OK
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from types import TracebackType
 
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Ta
 from rich.table import Table
 
 from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, JobEvent, ModelEntry, ModelView, WorkerView
+from rbee_fleet.keeper.host_probe import HostProbe
 
 
 def _cells(*values: object) -> list[str]:
@@ -32,7 +34,9 @@ def worker_state(w: WorkerView) -> str:
     return w.heartbeat.state.value if w.live else f"lost ({w.last_seen_s:.0f}s)"
 
 
-def status_tables(status: FleetStatus) -> list[Table]:
+def status_tables(status: FleetStatus, probes: Mapping[str, HostProbe] | None = None) -> list[Table]:
+    """The queen, its hives and its workers; ``probes`` (what SSH found on inventory hosts the queen has no live
+    hive of) win over the queen's memory of such a hive, and add the hosts it never heard of."""
     q = status.queen
     head = Table.grid(padding=(0, 2))
     head.add_row("[bold]queen[/]", *_cells(q.url, f"v{q.version}", f"up {q.uptime_s:.0f}s",
@@ -41,9 +45,18 @@ def status_tables(status: FleetStatus) -> list[Table]:
     hives = Table(title="hives", title_justify="left", expand=False)
     for col in ("hive", "url", "state", "version", "devices", "workers"):
         hives.add_column(col)
+    probes = probes or {}
     for h in status.hives:
         state = "embedded" if h.embedded else ("up" if h.live else "unreachable")
+        probe = probes.get(h.hive_id) if not h.live else None
+        if probe is not None:
+            hives.add_row(*_cells(h.hive_id, h.url, probe_state(probe), probe.version or "-", "-", "-"))
+            continue
         hives.add_row(*_cells(h.hive_id, h.url, state, h.version, devices_summary(h.devices), len(h.workers)))
+    known = {h.hive_id for h in status.hives}
+    for alias, probe in probes.items():
+        if alias not in known:
+            hives.add_row(*_cells(alias, "-", probe_state(probe), probe.version or "-", "-", "-"))
     workers = Table(title="workers", title_justify="left", expand=False)
     gpu = any(w.heartbeat.cache_tokens_total is not None for w in status.workers)
     for col in ("worker", "model", "backend", "device", "url", "state", "busy/slots", "queue", "tok/s",
@@ -58,6 +71,15 @@ def status_tables(status: FleetStatus) -> list[Table]:
             cells += [cache, _mb(hb.vram_used_mb) if hb.vram_used_mb is not None else ""]
         workers.add_row(*_cells(*cells))
     return [head, hives, workers]
+
+
+def probe_state(probe: HostProbe) -> str:
+    """A probed host's state cell: ``not installed``, ``stopped``, or why SSH could not tell."""
+    if probe.state in ("not installed", "stopped"):
+        return probe.state
+    if probe.state == "running":
+        return "running, no heartbeat"
+    return f"{probe.state} ({probe.reason})"
 
 
 def models_table(hive: str, models: list[ModelEntry]) -> Table:

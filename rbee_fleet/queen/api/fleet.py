@@ -58,6 +58,12 @@ async def hive_models(request: web.Request) -> web.Response:
     return web.json_response({"models": [e.model_dump(mode="json") for e in entries]})
 
 
+async def forget_hive(request: web.Request) -> web.Response:
+    """``DELETE /v1/hives/{hive}``: forget an uninstalled hive and its workers (cluster token only)."""
+    forgotten = request.app[QUEEN].registry.forget_hive(request.match_info["hive"])
+    return web.json_response({"forgotten": forgotten})
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[QUEEN].metrics.prom)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -73,3 +79,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/workers", workers)
     app.router.add_get("/v1/hives", hives)
     app.router.add_get("/v1/hives/{hive}/models", hive_models)
+    app.router.add_delete("/v1/hives/{hive}", forget_hive)

@@ -39,8 +39,8 @@ class HostKeyScreen(ModalScreen[bool]):
                 yield Label("This key is already trusted.", id="key-state", classes="dialog-detail")
             elif k.state == "changed":
                 yield Label(f"CHANGED: the recorded key is {', '.join(k.expected)}. The keeper refuses this host "
-                            "(someone may be in the middle). If the host was reinstalled, remove its old entry "
-                            "from known_hosts yourself, then check again.", id="key-state", classes="dialog-detail")
+                            "(someone may be in the middle). If the host was reinstalled, forget the old key with "
+                            f"`rbee-keeper hive forget-key {k.alias}` (the keeper's own known_hosts), then check again.", id="key-state", classes="dialog-detail")
             else:
                 yield Label("This key is not known yet. Compare the fingerprint with the one the host shows "
                             "(ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub) before you trust it.",

@@ -1,5 +1,5 @@
-"""Jobs and logs: every operation (this session's and the queen's) with its live event stream, and a
-host's log followed as it is written."""
+"""Jobs and logs: every operation (this session's and the queen's) with its live event stream, a host's log
+followed as it is written, and the audit log (who changed the fleet, when, with what result)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,15 @@ if TYPE_CHECKING:
 
 JOBS_REFRESH_S = 2.0
 STATE_STYLES = {"failed": "red", "succeeded": "green", "running": "cyan", "cancelled": "yellow"}
+AUDIT_STYLES = {"failed": "red", "ok": "green", "cancelled": "yellow"}
+AUDIT_ROWS = 200  # the newest audit entries shown
 
 
 class JobsScreen(Screen[None]):
     AUTO_FOCUS = "#ops-table"
     BINDINGS = [
         Binding("c", "cancel", "Cancel job"),
-        Binding("t", "toggle_tab", "Ops/Log tab"),
+        Binding("t", "toggle_tab", "Ops/Log/Audit tab"),
     ]
 
     def __init__(self) -> None:
@@ -56,10 +58,13 @@ class JobsScreen(Screen[None]):
             with TabPane("host log", id="tab-log"):
                 yield Select[str]([], prompt="pick a host", id="log-host")
                 yield JobLog(clock=False, id="host-log")
+            with TabPane("audit", id="tab-audit"):
+                yield DataTable(id="audit-table", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#ops-table", DataTable).add_columns("age", "operation", "host", "state", "last")
+        self.query_one("#audit-table", DataTable).add_columns("when (UTC)", "who", "action", "targets", "result", "reason")
         self.keeper.operations_changed.subscribe(self, self._operation_changed)
         self.watch(self.keeper, "snapshot", lambda _: self._hosts_changed(), init=True)
         self.set_interval(JOBS_REFRESH_S, self.refresh_jobs)
@@ -79,6 +84,23 @@ class JobsScreen(Screen[None]):
             except (QueenUnreachable, ApiError):
                 pass
         self._draw_table()
+        self._draw_audit()
+
+    def _draw_audit(self) -> None:
+        """The newest audit entries first (``$RBEE_HOME/audit.jsonl``, what ``rbee-keeper audit`` shows)."""
+        fleet = self.keeper.fleet
+        if fleet is None:
+            return
+        entries = fleet.changes.audit.read(limit=AUDIT_ROWS)
+        table = self.query_one("#audit-table", DataTable)
+        if len(entries) == table.row_count and getattr(self, "_audit_last", None) == (entries[-1].ts if entries else None):
+            return
+        self._audit_last = entries[-1].ts if entries else None
+        table.clear()
+        for e in reversed(entries):
+            result = e.result + (f" ({e.exit_code})" if e.exit_code is not None else "")
+            table.add_row(e.ts.replace("T", " ").removesuffix("Z"), e.who, e.action, ", ".join(e.targets)[:40],
+                          Text(result, style=AUDIT_STYLES.get(e.result, "")), e.reason[:80])
 
     def _rows(self) -> list[tuple[float, str, list[object]]]:
         now = self.keeper.fleet_now()
@@ -232,4 +254,5 @@ class JobsScreen(Screen[None]):
 
     def action_toggle_tab(self) -> None:
         tabs = self.query_one("#tabs", TabbedContent)
-        tabs.active = "tab-log" if tabs.active == "tab-ops" else "tab-ops"
+        order = ["tab-ops", "tab-log", "tab-audit"]
+        tabs.active = order[(order.index(tabs.active) + 1) % len(order)] if tabs.active in order else "tab-ops"
