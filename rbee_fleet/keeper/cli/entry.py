@@ -2,7 +2,8 @@
 
 With no command on a terminal, opens the TUI (same as `rbee-keeper tui`).
 
-Exit codes: 0 success, 1 an operation failed, 2 bad usage or a bad inventory, 3 the queen is not running.
+Exit codes: 0 success, 1 an operation failed, 2 bad usage or a bad inventory, 3 the queen is not running,
+4 a rollout stopped at --max-fail.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rbee_fleet import __version__
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.vocabulary import BACKEND_CHOICES, PLACEMENT_POLICIES, ExitCode
-from rbee_fleet.keeper.cli import hosts, local_fleet, workers
+from rbee_fleet.keeper.cli import hosts, local_fleet, rollback, workers
 from rbee_fleet.keeper.cli.console import err, fail
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.queen_client import QueenUnreachable
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
 
     hosts.add_parsers(sub, common, cmd)
+    rollback.add_parser(cmd)
     return parser
 
 
