@@ -25,9 +25,12 @@ def previous_version(facts: HostFacts) -> str | None:
     return others[0] if len(others) == 1 else None
 
 
-async def switch_back(spec: HostSpec, run: RunContext, to: str | None = None) -> tuple[str, str | None]:
+async def switch_back(spec: HostSpec, run: RunContext, to: str | None = None,
+                      drop_failed: bool = False) -> tuple[str, str | None]:
     """Switch ``spec``'s host to ``to`` (default: its previous version), restart its hive and wait until it
-    answers; returns (the version now current, the one before). ``DeployError`` names the host and why."""
+    answers; returns (the version now current, the one before). ``drop_failed`` (a rollout going back from a
+    version that failed there) removes the version left, so that no later rollback returns to it.
+    ``DeployError`` names the host and why."""
     t, facts = await open_host(spec, run)
     try:
         if not facts.versions:
@@ -48,7 +51,10 @@ async def switch_back(spec: HostSpec, run: RunContext, to: str | None = None) ->
         await steps.start(t, facts, restart=facts.hive_running)
         run.update(spec.alias, f"waiting for the hive to answer at {spec.url}")
         await steps.wait_hive(t, spec, facts, run.token)
-        await _record(t, spec, facts, target, was)
+        if drop_failed and was and was != target:
+            run.update(spec.alias, f"removing the failed version {was}")
+            await steps.prune(t, facts, (was,))
+        await _record(t, spec, facts, target, None if drop_failed else was)
         return target, was
     finally:
         await t.close()

@@ -4,8 +4,8 @@ after too many failures.
 Hosts go in batches (``--batch N`` or ``--batch 25%``; default: all at once), each batch's hosts in
 parallel up to ``--parallel``. A host that changed counts as done only when it passes the health gate
 (``health_gate``); one that fails it, or whose deploy fails after its version was switched, is switched
-back to the version it ran before (no reinstall: the previous version is kept on the host) and its
-workers are brought back. After a batch, when ``--max-fail`` hosts have failed, the rollout stops: the
+back to the version it ran before (no reinstall: the previous version is kept on the host), its workers
+are brought back, and the failed version is removed from it. After a batch, when ``--max-fail`` hosts have failed, the rollout stops: the
 hosts not yet started are left untouched and reported ``skipped``.
 """
 
@@ -95,7 +95,7 @@ async def _switch_back(spec: HostSpec, result: HostResult, run: RunContext, gate
     assert result.previous is not None
     run.update(spec.alias, f"failed on {result.version}: switching back to {result.previous}")
     try:
-        now, _ = await switch_back(spec, run, to=result.previous)
+        now, _ = await switch_back(spec, run, to=result.previous, drop_failed=True)
         if run.ensure_workers is not None:
             await run.ensure_workers(spec)
         result.rolled_back_to = now
