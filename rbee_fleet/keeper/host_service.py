@@ -338,14 +338,21 @@ class HostService:
             host_steps: list[PlanStep] = []
             for step in r.plan.steps:
                 if step.action == "workers":
-                    host_steps += self._worker_steps(r.alias, status)
+                    host_steps += self._worker_steps(r.alias, status, r.workers)
                 else:
                     host_steps.append(PlanStep(r.alias, step.action, "change" if step.changes else "ok", step.detail))
             by_host[r.alias] = host_steps
         return by_host
 
-    def _worker_steps(self, alias: str, status: FleetStatus | None) -> list[PlanStep]:
-        """The host's declared workers: serving already, or to be spawned through the queen."""
+    def _worker_steps(self, alias: str, status: FleetStatus | None,
+                      changes: list[WorkerChange] | None = None) -> list[PlanStep]:
+        """The host's declared workers: serving already, or to be spawned through the queen; for a remote host
+        checked over SSH, its converge plan's changes (start, replace, stop) and the workers it keeps."""
+        if changes is not None:
+            changed = {c.declared for c in changes}
+            return ([PlanStep(alias, c.declared, "change", c.describe()) for c in changes]
+                    + [PlanStep(alias, wid, "ok", f"serving {decl.model}")
+                       for wid, decl in self.ctx.inventory.worker_plan(alias) if wid not in changed])
         ready = {w.heartbeat.worker_id for w in (status.workers if status else [])
                  if w.live and w.heartbeat.state.value in ("ready", "loading")}
         return [PlanStep(alias, wid, "ok", f"serving {decl.model}") if wid in ready
