@@ -99,15 +99,8 @@ class WorkerConverger:
             status = await self.client.status()
         except QueenUnreachable:
             return None
-        view = next((m for m in status.catalog if m.id == model), None)
-        hive = next((h for h in status.hives if h.hive_id == spec.alias), None)
-        if view is None or hive is None or not view.need_mb:
-            return None
         gpu = any(op.device.startswith("cuda") or op.backend == "exllamav2" for op in spec.workers if op.model == model)
-        free = (sum(g.vram_free_mb for g in hive.devices.gpus) if gpu else hive.devices.cpu.ram_available_mb)
-        if view.need_mb <= free:
-            return None
-        return f"a second {model} worker needs about {view.need_mb} MB and the host has {free} MB free"
+        return no_room_for_second(status, spec.alias, model, gpu)
 
     async def _stop(self, spec: HostSpec, worker_id: str) -> None:
         self.say(spec.alias, f"stopping worker {worker_id} (it drains its requests first)")
@@ -140,6 +133,21 @@ class WorkerConverger:
                 raise DeployError(spec.alias, f"worker {worker_id}: the queen saw no ready heartbeat from it "
                                               f"within {timeout:.0f} s")
             await asyncio.sleep(0.2)
+
+
+def no_room_for_second(status: FleetStatus, hive_id: str, model: str, gpu: bool) -> str | None:
+    """Why a second worker of ``model`` does not fit on ``hive_id`` beside the first (None: it fits, or the queen
+    cannot tell). The need is the queen's estimate for the model; the room is the hive's free RAM, or its GPUs'
+    free VRAM summed, where the running worker's own memory is already taken."""
+    view = next((m for m in status.catalog if m.id == model), None)
+    hive = next((h for h in status.hives if h.hive_id == hive_id), None)
+    if view is None or hive is None or not view.need_mb:
+        return None
+    free = sum(g.vram_free_mb for g in hive.devices.gpus) if gpu else hive.devices.cpu.ram_available_mb
+    if view.need_mb <= free:
+        return None
+    kind = "VRAM" if gpu else "RAM"
+    return f"a second {model} worker needs about {view.need_mb} MB and the host has {free} MB of {kind} free"
 
 
 def worker_ready(status: FleetStatus, worker_id: str) -> bool:

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import pytest
 
-from rbee_fleet.contracts.fleet import SupervisedWorker, WorkerSpawnOp
+from rbee_fleet.contracts.fleet import (
+    CpuInfo,
+    DeviceInfo,
+    FleetStatus,
+    GpuInfo,
+    HiveView,
+    ModelView,
+    QueenView,
+    SupervisedWorker,
+    WorkerSpawnOp,
+)
 from rbee_fleet.deploy.converge import plan_workers
 from rbee_fleet.deploy.facts import parse_facts
 from rbee_fleet.deploy.plan import marker, marker_json, plan_host
 from rbee_fleet.deploy.rollback import previous_version
 from rbee_fleet.keeper.rollout import batch_size
+from rbee_fleet.keeper.worker_converge import no_room_for_second
 from tests.deploy.test_facts import FRESH_DEBIAN
 from tests.deploy.test_plan import RELEASE, TOKEN, deployed_facts, spec
 
@@ -110,3 +121,20 @@ def test_rollback_goes_to_the_recorded_previous_version_or_the_only_other_one() 
     assert previous_version(parse_facts(deployed_facts())) is None  # only the current one is there
     many = parse_facts(deployed_facts(extra="version_dir=0.0.9-bbbb\nversion_dir=0.0.8-cccc"))
     assert previous_version(many) is None  # ambiguous without a record
+
+
+def test_a_replacement_that_does_not_fit_beside_the_old_worker_waits_for_its_drain() -> None:
+    def fleet(ram_free: int, vram_free: int) -> FleetStatus:
+        devices = DeviceInfo(cpu=CpuInfo(cores=2, threads=2, ram_total_mb=4096, ram_available_mb=ram_free),
+                             gpus=[GpuInfo(index=0, name="g", vram_total_mb=8192, vram_free_mb=vram_free)])
+        hive = HiveView(hive_id="h2", url="http://x", version="0", embedded=False, live=True, last_seen_s=0,
+                        devices=devices, workers=[])
+        queen = QueenView(version="0", url="http://q", started_at=0, uptime_s=1, requests_total=0, in_flight=0)
+        return FleetStatus(queen=queen, hives=[hive], workers=[], models=["smollm2"],
+                           catalog=[ModelView(id="smollm2", state="loaded", need_mb=400)])
+
+    assert no_room_for_second(fleet(2000, 0), "h2", "smollm2", gpu=False) is None
+    why = no_room_for_second(fleet(300, 9000), "h2", "smollm2", gpu=False)
+    assert why == "a second smollm2 worker needs about 400 MB and the host has 300 MB of RAM free"
+    assert no_room_for_second(fleet(9000, 300), "h2", "smollm2", gpu=True) is not None
+    assert no_room_for_second(fleet(300, 300), "other", "smollm2", gpu=False) is None  # the queen cannot tell
