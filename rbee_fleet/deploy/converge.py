@@ -5,7 +5,8 @@ A worker a deploy spawned carries ``declared_as``, the inventory's id for it: a 
 another id (``ID`` and ``ID.2`` take turns) while the old process still serves, so both count as the
 same declared worker. A worker counts as changed when the settings it was spawned with differ from the
 inventory's; workers a deploy spawned whose id the inventory no longer declares are stopped. Workers
-spawned by hand or loaded on demand carry no ``declared_as`` and are never touched.
+spawned by hand or loaded on demand carry no ``declared_as`` and are never touched; a worker that records
+no settings (an older hive's) is kept as it is.
 """
 
 from __future__ import annotations
@@ -80,10 +81,10 @@ def plan_workers(ops: list[WorkerSpawnOp], running: list[SupervisedWorker]) -> l
     for op in ops:
         wid = op.declared_as or op.worker_id
         assert wid is not None
-        mine = [w for w in alive if (w.declared_as or w.worker_id) == wid
-                and (w.declared_as is not None or w.worker_id == wid)]
+        mine = [w for w in alive if (w.declared_as or w.worker_id) == wid]
         want = op.settings()
-        same = [w for w in mine if w.settings == want]
+        # A worker that records no settings (spawned by an older hive) cannot be compared: it is kept.
+        same = [w for w in mine if w.settings == want or not w.settings]
         if same:
             keep = same[0]
             changes.append(WorkerChange("ok", wid, op.model, running=keep.worker_id))

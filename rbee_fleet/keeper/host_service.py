@@ -146,7 +146,8 @@ class HostService:
         return run
 
     def _converger(self, run: RunContext, sink: EventSink | None = None) -> WorkerConverger:
-        return WorkerConverger(self.queen.client, run.token, sink, run.update)
+        embedded = {alias for alias, decl in self.ctx.inventory.hives.items() if decl.embedded}
+        return WorkerConverger(self.queen.client, run.token, sink, run.update, embedded)
 
     async def _gate(self, spec: HostSpec, run: RunContext) -> None:
         """The health gate of a remote host (the embedded hive is the queen's own: it has none of its own)."""
@@ -274,18 +275,31 @@ class HostService:
 
     async def _deploy_embedded(self, spec: HostSpec, run: RunContext, result: HostResult,
                                sink: EventSink | None) -> None:
+        up = await self.queen.client.healthy()
         if run.check:
-            up = await self.queen.client.healthy()
-            result.status = OK if up else CHANGED
-            result.reason = "nothing to change" if up else f"would start the queen at {self.ctx.queen_url}"
+            if up and run.plan_workers is not None:
+                result.workers = [c for c in await run.plan_workers(spec, False) if c.changes]
+            changes = ([] if up else [f"start the queen at {self.ctx.queen_url}"]) + [c.describe() for c in result.workers]
+            result.steps = changes
+            result.status = CHANGED if changes else OK
+            result.reason = ("would " + "; ".join(changes)) if changes else "nothing to change"
             return
         try:
-            done = await self._start_local(spec.alias, sink)
+            _say(sink, spec.alias, f"starting the queen at {self.ctx.queen_url}")
+            async with self._queen_lock:
+                started, _ = await start_queen(self.ctx, self.queen.client)
+            if run.ensure_workers is not None:
+                result.workers = await run.ensure_workers(spec)
         except (OperationFailed, QueenUnreachable) as exc:
             result.status, result.reason, result.error_kind = FAILED, str(exc), "local"
             return
-        result.status = CHANGED if done["changed"] else OK
-        result.reason = "queen and workers running" if done["changed"] else "nothing to change"
+        except DeployError as exc:
+            result.status, result.reason, result.error_kind = FAILED, exc.reason, exc.kind
+            return
+        result.steps = ([f"started the queen at {self.ctx.queen_url}"] if started else []) + \
+            [c.describe(done=True) for c in result.workers]
+        result.status = CHANGED if result.steps else OK
+        result.reason = "; ".join(result.steps) if result.steps else "nothing to change"
 
     async def deploy(self, aliases: list[str], sink: EventSink | None = None) -> list[HostResult]:
         """Deploy these hosts as the TUI does: new host keys are never trusted, and each failure is reported
@@ -320,7 +334,10 @@ class HostService:
                 continue
             plan.append(PlanStep(alias, "queen", "ok" if status else "change",
                                  f"running at {self.ctx.queen_url}" if status else f"start at {self.ctx.queen_url}"))
-            plan += self._worker_steps(alias, status)
+            hive = next((h for h in status.hives if h.hive_id == alias), None) if status else None
+            changes = ([c for c in plan_workers(self.ctx.inventory.spawn_ops(alias), hive.workers) if c.changes]
+                       if hive is not None else None)
+            plan += self._worker_steps(alias, status, changes)
         return plan
 
     async def plan_remote(self, aliases: list[str], status: FleetStatus | None) -> dict[str, list[PlanStep]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import aiohttp
 
@@ -31,18 +31,20 @@ class WorkerConverger:
     """Plans and carries out each host's worker changes; one per deploy run."""
 
     def __init__(self, client: QueenClient, token: str, sink: EventSink | None = None,
-                 say: Say = lambda alias, message: None) -> None:
+                 say: Say = lambda alias, message: None, embedded: Collection[str] = ()) -> None:
         self.client = client
         self.token = token
         self.sink = sink
         self.say = say
+        self.embedded = frozenset(embedded)  # hives that run inside the queen: their list comes from it
 
     # -- reading -----------------------------------------------------------------------------------
 
-    async def running(self, spec: HostSpec, embedded: bool = False) -> list[SupervisedWorker]:
+    async def running(self, spec: HostSpec) -> list[SupervisedWorker]:
         """The hive's workers as the hive itself lists them (none when it does not answer): right after a
-        restart, the queen's copy from the previous heartbeat may still list the old process's workers."""
-        if embedded:
+        restart, the queen's copy from the previous heartbeat may still list the old process's workers. The
+        embedded hive's list is the queen's own."""
+        if spec.alias in self.embedded:
             status = await self.client.status()
             return next((h.workers for h in status.hives if h.hive_id == spec.alias), [])
         headers = {"Authorization": f"Bearer {self.token}"}
@@ -56,14 +58,14 @@ class WorkerConverger:
             return []
         return [SupervisedWorker.model_validate(w) for w in body.get("workers", [])]
 
-    async def plan(self, spec: HostSpec, embedded: bool = False) -> list[WorkerChange]:
-        return plan_workers(list(spec.workers), await self.running(spec, embedded))
+    async def plan(self, spec: HostSpec) -> list[WorkerChange]:
+        return plan_workers(list(spec.workers), await self.running(spec))
 
     # -- changing ----------------------------------------------------------------------------------
 
-    async def apply(self, spec: HostSpec, embedded: bool = False) -> list[WorkerChange]:
+    async def apply(self, spec: HostSpec) -> list[WorkerChange]:
         """Carry out the host's plan; returns the changes made. Raises ``DeployError`` naming the worker."""
-        changes = [c for c in await self.plan(spec, embedded) if c.changes]
+        changes = [c for c in await self.plan(spec) if c.changes]
         if not changes:
             return []
         starts = [c for c in changes if c.action == "start"]
