@@ -84,5 +84,5 @@ class ExitCode(IntEnum):
     FAILED = 1  # an operation failed
     USAGE = 2  # bad usage or a bad inventory: nothing was started
     NO_QUEEN = 3  # the queen is not running
-    HALTED = 4  # a rollout stopped at --max-fail: the hosts it had not reached were left untouched
+    HALTED = 5  # a rollout stopped at --max-fail: the hosts it had not reached were left untouched
     INTERRUPTED = 130  # Ctrl-C

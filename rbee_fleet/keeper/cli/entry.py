@@ -3,7 +3,7 @@
 With no command on a terminal, opens the TUI (same as `rbee-keeper tui`).
 
 Exit codes: 0 success, 1 an operation failed, 2 bad usage or a bad inventory, 3 the queen is not running,
-4 a rollout stopped at --max-fail.
+5 a rollout stopped at --max-fail.
 """
 
 from __future__ import annotations
