@@ -101,6 +101,14 @@ def test_loading_workers_mean_starting_and_extra_workers_are_listed():
     assert (row.running, row.declared) == (1, 1)
 
 
+def test_a_deploys_replacement_of_a_declared_worker_takes_its_row():
+    new = SupervisedWorker(worker_id="big.2", model="m", backend="llamacpp", device="cpu", port=1, url="http://x:1",
+                           pid=7, state="running", declared_as="big")
+    row = host_rows(INV, status([hive("far", workers=[new])], [view("big.2", "far")]))[1]
+    assert [(w.worker_id, w.declared) for w in row.workers] == [("big.2", True)]
+    assert row.state is HostState.UP and (row.running, row.declared) == (1, 1)
+
+
 def test_a_running_host_action_shows_as_its_state():
     st = status([hive("local")], [view("local-m-0", "local")])
     assert states(st, {"far": "install", "local": "restart"}) == {

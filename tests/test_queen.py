@@ -242,6 +242,8 @@ async def test_job_api_spawns_and_stops_a_worker_on_the_embedded_hive(fleet):
         result = await jobs.run(WorkerSpawnOp(model="smollm2", worker_id="extra", threads=1, ctx_size=512),
                                 on_event=events.append)
         assert result["worker"]["worker_id"] == "extra" and result["changed"] is True
+        # The hive records what the worker was asked to run with: what a deploy compares with the inventory.
+        assert result["worker"]["settings"]["ctx_size"] == 512 and result["worker"]["settings"]["threads"] == 1
         assert any("ready" in e.message for e in events)
         again = await jobs.run(WorkerSpawnOp(model="smollm2", worker_id="extra", threads=1, ctx_size=512))
         assert again["changed"] is False
@@ -250,3 +252,17 @@ async def test_job_api_spawns_and_stops_a_worker_on_the_embedded_hive(fleet):
         procs.wait_until(lambda: "extra" not in workers(fleet), 10, what="the stopped worker to leave")
         with pytest.raises(Exception, match="no model 'no-such-model' in this hive's catalog"):
             await jobs.run(WorkerSpawnOp(model="no-such-model"))
+
+
+def test_operators_may_pin_a_request_to_one_hive(fleet):
+    """A deploy's health gate tests one host: ``X-Rbee-Hive`` (cluster token only) keeps the request there."""
+    body = {"model": "smollm2", "messages": QUESTION, "max_tokens": 2, "temperature": 0}
+    admin = procs.admin_headers(fleet.extra["home"])
+    status, answer, _ = procs.http_json(f"{fleet.url}/v1/chat/completions", method="POST", body=body,
+                                        headers={**admin, "X-Rbee-Hive": "localhost"})
+    assert status == 200 and answer["choices"], answer
+    status, answer, _ = procs.http_json(f"{fleet.url}/v1/chat/completions", method="POST", body=body,
+                                        headers={**admin, "X-Rbee-Hive": "elsewhere"})
+    assert status == 503 and "no worker of 'smollm2' on hive 'elsewhere'" in answer["error"]["message"], answer
+    status, answer, _ = procs.http_json(f"{fleet.url}/v1/chat/completions", method="POST", body=body, headers={"X-Rbee-Hive": "localhost"})
+    assert status == 403 and answer["error"]["type"] == "permission_error", answer

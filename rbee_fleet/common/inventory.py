@@ -192,7 +192,7 @@ class Inventory(_Section):
             WorkerSpawnOp(
                 hive=alias, model=d.model, backend=d.backend, device=d.device, placement=d.placement, worker_id=wid,
                 ctx_size=d.ctx_size, threads=d.threads, max_queue=d.max_queue, options=d.options,
-                slots=d.slots, embeddings=d.embeddings,
+                slots=d.slots, embeddings=d.embeddings, declared_as=wid,
             )
             for wid, d in self.worker_plan(alias)
         ]

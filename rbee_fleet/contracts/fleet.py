@@ -122,6 +122,10 @@ class SupervisedWorker(BaseModel):
     restarts: int = 0
     last_exit: str | None = None
     log_path: str = ""
+    # The inventory worker this process serves (a deploy's replacement runs under another id), and the
+    # settings it was spawned with (``WorkerSpawnOp.settings()``): what a deploy compares with the inventory.
+    declared_as: str | None = None
+    settings: dict[str, Any] = {}
 
 
 class ModelEntry(BaseModel):
@@ -171,6 +175,12 @@ class WorkerSpawnOp(_Op):
     slots: int | None = Field(default=None, ge=1, le=256)  # parallel sequences (llamacpp)
     embeddings: bool = False  # serve /v1/embeddings (llamacpp)
     options: dict[str, Any] = {}
+    # Set by deploys: the inventory's id for this worker, kept when a replacement runs under another id.
+    declared_as: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
+
+    def settings(self) -> dict[str, Any]:
+        """What the worker runs with, as declared: everything but where it goes and what it is called."""
+        return self.model_dump(mode="json", exclude={"kind", "hive", "worker_id", "declared_as"})
 
 
 class WorkerStopOp(_Op):

@@ -85,4 +85,5 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad usage or a bad inventory: nothing was started
     NO_QUEEN = 3  # the queen is not running
     LOCKED = 4  # another operation holds the fleet lock (rbee-keeper lock status)
+    HALTED = 5  # a rollout stopped at --max-fail: the hosts it had not reached were left untouched
     INTERRUPTED = 130  # Ctrl-C

@@ -123,9 +123,12 @@ def config_hash(files: list[RemoteFile]) -> str:
     return digest.hexdigest()[:16]
 
 
-def marker(release_id: str, version: str, cfg_hash: str, spec: HostSpec, facts: HostFacts) -> dict[str, Any]:
+def marker(release_id: str, version: str, cfg_hash: str, spec: HostSpec, facts: HostFacts,
+           previous: str | None = None) -> dict[str, Any]:
+    """What ``INSTALL/marker.json`` records; ``previous`` is the version a rollback switches back to."""
     return {"schema": MARKER_SCHEMA, "release": release_id, "version": version, "config_hash": cfg_hash,
-            "install_source": spec.install_source, "python": facts.python_tag, "mode": supervision_mode(facts)}
+            "install_source": spec.install_source, "python": facts.python_tag, "mode": supervision_mode(facts),
+            "previous": previous}
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class HostPlan:
     config_hash: str = ""
     release_id: str = ""
     prune: tuple[str, ...] = ()
+    previous: str | None = None  # recorded in the marker: the version before this one, kept for a rollback
 
     @property
     def changes(self) -> bool:
@@ -191,17 +195,21 @@ def plan_host(spec: HostSpec, facts: HostFacts, release_id: str, token: str) -> 
     elif switched or config_changed:
         steps.append(Step("restart", "restart the hive on the new " + ("version" if switched else "configuration")))
     steps.append(Step("wait", f"hive answers at {spec.url}", changes=False))
-    new_marker = marker(release_id, release_id.split("-", 1)[0], cfg, spec, facts)
+    previous = facts.current if switched else mark.get("previous")
+    if previous == release_id:
+        previous = None
+    new_marker = marker(release_id, release_id.split("-", 1)[0], cfg, spec, facts, previous)
     if {k: mark.get(k) for k in new_marker} != new_marker:
         steps.append(Step("marker", "record the installed version and configuration"))
-    keep = {release_id, *([facts.current] if facts.current and facts.current != release_id else [])}
+    keep = {release_id, *(v for v in (facts.current, previous) if v in facts.versions)}
     old = tuple(v for v in facts.versions if v not in keep)
     extra = len(keep) + len(old) - KEEP_VERSIONS
     prune = old[:max(0, extra)]
     if prune:
         steps.append(Step("prune", f"remove old version{'s' if len(prune) > 1 else ''} {', '.join(prune)}"))
     steps.append(Step("workers", f"{len(spec.workers)} declared worker(s) through the queen", changes=False))
-    return HostPlan(spec.alias, steps=tuple(steps), files=tuple(files), config_hash=cfg, release_id=release_id, prune=prune)
+    return HostPlan(spec.alias, steps=tuple(steps), files=tuple(files), config_hash=cfg, release_id=release_id, prune=prune,
+                    previous=previous)
 
 
 def marker_json(value: dict[str, Any]) -> str:

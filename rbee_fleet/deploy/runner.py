@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rbee_fleet.deploy import steps
+from rbee_fleet.deploy.converge import WorkerChange
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.facts import HostFacts
 from rbee_fleet.deploy.host_keys import HostKeyStore
@@ -25,23 +26,29 @@ from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 
 log = logging.getLogger(__name__)
 
-OK, CHANGED, FAILED, CANCELLED = "ok", "changed", "failed", "cancelled"
+OK, CHANGED, FAILED, CANCELLED, SKIPPED = "ok", "changed", "failed", "cancelled", "skipped"
 
-# Spawns the host's declared workers through the queen; returns how many were started anew.
-EnsureWorkers = Callable[[HostSpec], Awaitable[int]]
+# Brings the host's workers to the inventory through the queen (start, replace, stop); returns the changes.
+EnsureWorkers = Callable[[HostSpec], Awaitable[list[WorkerChange]]]
+# What that would change (check mode); the flag says the hive restarts first, so no worker survives.
+PlanWorkers = Callable[[HostSpec, bool], Awaitable[list[WorkerChange]]]
 Update = Callable[[str, str], None]  # (alias, what the host is doing now)
 
 
 @dataclass
 class HostResult:
     alias: str
-    status: str = "pending"  # ok | changed | failed | cancelled
+    status: str = "pending"  # ok | changed | failed | cancelled | skipped
     reason: str = ""
     error_kind: str | None = None
     steps: list[str] = field(default_factory=list)  # what was (or, in check mode, would be) changed
     version: str | None = None
     elapsed_s: float = 0.0
     plan: HostPlan | None = field(default=None, repr=False)  # every step, changing or not (for a check view)
+    workers: list[WorkerChange] = field(default_factory=list)  # worker changes made (or, checking, to make)
+    previous: str | None = None  # the version the host ran before this run (what a failed gate goes back to)
+    gate: str | None = None  # the health gate's result: "passed", or the failing check's output
+    rolled_back_to: str | None = None  # the version a failed host was switched back to
 
     @property
     def ok(self) -> bool:
@@ -58,7 +65,9 @@ class HostResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"host": self.alias, "status": self.status, "reason": self.reason, "error": self.error_kind,
-                "changes": self.steps, "version": self.version, "elapsed_s": round(self.elapsed_s, 2)}
+                "changes": self.steps, "workers": [c.to_json() for c in self.workers], "version": self.version,
+                "previous": self.previous, "gate": self.gate, "rolled_back_to": self.rolled_back_to,
+                "elapsed_s": round(self.elapsed_s, 2)}
 
 
 @dataclass
@@ -70,6 +79,7 @@ class RunContext:
     accept_new: bool = False
     check: bool = False
     ensure_workers: EnsureWorkers | None = None
+    plan_workers: PlanWorkers | None = None
     update: Update = lambda alias, message: None
 
 
@@ -93,24 +103,29 @@ async def deploy_host(spec: HostSpec, ctx: RunContext, result: HostResult, *, re
         if require_installed and not facts.versions:
             raise DeployError(spec.alias, "rbee-fleet is not installed there; use `hive install` first")
         plan = plan_host(spec, facts, ctx.release.id, ctx.token)
-        result.version, result.plan = plan.release_id, plan
+        result.version, result.plan, result.previous = plan.release_id, plan, facts.current
         if plan.problems:
             raise DeployError(spec.alias, "; ".join(plan.problems))
         result.steps = [s.detail for s in plan.steps if s.changes]
         if ctx.check:
-            result.status = CHANGED if plan.changes else OK
-            result.reason = ("would " + plan.describe()) if plan.changes else "nothing to change"
+            if ctx.plan_workers is not None:
+                restarts = plan.has("start") or plan.has("restart")
+                result.workers = [c for c in await ctx.plan_workers(spec, restarts) if c.changes]
+            worker_lines = [c.describe() for c in result.workers]
+            result.steps += worker_lines
+            changes = [s.detail for s in plan.steps if s.changes] + worker_lines
+            result.status = CHANGED if changes else OK
+            result.reason = ("would " + "; ".join(changes)) if changes else "nothing to change"
             return
         await steps.execute(t, spec, facts, plan, ctx.release, ctx.builder, ctx.token,
                             lambda message: ctx.update(spec.alias, message))
-        spawned = 0
-        if ctx.ensure_workers is not None and spec.workers:
-            ctx.update(spec.alias, f"spawning {len(spec.workers)} worker(s) through the queen")
-            spawned = await ctx.ensure_workers(spec)
-            if spawned:
-                result.steps.append(f"started {spawned} worker(s)")
-        result.status = CHANGED if (plan.changes or spawned) else OK
-        result.reason = plan.describe() if plan.changes else (result.steps[-1] if spawned else "nothing to change")
+        if ctx.ensure_workers is not None:
+            ctx.update(spec.alias, f"bringing {len(spec.workers)} declared worker(s) to the inventory through the queen")
+            result.workers = await ctx.ensure_workers(spec)
+            result.steps += [c.describe(done=True) for c in result.workers]
+        changes = [s.detail for s in plan.steps if s.changes] + [c.describe(done=True) for c in result.workers]
+        result.status = CHANGED if changes else OK
+        result.reason = "; ".join(changes) if changes else "nothing to change"
     except DeployError as exc:
         result.status, result.reason, result.error_kind = FAILED, exc.reason, exc.kind
     except WheelhouseError as exc:

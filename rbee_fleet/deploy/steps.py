@@ -226,7 +226,7 @@ def gpu_check_problem(output: str, exit_status: int | None) -> str | None:
 
 
 async def write_marker(t: Transport, spec: HostSpec, facts: HostFacts, plan: HostPlan) -> None:
-    value = marker(plan.release_id, plan.release_id.split("-", 1)[0], plan.config_hash, spec, facts)
+    value = marker(plan.release_id, plan.release_id.split("-", 1)[0], plan.config_hash, spec, facts, plan.previous)
     await write_files(t, spec.python, [RemoteFile(f"{facts.install_dir}/marker.json", marker_json(value) + "\n", 0o644)])
 
 

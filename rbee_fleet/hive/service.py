@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -173,6 +174,8 @@ class HiveService:
             env=tuple(sorted(env.items())),
             slots=op.slots,
             embeddings=op.embeddings,
+            declared_as=op.declared_as,
+            requested=json.dumps(op.settings(), sort_keys=True),
         )
         emit.progress(f"spawning {spec.worker_id}: {entry.id} ({entry.format}) with {backend} on {device}")
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -41,6 +42,8 @@ class LaunchSpec:
     env: tuple[tuple[str, str], ...] = ()
     slots: int | None = None
     embeddings: bool = False
+    declared_as: str | None = None  # the inventory worker this one serves (see ``SupervisedWorker``)
+    requested: str = "{}"  # the spawn operation's settings, as JSON (what a deploy compares)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class Supervisor:
             restarts=m.restarts,
             last_exit=m.last_exit,
             log_path=str(m.log_path),
+            declared_as=m.spec.declared_as,
+            settings=json.loads(m.spec.requested),
         )
 
     def models_in_use(self) -> dict[str, list[str]]:

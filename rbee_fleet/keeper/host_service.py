@@ -17,15 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rbee_fleet.common.errors import ApiError, OperationFailed
+from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import HiveDecl, InventoryError
 from rbee_fleet.common.secrets import load_or_create
 from rbee_fleet.contracts.fleet import FleetStatus, JobEvent
 from rbee_fleet.contracts.vocabulary import HiveAction
+from rbee_fleet.deploy.converge import WorkerChange, plan_workers
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.host_keys import HostKey, known_hosts_pattern
 from rbee_fleet.deploy.hosts import host_spec, select, ssh_target
 from rbee_fleet.deploy.plan import HostSpec
+from rbee_fleet.deploy.rollback import switch_back
 from rbee_fleet.deploy.runner import (
     CANCELLED,
     CHANGED,
@@ -42,13 +44,16 @@ from rbee_fleet.deploy.transport import scan_host_key, trust
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.fleet_change import FleetChanges
+from rbee_fleet.keeper.health_gate import GateFailed, health_gate
 from rbee_fleet.keeper.host_probe import PROBE_GRACE_S, HostProbe, probe_host
 from rbee_fleet.keeper.local_queen import local_queen, start_queen, stop_queen
 from rbee_fleet.keeper.log_follow import follow_file
-from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
-from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers, run_job
+from rbee_fleet.keeper.queen_client import QueenUnreachable
+from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers
 from rbee_fleet.keeper.remote_hive import HiveNotInstalled, HiveOutcome, control_hive, hive_status, stream_log
+from rbee_fleet.keeper.rollout import RolloutPolicy, rollout
 from rbee_fleet.keeper.ssh_login import ssh_command
+from rbee_fleet.keeper.worker_converge import WorkerConverger
 
 PARALLEL = 8  # hosts deployed or checked at a time
 
@@ -92,26 +97,6 @@ def run_context(ctx: KeeperContext, *, source: Path | None = None, accept_new: b
     return run
 
 
-def workers_via_queen(client: QueenClient, sink: EventSink | None = None) -> EnsureWorkers:
-    """Spawns a host's declared workers as jobs on the queen (their events go to ``sink``)."""
-
-    async def ensure(spec: HostSpec) -> int:
-        async def one(op: Any) -> bool:
-            try:
-                result = await run_job(client, op, op.worker_id or spec.alias, sink)
-            except (OperationFailed, ApiError) as exc:
-                message = str(exc).splitlines()[0]
-                prefix = "" if message.startswith(f"worker {op.worker_id}") else f"worker {op.worker_id}: "
-                raise DeployError(spec.alias, prefix + message) from None
-            except QueenUnreachable as exc:
-                raise DeployError(spec.alias, str(exc)) from None
-            return bool(result.get("changed"))
-
-        return sum(await asyncio.gather(*(one(op) for op in spec.workers)))
-
-    return ensure
-
-
 # -- the service --------------------------------------------------------------------------------------
 
 
@@ -148,14 +133,31 @@ class HostService:
 
     def run_context(self, sink: EventSink | None = None, *, update: Update | None = None, check: bool = False,
                     accept_new: bool = False, source: Path | None = None) -> RunContext:
-        """A run whose progress goes to ``update`` (else to ``sink`` as log events) and which, unless it only
-        checks, spawns hosts' workers through the queen (their job events to ``sink``); raises ``WheelhouseError``."""
+        """A run whose progress goes to ``update`` (else to ``sink`` as log events) and which brings hosts'
+        workers to the inventory through the queen (their job events to ``sink``), or in check mode says what
+        that would change; raises ``WheelhouseError``."""
         run = run_context(self.ctx, source=source, accept_new=accept_new, check=check,
-                          update=update or (lambda alias, message: _say(sink, alias, message)), builders=self._builders,
-                          ensure_workers=None if check else workers_via_queen(self.queen.client, sink))
+                          update=update or (lambda alias, message: _say(sink, alias, message)), builders=self._builders)
+        workers = self._converger(run, sink)
+
+        async def plan(spec: HostSpec, restarts: bool) -> list[WorkerChange]:
+            return plan_workers(list(spec.workers), []) if restarts else await workers.plan(spec)
+
+        run.plan_workers = plan
+        if not check:
+            run.ensure_workers = workers.apply
         run.keys.on_record = lambda host, port, _key: self.changes.audit.record(
             "host-key accept", [known_hosts_pattern(host, port)], "ok", "trusted on first use (--accept-new-host-keys)")
         return run
+
+    def _converger(self, run: RunContext, sink: EventSink | None = None) -> WorkerConverger:
+        embedded = {alias for alias, decl in self.ctx.inventory.hives.items() if decl.embedded}
+        return WorkerConverger(self.queen.client, run.token, sink, run.update, embedded)
+
+    async def _gate(self, spec: HostSpec, run: RunContext) -> None:
+        """The health gate of a remote host (the embedded hive is the queen's own: it has none of its own)."""
+        if not self._decl(spec.alias).embedded:
+            await health_gate(spec, self.queen.client, self._converger(run))
 
     def _run(self, sink: EventSink | None, *, check: bool = False) -> RunContext:
         """``run_context`` for the TUI: new host keys are never trusted implicitly; failures as ``OperationFailed``."""
@@ -176,11 +178,39 @@ class HostService:
 
     async def install(self, specs: list[HostSpec], run: RunContext, *, upgrade: bool = False,
                       results: list[HostResult] | None = None) -> list[HostResult]:
-        """``hive install`` (or ``upgrade``, which needs an installed hive): a deploy of these hosts, one at a time."""
+        """``hive install`` (or ``upgrade``, which needs an installed hive): a deploy of these hosts, one at a time,
+        each health-gated (a failing host goes back to its previous version)."""
         results = results if results is not None else [HostResult(s.alias) for s in specs]
         async with self.changes.change(f"hive {'upgrade' if upgrade else 'install'}", [s.alias for s in specs]) as change:
             change.results = results
-            return await run_hosts(specs, lambda s, r: deploy_host(s, run, r, require_installed=upgrade), 1, run, results)
+            return await rollout(specs, lambda s, r: deploy_host(s, run, r, require_installed=upgrade), run,
+                                 parallel=1, policy=RolloutPolicy(), gate=lambda spec: self._gate(spec, run),
+                                 results=results)
+
+    async def rollback(self, specs: list[HostSpec], run: RunContext, parallel: int = PARALLEL,
+                       results: list[HostResult] | None = None) -> list[HostResult]:
+        """Switch each host to its previous version (no reinstall), bring its workers back, then the health gate."""
+
+        async def job(spec: HostSpec, result: HostResult) -> None:
+            try:
+                now, was = await switch_back(spec, run)
+                result.version, result.previous = now, was
+                if run.ensure_workers is not None:
+                    result.workers = await run.ensure_workers(spec)
+                await self._gate(spec, run)
+                result.gate = "passed"
+                result.status = CHANGED if now != was else OK
+                result.reason = f"switched to {now} (was {was})" if now != was else f"already on {now}"
+            except GateFailed as exc:
+                result.gate = exc.output
+                result.status, result.reason, result.error_kind = FAILED, str(exc), "health-gate"
+            except DeployError as exc:
+                result.status, result.reason, result.error_kind = FAILED, exc.reason, exc.kind
+
+        results = results if results is not None else [HostResult(s.alias) for s in specs]
+        async with self.changes.change("rollback", [s.alias for s in specs]) as change:
+            change.results = results
+            return await run_hosts(specs, job, parallel, run, results)
 
     async def control(self, spec: HostSpec, run: RunContext, action: HiveAction) -> HiveOutcome:
         """Start, stop, restart or uninstall one remote hive (under the fleet lock, audited); an uninstalled
@@ -247,10 +277,13 @@ class HostService:
     # -- deploy ----------------------------------------------------------------------------------
 
     async def deploy_specs(self, specs: list[HostSpec], run: RunContext, parallel: int = PARALLEL,
-                           results: list[HostResult] | None = None, sink: EventSink | None = None) -> list[HostResult]:
-        """Bring each host to the inventory's state, at most ``parallel`` at a time; one failing host never
-        stops the others. A remote host is checked, installed and started over SSH; the embedded one by
-        starting the local queen; then each host's declared workers are spawned through the queen."""
+                           results: list[HostResult] | None = None, sink: EventSink | None = None,
+                           policy: RolloutPolicy | None = None) -> list[HostResult]:
+        """Bring each host to the inventory's state, at most ``parallel`` at a time, in ``policy``'s batches;
+        a failing host stops the others only at ``policy.max_fail``. A remote host is checked, installed and
+        started over SSH; the embedded one by starting the local queen; then each host's workers are brought
+        to the inventory through the queen, and a host that changed passes the health gate or goes back to
+        its previous version."""
 
         async def job(spec: HostSpec, result: HostResult) -> None:
             if self._decl(spec.alias).embedded:
@@ -258,27 +291,42 @@ class HostService:
             else:
                 await deploy_host(spec, run, result)
 
-        if run.check:  # changes nothing: no lock, no audit entry
-            return await run_hosts(specs, job, parallel, run, results)
+        if run.check:  # changes nothing: no lock, no audit entry, no gate
+            return await rollout(specs, job, run, parallel=parallel, policy=policy or RolloutPolicy(), gate=None,
+                                 results=results)
         results = results if results is not None else [HostResult(s.alias) for s in specs]
         async with self.changes.change("deploy", [s.alias for s in specs]) as change:
             change.results = results
-            return await run_hosts(specs, job, parallel, run, results)
+            return await rollout(specs, job, run, parallel=parallel, policy=policy or RolloutPolicy(),
+                                 gate=lambda spec: self._gate(spec, run), results=results)
 
     async def _deploy_embedded(self, spec: HostSpec, run: RunContext, result: HostResult,
                                sink: EventSink | None) -> None:
+        up = await self.queen.client.healthy()
         if run.check:
-            up = await self.queen.client.healthy()
-            result.status = OK if up else CHANGED
-            result.reason = "nothing to change" if up else f"would start the queen at {self.ctx.queen_url}"
+            if up and run.plan_workers is not None:
+                result.workers = [c for c in await run.plan_workers(spec, False) if c.changes]
+            changes = ([] if up else [f"start the queen at {self.ctx.queen_url}"]) + [c.describe() for c in result.workers]
+            result.steps = changes
+            result.status = CHANGED if changes else OK
+            result.reason = ("would " + "; ".join(changes)) if changes else "nothing to change"
             return
         try:
-            done = await self._start_local(spec.alias, sink)
+            _say(sink, spec.alias, f"starting the queen at {self.ctx.queen_url}")
+            async with self._queen_lock:
+                started, _ = await start_queen(self.ctx, self.queen.client)
+            if run.ensure_workers is not None:
+                result.workers = await run.ensure_workers(spec)
         except (OperationFailed, QueenUnreachable) as exc:
             result.status, result.reason, result.error_kind = FAILED, str(exc), "local"
             return
-        result.status = CHANGED if done["changed"] else OK
-        result.reason = "queen and workers running" if done["changed"] else "nothing to change"
+        except DeployError as exc:
+            result.status, result.reason, result.error_kind = FAILED, exc.reason, exc.kind
+            return
+        result.steps = ([f"started the queen at {self.ctx.queen_url}"] if started else []) + \
+            [c.describe(done=True) for c in result.workers]
+        result.status = CHANGED if result.steps else OK
+        result.reason = "; ".join(result.steps) if result.steps else "nothing to change"
 
     async def deploy(self, aliases: list[str], sink: EventSink | None = None) -> list[HostResult]:
         """Deploy these hosts as the TUI does: new host keys are never trusted, and each failure is reported
@@ -345,7 +393,10 @@ class HostService:
                 continue
             plan.append(PlanStep(alias, "queen", "ok" if status else "change",
                                  f"running at {self.ctx.queen_url}" if status else f"start at {self.ctx.queen_url}"))
-            plan += self._worker_steps(alias, status)
+            hive = next((h for h in status.hives if h.hive_id == alias), None) if status else None
+            changes = ([c for c in plan_workers(self.ctx.inventory.spawn_ops(alias), hive.workers) if c.changes]
+                       if hive is not None else None)
+            plan += self._worker_steps(alias, status, changes)
         return plan
 
     async def plan_remote(self, aliases: list[str], status: FleetStatus | None) -> dict[str, list[PlanStep]]:
@@ -363,14 +414,21 @@ class HostService:
             host_steps: list[PlanStep] = []
             for step in r.plan.steps:
                 if step.action == "workers":
-                    host_steps += self._worker_steps(r.alias, status)
+                    host_steps += self._worker_steps(r.alias, status, r.workers)
                 else:
                     host_steps.append(PlanStep(r.alias, step.action, "change" if step.changes else "ok", step.detail))
             by_host[r.alias] = host_steps
         return by_host
 
-    def _worker_steps(self, alias: str, status: FleetStatus | None) -> list[PlanStep]:
-        """The host's declared workers: serving already, or to be spawned through the queen."""
+    def _worker_steps(self, alias: str, status: FleetStatus | None,
+                      changes: list[WorkerChange] | None = None) -> list[PlanStep]:
+        """The host's declared workers: serving already, or to be spawned through the queen; for a remote host
+        checked over SSH, its converge plan's changes (start, replace, stop) and the workers it keeps."""
+        if changes is not None:
+            changed = {c.declared for c in changes}
+            return ([PlanStep(alias, c.declared, "change", c.describe()) for c in changes]
+                    + [PlanStep(alias, wid, "ok", f"serving {decl.model}")
+                       for wid, decl in self.ctx.inventory.worker_plan(alias) if wid not in changed])
         ready = {w.heartbeat.worker_id for w in (status.workers if status else [])
                  if w.live and w.heartbeat.state.value in ("ready", "loading")}
         return [PlanStep(alias, wid, "ok", f"serving {decl.model}") if wid in ready

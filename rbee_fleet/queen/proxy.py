@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from rbee_fleet.common import sse
-from rbee_fleet.common.errors import ApiError, UpstreamFailed, error_body, error_from_body
+from rbee_fleet.common.errors import ApiError, Unavailable, UpstreamFailed, error_body, error_from_body
 from rbee_fleet.contracts.stream import ERROR_EVENT_MARK, error_event, usage_in
 from rbee_fleet.queen.metrics import QueenMetrics
 from rbee_fleet.queen.registry import Registry, WorkerRecord
@@ -112,8 +112,9 @@ class WorkerProxy:
 
     async def forward(
         self, request: web.Request, *, endpoint: str, model: str, stream: bool, body: bytes,
-        needs: dict[str, str] | None = None,
+        needs: dict[str, str] | None = None, hive: str | None = None,
     ) -> web.StreamResponse:
+        """Relay ``body`` to a worker of ``model`` (``hive``: only that hive's workers)."""
         m = self.metrics
         started = time.monotonic()
         # Metrics are labelled by model; names no worker serves share one label, whatever clients send.
@@ -123,7 +124,7 @@ class WorkerProxy:
         status = 500
         try:
             self.scheduler.registry.refuse_unable(model, needs or {})
-            response = await self._place(request, endpoint, model, stream, body, started, frozenset(needs or ()))
+            response = await self._place(request, endpoint, model, stream, body, started, frozenset(needs or ()), hive)
             status = response.status
             return response
         except ApiError as exc:
@@ -140,10 +141,13 @@ class WorkerProxy:
 
     async def _place(
         self, request: web.Request, endpoint: str, model: str, stream: bool, body: bytes, started: float,
-        needs: frozenset[str],
+        needs: frozenset[str], hive: str | None = None,
     ) -> web.StreamResponse:
         tried: set[object] = set()  # worker instances: a restarted worker is a new one, usable at once
         last_error: ApiError | None = None
+        if hive is not None:  # pinned: every other hive's workers are excluded by id
+            tried = {r.id for r in self.scheduler.registry.workers.values() if r.hb.model == model and r.hb.hive_id != hive}
+            last_error = Unavailable(f"no worker of {model!r} on hive {hive!r} is ready", retry_after=5)
         for _ in range(MAX_ATTEMPTS):
             try:
                 lease = await self.scheduler.acquire(model, tried, needs, request.get(ROUTE))

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REFRESH_S = 1.0
 CATALOG_TIMEOUT_S = 5.0
-SPAWN_FIELDS = form_fields(WorkerSpawnOp, skip=("kind", "hive", "options"))
+SPAWN_FIELDS = form_fields(WorkerSpawnOp, skip=("kind", "hive", "options", "declared_as"))
 EMPTY = FleetSnapshot(status=None, error=None, rows=())
 
 ServiceFactory = Callable[[KeeperContext], QueenService]

@@ -102,8 +102,12 @@ def _host_workers(inv: Inventory, alias: str, hive: HiveView | None, views: list
     declared = [wid for wid, _ in inv.worker_plan(alias)]
     supervised = {w.worker_id: w for w in (hive.workers if hive else [])}
     live = {v.heartbeat.worker_id: v for v in views if v.heartbeat.hive_id == alias}
-    ids = declared + sorted((set(supervised) | set(live)) - set(declared))
-    return tuple(HostWorker(wid, wid in declared, supervised.get(wid), live.get(wid)) for wid in ids)
+    # A deploy's replacement runs under another id (``ID.2``) and serves the declared worker: it takes its row.
+    stand_in = {w.declared_as: w.worker_id for w in supervised.values()
+                if w.declared_as in declared and w.worker_id != w.declared_as and w.declared_as not in supervised}
+    rows = [stand_in.get(wid, wid) for wid in declared]
+    ids = rows + sorted((set(supervised) | set(live)) - set(rows) - set(declared))
+    return tuple(HostWorker(wid, wid in rows, supervised.get(wid), live.get(wid)) for wid in ids)
 
 
 def _probed(probe: HostProbe, queen_up: bool) -> tuple[HostState, str]:

@@ -1,6 +1,8 @@
-"""Deploy wall time over real SSH: 1 fresh host, then 4 fresh hosts at once, then a no-change redeploy of 4.
+"""Deploy wall time over real SSH: 1 fresh host, then 4 fresh hosts at once, a no-change redeploy of 4, and a
+config-change rollout of 4 (every worker's ``ctx_size`` changed: each replaced beside the old one, in
+batches of 2, each host health-gated).
 
-Targets (issue 3): 4 hosts within 1.5x of one host; a no-change redeploy of 4 hosts under 2 s.
+Targets (issues 3 and 12): 4 hosts within 1.5x of one host; a no-change redeploy of 4 hosts under 1 s.
 The wheelhouse is built (or taken from the cache) before timing, so the figures are about deploying.
 Hosts are Debian containers on 127.0.0.21-25 (see tests/ssh/hosts.py).
 """
@@ -48,15 +50,23 @@ def _cpu(hosts: list[TestHost], queen: procs.Proc) -> tuple[float, float, float]
     return (children.ru_utime + children.ru_stime, q.user + q.system, sum(h.cpu_seconds() or 0.0 for h in hosts))
 
 
-def _deploy(keeper: Keeper, limit: str, hosts: list[TestHost], queen: procs.Proc) -> Run:
+def _deploy(keeper: Keeper, limit: str, hosts: list[TestHost], queen: procs.Proc, *extra: str) -> Run:
     cpu0 = _cpu(hosts, queen)
     started = time.monotonic()
-    code, results, proc = keeper.deploy("--accept-new-host-keys", "--limit", limit)
+    code, results, proc = keeper.deploy("--accept-new-host-keys", "--limit", limit, *extra)
     wall = time.monotonic() - started
     if code != 0:
         raise RuntimeError(f"deploy of {limit} failed:\n{json.dumps(results, indent=2)}\n{proc.stderr[-2000:]}")
     keeper, queen_cpu, hosts_cpu = (after - before for after, before in zip(_cpu(hosts, queen), cpu0))
     return Run(wall, results, keeper, queen_cpu, hosts_cpu)
+
+
+def _keeper_start(keeper: Keeper) -> float:
+    """Wall time of the keeper starting and exiting (``--version`` imports all a deploy does): the part of a
+    no-change redeploy that no host causes."""
+    started = time.monotonic()
+    keeper.run("--version")
+    return time.monotonic() - started
 
 
 def _prebuild() -> float:
@@ -86,6 +96,11 @@ def main() -> int:
             four = _deploy(keeper, ",".join(FOUR), hosts, queen)
             again = _deploy(keeper, ",".join(FOUR), hosts, queen)
             changed = [h for h, r in again.results.items() if r["status"] != "ok"]
+            start = min(_keeper_start(keeper) for _ in range(3))
+            inventory.write_text(inventory.read_text().replace("ctx_size = 512", "ctx_size = 1024"))
+            rollout = _deploy(keeper, ",".join(FOUR), hosts, queen, "--batch", "2")
+            replaced = sum(1 for r in rollout.results.values() for w in r["workers"] if w["action"] == "replace")
+            gated = sum(1 for r in rollout.results.values() if r["gate"] == "passed")
             cores = os.cpu_count() or 1
             ratio = four.wall / one.wall
             print(f"wheelhouse ready in {build:.1f} s (cached after the first build)")
@@ -98,8 +113,12 @@ def main() -> int:
                   f"beats {four.cpu / cores:.1f} s here ({four.cpu / cores / one.wall:.2f}x of one host); "
                   f"hosts with their own CPUs would not queue for these")
             print(f"no-change redeploy of 4 hosts:  {again.wall:6.2f} s wall, keeper start included "
-                  f"(in-run {again.slowest():.2f} s)  (target < 2 s) {'MET' if again.wall < 2 else 'MISSED'}")
+                  f"(in-run {again.slowest():.2f} s)  (target < 1 s) {'MET' if again.wall < 1 else 'MISSED'}")
+            print(f"  of that, the keeper's own start (Python and its imports: asyncssh, aiohttp, pydantic, rich; "
+                  f"best of 3): {start:.2f} s")
             print(f"hosts changed by the redeploy:  {changed or 'none'}")
+            print(f"config-change rollout of 4 hosts (ctx_size 512 -> 1024, --batch 2): {rollout.wall:6.2f} s wall, "
+                  f"{replaced} worker(s) replaced, {gated} host(s) through the health gate, {rollout.cpu:5.1f} CPU-s")
             return 0
         finally:
             if queen is not None:

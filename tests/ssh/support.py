@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -83,3 +84,14 @@ def write_fleet_inventory(path: Path, queen_port: int, hosts: dict[str, dict[str
     return path
 
 
+
+
+def bumped_source(tmp: Path, version: str) -> Path:
+    """A copy of this checkout's package under another version: a new release to deploy (made once per ``tmp``)."""
+    src = tmp / f"rbee-fleet-{version}"
+    if not src.exists():
+        shutil.copytree(REPO / "rbee_fleet", src / "rbee_fleet", ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(REPO / name, src / name)
+        (src / "rbee_fleet" / "_version.py").write_text(f'__version__ = "{version}"\n')
+    return src

@@ -12,7 +12,6 @@ import concurrent.futures
 import json
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from openai import OpenAI
 from rbee_fleet.deploy.wheelhouse import Payload
 from tests.ssh.conftest import HostPool
 from tests.ssh.hosts import TestHost
-from tests.ssh.support import REPO, Keeper, Keys, write_fleet_inventory
+from tests.ssh.support import REPO, Keeper, Keys, bumped_source, write_fleet_inventory
 from tests.support import procs
 from tests.support.procs import wait_until
 
@@ -274,23 +273,13 @@ def _read_until(proc: subprocess.Popen[bytes], text: str, timeout: float) -> boo
     return False
 
 
-def _bumped_source(tmp: Path, version: str) -> Path:
-    src = tmp / f"rbee-fleet-{version}"
-    if not src.exists():
-        shutil.copytree(REPO / "rbee_fleet", src / "rbee_fleet", ignore=shutil.ignore_patterns("__pycache__"))
-        for name in ("pyproject.toml", "README.md"):
-            shutil.copy2(REPO / name, src / name)
-        (src / "rbee_fleet" / "_version.py").write_text(f'__version__ = "{version}"\n')
-    return src
-
-
 def _hive_version(fleet: Fleet, name: str) -> str | None:
     hives = {h["hive_id"]: h for h in procs.http_json(f"{fleet.queen.url}/v1/hives")[1]["hives"]}
     return hives[name]["version"] if name in hives and hives[name]["live"] else None
 
 
 def test_upgrade_to_a_new_version_and_back(fleet: Fleet) -> None:
-    new = _bumped_source(fleet.tmp, "0.1.1")
+    new = bumped_source(fleet.tmp, "0.1.1")
     proc = fleet.keeper.run("hive", "upgrade", "h2", "--source", str(new), "--json")
     body = json.loads(proc.stdout)
     assert proc.returncode == 0, proc.stderr
@@ -313,7 +302,7 @@ def test_ctrl_c_during_an_upgrade_leaves_the_host_on_its_old_version(fleet: Flee
     before = host.exec(f"readlink {INSTALL}/current").stdout.strip()
     marker = host.exec(f"cat {INSTALL}/marker.json").stdout
     proc = subprocess.Popen([sys.executable, "-m", "rbee_fleet.keeper", "deploy", "-i", str(fleet.keeper.inventory),
-                             "--limit", "h2", "--source", str(_bumped_source(fleet.tmp, "0.1.2"))],
+                             "--limit", "h2", "--source", str(bumped_source(fleet.tmp, "0.1.2"))],
                             env=fleet.keeper.env(), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []

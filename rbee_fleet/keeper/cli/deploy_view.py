@@ -11,9 +11,9 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from rbee_fleet.deploy.runner import CANCELLED, CHANGED, FAILED, OK, HostResult
+from rbee_fleet.deploy.runner import CANCELLED, CHANGED, FAILED, OK, SKIPPED, HostResult
 
-STYLE = {OK: "green", CHANGED: "yellow", FAILED: "red", CANCELLED: "magenta"}
+STYLE = {OK: "green", CHANGED: "yellow", FAILED: "red", CANCELLED: "magenta", SKIPPED: "dim"}
 
 
 class DeployView:
@@ -69,5 +69,5 @@ def results_table(results: list[HostResult], title: str = "deploy") -> Table:
 
 
 def summary(results: list[HostResult]) -> str:
-    counts = {s: sum(1 for r in results if r.status == s) for s in (OK, CHANGED, FAILED, CANCELLED)}
+    counts = {s: sum(1 for r in results if r.status == s) for s in (OK, CHANGED, FAILED, CANCELLED, SKIPPED)}
     return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no hosts"

@@ -3,7 +3,7 @@
 With no command on a terminal, opens the TUI (same as `rbee-keeper tui`).
 
 Exit codes: 0 success, 1 an operation failed, 2 bad usage or a bad inventory, 3 the queen is not running,
-4 another operation holds the fleet lock.
+4 another operation holds the fleet lock, 5 a rollout stopped at --max-fail.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rbee_fleet import __version__
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.vocabulary import BACKEND_CHOICES, PLACEMENT_POLICIES, ExitCode
-from rbee_fleet.keeper.cli import audit, fleet_ops, hosts, local_fleet, lock, workers
+from rbee_fleet.keeper.cli import audit, fleet_ops, hosts, local_fleet, lock, rollback, workers
 from rbee_fleet.keeper.cli.console import err, fail
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.deploy_lock import FleetLocked
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_parsers(sub, common, cmd)
     lock.add_parsers(sub, common, cmd)
     audit.add_parser(cmd)
+    rollback.add_parser(cmd)
     return parser
 
 

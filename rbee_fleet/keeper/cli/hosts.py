@@ -14,13 +14,14 @@ from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.vocabulary import HIVE_COMMANDS, ExitCode, HiveAction
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.plan import HostSpec
-from rbee_fleet.deploy.runner import HostResult, RunContext
+from rbee_fleet.deploy.runner import SKIPPED, HostResult, RunContext
 from rbee_fleet.keeper.cli import fleet_ops
 from rbee_fleet.keeper.cli.console import err, fail, out
 from rbee_fleet.keeper.cli.deploy_view import DeployView, results_table, summary
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
+from rbee_fleet.keeper.rollout import RolloutPolicy
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., argparse.ArgumentParser]) -> None:
@@ -31,6 +32,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., ar
     p.add_argument("--check", action="store_true", help="show what would change on each host; change nothing")
     p.add_argument("--limit", metavar="A,B", help="only these hive aliases")
     p.add_argument("--parallel", type=int, default=8, metavar="N", help="hosts at a time (default 8)")
+    rollout_flags(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     fleet_ops.add_wait_flag(p)
 
@@ -55,6 +57,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., ar
     fleet_ops.add_forget_key_parser(hsub, cmd)
 
 
+def rollout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", metavar="N|P%",
+                   help="deploy hosts in batches of N hosts (or P%% of them), each batch health-gated (default: all at once)")
+    p.add_argument("--max-fail", type=int, metavar="N",
+                   help="stop the rollout once N hosts have failed; hosts not yet reached are skipped (default: never stop)")
+
+
 def _deploy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-new-host-keys", action="store_true",
                    help="trust and record the key of a host seen for the first time (a changed key is always refused)")
@@ -73,7 +82,8 @@ def _run_context(args: argparse.Namespace, hosts: HostService, view: DeployView 
 
 def _emit(args: argparse.Namespace, results: list[HostResult], title: str) -> None:
     if getattr(args, "json", False):
-        print(json.dumps({"ok": all(r.ok for r in results), "hosts": [r.to_json() for r in results]}, indent=2))
+        print(json.dumps({"ok": all(r.ok for r in results), "halted": any(r.status == SKIPPED for r in results),
+                          "hosts": [r.to_json() for r in results]}, indent=2))
         return
     out.print(results_table(results, title))
     err.print(summary(results))
@@ -91,6 +101,8 @@ async def _run_with_view(args: argparse.Namespace, specs: list[HostSpec], view: 
     _emit(args, results, title)
     if interrupted:
         return ExitCode.INTERRUPTED
+    if any(r.status == SKIPPED for r in results):
+        return ExitCode.HALTED
     return ExitCode.OK if all(r.ok for r in results) else ExitCode.FAILED
 
 
@@ -115,6 +127,14 @@ async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
     if not specs:
         err.print(f"[yellow]the inventory ({ctx.inventory_path or 'built in'}) declares no remote hives; nothing to deploy[/]")
         return ExitCode.OK
+    try:
+        policy = RolloutPolicy(args.batch, args.max_fail)
+        policy.batch_size(len(specs))
+        if args.max_fail is not None and args.max_fail < 1:
+            raise ValueError(f"--max-fail {args.max_fail}: give 1 or more")
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        return ExitCode.USAGE
     view = DeployView(err, [s.alias for s in specs], quiet=args.json)
     try:
         run = _run_context(args, hosts, view, check=args.check)
@@ -125,7 +145,8 @@ async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
         await hosts.changes.wait_free(f"deploy {','.join(s.alias for s in specs)}")
     if not args.check and await hosts.with_queen():
         err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
-    return await _run_with_view(args, specs, view, lambda results: hosts.deploy_specs(specs, run, args.parallel, results),
+    return await _run_with_view(args, specs, view,
+                                lambda results: hosts.deploy_specs(specs, run, args.parallel, results, policy=policy),
                                 "deploy --check" if args.check else "deploy")
 
 

@@ -21,6 +21,7 @@ from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.local_queen import requests_in_flight, start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.queen_service import ensure_workers
+from rbee_fleet.keeper.worker_converge import worker_ready
 
 # -- the local fleet ---------------------------------------------------------------------------------
 
@@ -41,7 +42,7 @@ async def up(args: argparse.Namespace, ctx: KeeperContext) -> int:
     async with ctx.client() as client:
         started, proc, results = await _bring_up(ctx, client, foreground=args.foreground, quiet=args.json)
         failed = [(wid, e) for wid, _, e in results if e]
-        status = await client.status()
+        status = await _ready_status(client, [wid for wid, _, e in results if not e])
         if args.json:
             emit_json({"ok": not failed, "queen_started": started, "queen_url": ctx.queen_url,
                         "workers": [{"worker_id": w, "changed": (r or {}).get("changed"), "error": e} for w, r, e in results],
@@ -55,6 +56,17 @@ async def up(args: argparse.Namespace, ctx: KeeperContext) -> int:
             err.print("running in the foreground; Ctrl-C stops the fleet")
             await _wait_foreground(proc)
     return ExitCode.FAILED if failed else ExitCode.OK
+
+
+async def _ready_status(client: QueenClient, worker_ids: list[str], timeout: float = 10.0) -> Any:
+    """The fleet's status once the queen has each of these workers ready: the hive says a worker is ready
+    before the worker's next heartbeat tells the queen (bounded by ``timeout``, then as it is)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await client.status()
+        if all(worker_ready(status, wid) for wid in worker_ids) or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.1)
 
 
 async def _wait_foreground(proc: Any) -> None:

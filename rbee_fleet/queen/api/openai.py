@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from rbee_fleet.common.errors import ApiError, BadRequest
+from rbee_fleet.common.errors import ApiError, BadRequest, Forbidden
 from rbee_fleet.common.http import parse_json
 from rbee_fleet.common.validation import validate
 from rbee_fleet.contracts.capabilities import requirements
@@ -37,6 +38,18 @@ REQUESTS: dict[str, type[BaseModel]] = {
 
 # How each API names the answer's token budget.
 MAX_TOKEN_FIELDS = ("max_tokens", "max_output_tokens")
+# Operators (the cluster token) may pin a request to one hive's workers: a deploy's health gate tests a host.
+PIN_HEADER = "X-Rbee-Hive"
+
+
+def _pinned_hive(request: web.Request, token: str | None) -> str | None:
+    hive = request.headers.get(PIN_HEADER)
+    if hive is None:
+        return None
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not token or not hmac.compare_digest(given.encode(), token.encode()):
+        raise Forbidden(f"{PIN_HEADER} is for the fleet's operators: it needs the cluster token")
+    return hive
 
 
 def _handler(endpoint: str):
@@ -49,6 +62,7 @@ def _handler(endpoint: str):
         if isinstance(body.get("tool_choice"), dict):
             raw = _name_the_only_tool(body)
         queen = request.app[QUEEN]
+        hive = _pinned_hive(request, queen.settings.cluster_token)
         for param in MAX_TOKEN_FIELDS:
             value = getattr(req, param, None) if param != "max_output_tokens" else body.get(param)
             if isinstance(value, int):
@@ -65,7 +79,7 @@ def _handler(endpoint: str):
                 raw = _fill_in_the_middle(body, queen.registry.fim_tokens(req.model)) or raw
             response = await queen.proxy.forward(
                 request, endpoint=endpoint, model=req.model, stream=stream, body=raw,
-                needs=requirements(endpoint, body),
+                needs=requirements(endpoint, body), hive=hive,
             )
         except ApiError as exc:
             prepared = request.get(PREPARED)
