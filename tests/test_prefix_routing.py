@@ -81,12 +81,18 @@ def test_the_load_guard_sends_a_busy_holders_request_to_the_least_busy():
 
 
 def test_longest_prefix_wins_and_ties_go_to_the_least_busy():
-    router = PrefixRouter(block_chars=16)
+    router = PrefixRouter(block_chars=16, load_guard=0.5)
     long_conv = router.hashes("completions", {"prompt": "a" * 16 + "b" * 16 + "c" * 16})
     a, b, c = worker("a"), worker("b", in_flight=1), worker("c")
     router.remember("a", long_conv[:1])
     router.remember("b", long_conv)
-    assert router.choose("m", [a, b, c], long_conv) is b  # 3 blocks beats 1, though b is busier
+    assert router.choose("m", [a, b, c], long_conv) is b  # 3 blocks beats 1, b being busier within the guard
+    strict = PrefixRouter(block_chars=16)  # the default guard, 0: a busier holder never wins
+    strict.remember("b", long_conv)
+    assert strict.choose("m", [a, b, c], long_conv) in (a, c)
+    fresh, idle_b = PrefixRouter(block_chars=16), worker("b")
+    fresh.remember("b", long_conv)
+    assert fresh.choose("m", [a, idle_b, c], long_conv) is idle_b  # no busier than the rest: the holder wins
     router2 = PrefixRouter(block_chars=16)
     router2.remember("a", long_conv)
     router2.remember("b", long_conv)

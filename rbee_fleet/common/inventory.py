@@ -65,7 +65,7 @@ class QueenConfig(_Section):
     load_keepalive_s: float = Field(default=2.0, gt=0)  # SSE comment interval for a streamed request that waits
     # Prefix-aware routing (README: "Routing that reuses the KV cache")
     prefix_routing: bool = True
-    prefix_load_guard: float = Field(default=0.5, ge=0)  # how much busier (in slots) the holder may be
+    prefix_load_guard: float = Field(default=0.0, ge=0)  # how much busier (in slots) the holder may be
     prefix_block_chars: int = Field(default=128, ge=16, le=65536)
 
     @model_validator(mode="after")

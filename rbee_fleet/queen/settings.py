@@ -48,7 +48,7 @@ class QueenSettings:
     model_policies: dict[str, ModelPolicy] = field(default_factory=dict)
     hive_budgets_mb: dict[str, int] = field(default_factory=dict)
     prefix_routing: bool = True
-    prefix_load_guard: float = 0.5
+    prefix_load_guard: float = 0.0
     prefix_block_chars: int = 128
 
     def policy(self, model: str) -> ModelPolicy:

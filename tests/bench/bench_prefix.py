@@ -27,7 +27,7 @@ import aiohttp
 
 from rbee_fleet.common.jobs import JobClient
 from rbee_fleet.contracts.fleet import WorkerStopOp
-from tests.bench.common import header, median, row
+from tests.bench.common import default_inventory, header, median, row
 from tests.support import procs
 
 CONVERSATIONS = int(os.environ.get("RBEE_BENCH_CONVERSATIONS", "8"))
@@ -72,7 +72,7 @@ async def first_token(session: aiohttp.ClientSession, url: str, body: dict,
 def start_fleet(tmp: Path, *, prefix: bool, workers: list[dict], extra: str = "", models: str = "") -> procs.Proc:
     port = procs.free_port()
     queen_extra = f"prefix_routing = {'true' if prefix else 'false'}\nadmission_timeout_s = 600\n{extra}"
-    inv = procs.write_inventory(tmp / "inv.toml", port=port, worker_port_base=procs.free_port_range(10),
+    inv = default_inventory(tmp / "inv.toml", port=port, worker_port_base=procs.free_port_range(10),
                                 workers=workers, queen_extra=queen_extra, tail=models)
     inv.write_text(inv.read_text().replace("admission_timeout_s = 5\n", "", 1))  # the test default: too short here
     return procs.start_queen(tmp, inv, tmp / "home", port, timeout=180)

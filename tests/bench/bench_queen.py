@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.bench.common import StreamTiming, header, median, row, time_stream
+from tests.bench.common import StreamTiming, default_inventory, header, median, row, time_stream
 from tests.support import procs
 
 ROUNDS = int(os.environ.get("RBEE_BENCH_ROUNDS", "150"))
@@ -30,7 +30,7 @@ BODY = {"model": "smollm2", "prompt": "The bee", "max_tokens": 8, "temperature":
 async def run() -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="rbee-bench-"))
     port = procs.free_port()
-    inv = procs.write_inventory(tmp / "inv.toml", port=port, worker_port_base=procs.free_port_range(5),
+    inv = default_inventory(tmp / "inv.toml", port=port, worker_port_base=procs.free_port_range(5),
                                 workers=[{"model": "smollm2", "threads": THREADS, "ctx_size": 1024}])
     queen = procs.start_queen(tmp, inv, tmp / "home", port)
     direct: list[StreamTiming] = []

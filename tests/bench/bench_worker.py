@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.bench.common import StreamTiming, header, median, row, time_stream
+from tests.bench.common import StreamTiming, default_inventory, header, median, row, time_stream
 from tests.support import procs
 
 PROMPT = [{"role": "user", "content": "Write a long story about a bee who learns to fly."}]
@@ -73,7 +73,7 @@ async def measure(url: str) -> dict[str, float]:
 async def run() -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="rbee-bench-"))
     port = procs.free_port()
-    inv = procs.write_inventory(tmp / "inv.toml", port=port, worker_port_base=procs.free_port_range(5),
+    inv = default_inventory(tmp / "inv.toml", port=port, worker_port_base=procs.free_port_range(5),
                                 workers=[{"model": "smollm2"}])
     baseline_port = procs.free_port()
     server = start_llama_server(tmp, baseline_port)

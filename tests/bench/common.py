@@ -8,6 +8,19 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from tests.support import procs
+
+# The test inventories' fast cadence and short admission wait: a benchmark runs with a user's defaults.
+TEST_ONLY_SETTINGS = ("heartbeat_interval_s = 0.5", "heartbeat_timeout_s = 2.0", "admission_timeout_s = 5")
+
+
+def default_inventory(path, **kwargs):  # noqa: ANN001, ANN201 - procs.write_inventory's arguments
+    """``procs.write_inventory`` without the test-only queen settings: the queen runs with its defaults."""
+    inv = procs.write_inventory(path, **kwargs)
+    lines = [line for line in inv.read_text().splitlines() if line.strip() not in TEST_ONLY_SETTINGS]
+    inv.write_text("\n".join(lines) + "\n")
+    return inv
+
 
 @dataclass
 class StreamTiming:
