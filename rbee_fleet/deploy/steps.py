@@ -175,24 +175,30 @@ async def log_tail(t: Transport, facts: HostFacts, lines: int = 5) -> str:
     return result.stdout.strip()
 
 
+async def hive_answers(session: aiohttp.ClientSession, spec: HostSpec, token: str) -> str | None:
+    """One look at the hive's ``/health``: None when it answers as this very hive (its id is the alias),
+    else what was seen instead."""
+    try:
+        async with session.get(f"{spec.url}/health", headers={"Authorization": f"Bearer {token}"}) as resp:
+            body = await resp.json(content_type=None) if resp.status == 200 else None
+            seen = f"HTTP {resp.status}"
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    if body and body.get("hive_id") == spec.alias:
+        return None
+    return f"another hive answers ({body.get('hive_id')!r})" if body else seen
+
+
 async def wait_hive(t: Transport, spec: HostSpec, facts: HostFacts, token: str,
                     timeout: float = HIVE_READY_TIMEOUT_S) -> None:
     """Wait until the hive answers at its advertised URL, as this very hive (its id is the alias)."""
-    headers = {"Authorization": f"Bearer {token}"}
     deadline = time.monotonic() + timeout
-    last = "no answer"
+    last: str | None = "no answer"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
         while time.monotonic() < deadline:
-            try:
-                async with session.get(f"{spec.url}/health", headers=headers) as resp:
-                    body = await resp.json(content_type=None) if resp.status == 200 else None
-                    last = f"HTTP {resp.status}"
-                if body and body.get("hive_id") == spec.alias:
-                    return
-                if body:
-                    last = f"another hive answers ({body.get('hive_id')!r})"
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                last = str(exc) or type(exc).__name__
+            last = await hive_answers(session, spec, token)
+            if last is None:
+                return
             status = await ctl(t, facts, "status", timeout=20)
             if not status.ok:
                 tail = await log_tail(t, facts, 3)

@@ -16,6 +16,7 @@ import aiohttp
 
 from rbee_fleet.deploy.converge import plan_workers
 from rbee_fleet.deploy.plan import HostSpec
+from rbee_fleet.deploy.steps import hive_answers
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.worker_converge import WorkerConverger, worker_ready
 
@@ -49,16 +50,10 @@ async def _hive_answers(spec: HostSpec, token: str) -> None:
     last = "no answer"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
         while time.monotonic() < deadline:
-            try:
-                async with session.get(f"{spec.url}/health", headers={"Authorization": f"Bearer {token}"}) as resp:
-                    body = await resp.json(content_type=None) if resp.status == 200 else None
-                    last = f"HTTP {resp.status}"
-                if body and body.get("hive_id") == spec.alias:
-                    return
-                if body:
-                    last = f"another hive answers ({body.get('hive_id')!r})"
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                last = str(exc) or type(exc).__name__
+            seen = await hive_answers(session, spec, token)
+            if seen is None:
+                return
+            last = seen
             await asyncio.sleep(0.3)
     raise GateFailed("hive", f"no answer from {spec.url} as {spec.alias} within {HIVE_TIMEOUT_S:.0f} s ({last})")
 
