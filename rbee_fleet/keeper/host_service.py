@@ -40,6 +40,7 @@ from rbee_fleet.deploy.runner import (
     deploy_host,
     run_hosts,
 )
+from rbee_fleet.deploy.targets import SSHTarget
 from rbee_fleet.deploy.transport import scan_host_key, trust
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 from rbee_fleet.keeper.context import KeeperContext
@@ -437,14 +438,18 @@ class HostService:
 
     # -- host keys -------------------------------------------------------------------------------
 
-    async def host_key(self, alias: str) -> HostKey:
-        """The key the host (or its jump host, when that one is not trusted yet) presents; records nothing."""
+    def _ssh_target(self, alias: str, embedded_why: str) -> SSHTarget:
+        """The SSH target of a remote host; ``OperationFailed`` for the embedded one or a bad declaration."""
         if self._decl(alias).embedded:
-            raise OperationFailed(f"{alias} is the queen's own machine: the keeper does not reach it over SSH")
+            raise OperationFailed(f"{alias} is the queen's own machine: {embedded_why}")
         try:
-            target = ssh_target(self.ctx.inventory, alias)
+            return ssh_target(self.ctx.inventory, alias)
         except ValueError as exc:
             raise OperationFailed(f"{alias}: {exc}") from None
+
+    async def host_key(self, alias: str) -> HostKey:
+        """The key the host (or its jump host, when that one is not trusted yet) presents; records nothing."""
+        target = self._ssh_target(alias, "the keeper does not reach it over SSH")
         limit = target.connect_timeout_s + PROBE_GRACE_S
         try:
             return await asyncio.wait_for(scan_host_key(target, self.ctx.host_keys()), limit)
@@ -466,12 +471,7 @@ class HostService:
     def forget_host_key(self, alias: str) -> tuple[Path, int]:
         """Remove ``alias``'s entries from the keeper's own known_hosts (the file, how many lines went).
         Keys in the user's ``~/.ssh/known_hosts`` are left alone: ``ssh-keygen -R`` is for those."""
-        if self._decl(alias).embedded:
-            raise OperationFailed(f"{alias} is the queen's own machine: the keeper keeps no host key for it")
-        try:
-            target = ssh_target(self.ctx.inventory, alias)
-        except ValueError as exc:
-            raise OperationFailed(f"{alias}: {exc}") from None
+        target = self._ssh_target(alias, "the keeper keeps no host key for it")
         store = self.ctx.host_keys()
         removed = store.forget(target.host, target.port)
         pattern = known_hosts_pattern(target.host, target.port)
