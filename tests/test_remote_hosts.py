@@ -20,7 +20,7 @@ from rbee_fleet.deploy.errors import ConnectRefused
 from rbee_fleet.deploy.facts import parse_facts
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_probe import probe_host, probe_result
-from rbee_fleet.keeper.host_service import remote_specs, run_context
+from rbee_fleet.keeper.host_service import installed_specs, run_context
 from rbee_fleet.keeper.remote_hive import control_hive, stream_log
 from rbee_fleet.keeper.ssh_login import ssh_command
 from tests.deploy.test_facts import DEPLOYED, FRESH_DEBIAN
@@ -55,7 +55,7 @@ ssh_port = {ssh_port}
 
 
 def test_probe_results_from_recorded_facts() -> None:
-    spec = remote_specs(fleet(22, Path("/k")), None)[0]
+    spec = installed_specs(fleet(22, Path("/k")), None)[0]
     fresh = probe_result(spec, parse_facts(FRESH_DEBIAN), at=1.0)
     assert (fresh.state, fresh.reason) == ("not installed", "no rbee-fleet under /home/rbee/.local/share/rbee-fleet")
     running = probe_result(spec, parse_facts(DEPLOYED), at=1.0)
@@ -67,12 +67,12 @@ def test_probe_results_from_recorded_facts() -> None:
 
 async def test_probes_of_hosts_that_cannot_be_seen_say_why(client_key: Path, sshd) -> None:
     refused = fleet(closed_port(), client_key)
-    probe = await probe_host(remote_specs(refused, None)[0], refused.host_keys(), at=5.0)
+    probe = await probe_host(installed_specs(refused, None)[0], refused.host_keys(), at=5.0)
     assert probe.state == "unreachable" and "connection refused by rbee@127.0.0.1:" in probe.reason and probe.at == 5.0
 
     host_key, port = sshd
     ctx = fleet(port, client_key)
-    probe = await probe_host(remote_specs(ctx, None)[0], ctx.host_keys(), at=5.0)
+    probe = await probe_host(installed_specs(ctx, None)[0], ctx.host_keys(), at=5.0)
     assert probe.state == "unknown" and probe.reason.startswith(f"unknown host key {host_key.get_fingerprint('sha256')}")
     assert not ctx.host_keys().keeper_file.exists()  # a probe never trusts a key
 
@@ -81,7 +81,7 @@ async def test_a_probe_over_ssh_reads_the_hosts_real_facts(client_key: Path, ssh
     host_key, port = sshd
     install = tmp_path / "install"
     ctx = fleet(port, client_key, extra=f'install_dir = "{install}"\n', user=USER)
-    spec = remote_specs(ctx, None)[0]
+    spec = installed_specs(ctx, None)[0]
     ctx.host_keys().record("127.0.0.1", port, host_key.export_public_key().decode())
     probe = await probe_host(spec, ctx.host_keys(), at=1.0)
     assert (probe.state, probe.reason) == ("not installed", f"no rbee-fleet under {install}")
@@ -99,7 +99,7 @@ async def test_a_silent_host_is_unreachable_within_the_connect_timeout(client_ke
     silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     try:
         ctx = fleet(silent.sockets[0].getsockname()[1], client_key)
-        spec = remote_specs(ctx, None)[0]
+        spec = installed_specs(ctx, None)[0]
         probe = await probe_host(spec, ctx.host_keys(), at=0.0)
         assert probe.state == "unreachable" and "no answer within 3 s" in probe.reason
     finally:
@@ -108,7 +108,7 @@ async def test_a_silent_host_is_unreachable_within_the_connect_timeout(client_ke
 
 async def test_actions_on_an_unreachable_host_raise_its_reason(client_key: Path) -> None:
     ctx = fleet(closed_port(), client_key)
-    spec = remote_specs(ctx, None)[0]
+    spec = installed_specs(ctx, None)[0]
     run = run_context(ctx)
     seen: list[tuple[str, str]] = []
     run.update = lambda alias, message: seen.append((alias, message))
@@ -119,9 +119,9 @@ async def test_actions_on_an_unreachable_host_raise_its_reason(client_key: Path)
     assert seen and seen[0][0] == "box" and seen[0][1].startswith("connecting to rbee@127.0.0.1:")
 
 
-def test_remote_specs_reject_an_unknown_alias() -> None:
-    with pytest.raises(InventoryError, match="no remote hive named 'nope'"):
-        remote_specs(fleet(22, Path("/k")), "nope")
+def test_installed_specs_reject_an_unknown_alias() -> None:
+    with pytest.raises(InventoryError, match="no installed hive named 'nope'"):
+        installed_specs(fleet(22, Path("/k")), "nope")
 
 
 # -- the ssh command line of the TUI's shell action ----------------------------------------------------

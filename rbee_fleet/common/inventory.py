@@ -126,7 +126,9 @@ class HiveDecl(_Section):
     address: str = "127.0.0.1"
     port: int | None = Field(default=None, ge=1, le=65535)
     workers: list[WorkerDecl] = []
-    # Remote hosts (SSH deploys) add their own keys; see the README's inventory reference.
+    # Installed hives: reached over SSH (the default), or on the operator's own machine without SSH.
+    transport: Literal["ssh", "local"] | None = None
+    # Hives reached over SSH add their own keys; see the README's inventory reference.
     ssh_host: str | None = None
     ssh_user: str | None = None
     ssh_port: int | None = Field(default=None, ge=1, le=65535)
@@ -263,6 +265,7 @@ def _cross_check(inv: Inventory, text: str, path: str) -> None:
         if jump == alias:
             key = ("hives", alias, "proxy_jump")
             raise InventoryError(path, lines.find(key), _dotted(key), "a hive cannot jump through itself")
+        _check_transport(alias, hive, lines, path)
         if hive.embedded:
             continue
         where = (hive.address, hive.port or inv.defaults.hive_port)
@@ -271,6 +274,23 @@ def _cross_check(inv: Inventory, text: str, path: str) -> None:
             raise InventoryError(path, lines.find(key), _dotted(key),
                                  f"hive {seen[where]!r} already uses {where[0]}:{where[1]}")
         seen[where] = alias
+
+
+SSH_KEYS = ("ssh_host", "ssh_user", "ssh_port", "identity_file", "proxy_jump")
+
+
+def _check_transport(alias: str, hive: HiveDecl, lines: KeyLines, path: str) -> None:
+    """``transport`` is for installed hives, and a local one has no SSH settings."""
+    if hive.transport is not None and hive.embedded:
+        key = ("hives", alias, "transport")
+        raise InventoryError(path, lines.find(key), _dotted(key),
+                             "the embedded hive runs inside the queen and is not installed: transport does not apply")
+    if hive.transport == "local":
+        for name in SSH_KEYS:
+            if name in hive.model_fields_set:
+                key = ("hives", alias, name)
+                raise InventoryError(path, lines.find(key), _dotted(key),
+                                     f'{name} does not apply to a hive with transport = "local" (it is not reached over SSH)')
 
 
 def _first_error(exc: ValidationError, text: str, path: str) -> InventoryError:

@@ -1,4 +1,5 @@
-"""From the inventory to deploy targets: one ``HostSpec`` per remote hive, jump hosts resolved."""
+"""From the inventory to deploy targets: one ``HostSpec`` per installed hive (every hive but the embedded
+one), reached over SSH with its jump hosts resolved, or locally (``transport = "local"``)."""
 
 from __future__ import annotations
 
@@ -7,26 +8,28 @@ import re
 from rbee_fleet.common.inventory import HiveDecl, Inventory, InventoryError
 from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS
 from rbee_fleet.deploy.plan import HostSpec
-from rbee_fleet.deploy.targets import SSHTarget
+from rbee_fleet.deploy.targets import LocalTarget, SSHTarget
 
 _JUMP_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s]+)(?::(?P<port>\d{1,5}))?$")
 
 
-def remote_aliases(inv: Inventory) -> list[str]:
+def installed_aliases(inv: Inventory) -> list[str]:
+    """The hives the keeper installs: all but the one embedded in the queen."""
     return [alias for alias, hive in inv.hives.items() if not hive.embedded]
 
 
 def select(inv: Inventory, limit: str | None, path: str = "<inventory>") -> list[str]:
-    """The remote hives to act on: all of them, or those named in ``--limit a,b``."""
-    remote = remote_aliases(inv)
+    """The installed hives to act on: all of them, or those named in ``--limit a,b``."""
+    installed = installed_aliases(inv)
     if not limit:
-        return remote
+        return installed
     wanted = [a.strip() for a in limit.split(",") if a.strip()]
-    unknown = [a for a in wanted if a not in remote]
+    unknown = [a for a in wanted if a not in installed]
     if unknown:
-        known = ", ".join(remote) or "none"
-        raise InventoryError(path, None, "--limit", f"no remote hive named {', '.join(map(repr, unknown))} (remote hives: {known})")
-    return [a for a in remote if a in wanted]
+        known = ", ".join(installed) or "none"
+        raise InventoryError(path, None, "--limit",
+                             f"no installed hive named {', '.join(map(repr, unknown))} (installed hives: {known})")
+    return [a for a in installed if a in wanted]
 
 
 def ssh_target(inv: Inventory, alias: str, seen: tuple[str, ...] = ()) -> SSHTarget:
@@ -69,7 +72,7 @@ def host_spec(inv: Inventory, alias: str) -> HostSpec:
         address=hive.address,
         port=hive.port or d.hive_port,
         bind_host=hive.bind_host,
-        ssh=ssh_target(inv, alias),
+        target=LocalTarget(alias, d.connect_timeout_s) if hive.transport == "local" else ssh_target(inv, alias),
         install_dir=hive.install_dir or d.install_dir,
         install_source=hive.install_source or d.install_source,
         python=hive.python or d.python,

@@ -19,7 +19,7 @@ import jinja2
 
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.deploy.facts import HostFacts, preflight_problems
-from rbee_fleet.deploy.targets import SSHTarget
+from rbee_fleet.deploy.targets import Target
 
 UNIT_NAME = "rbee-hive.service"
 KEEP_VERSIONS = 2  # the current version and the one before it, for a one-switch rollback
@@ -28,12 +28,12 @@ MARKER_SCHEMA = 1
 
 @dataclass(frozen=True)
 class HostSpec:
-    """One remote hive as the inventory declares it."""
+    """One hive the keeper installs (over SSH, or locally with ``transport = "local"``) as the inventory declares it."""
 
     alias: str
     address: str  # what the queen uses to reach the hive and its workers
     port: int
-    ssh: SSHTarget
+    target: Target  # how the keeper reaches the host
     install_dir: str
     install_source: str  # offline | online
     python: str

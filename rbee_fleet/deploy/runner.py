@@ -21,7 +21,7 @@ from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.facts import HostFacts
 from rbee_fleet.deploy.host_keys import HostKeyStore
 from rbee_fleet.deploy.plan import HostPlan, HostSpec, plan_host
-from rbee_fleet.deploy.transport import SSHTransport, Transport, connect
+from rbee_fleet.deploy.transport import Transport, open_transport
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,9 @@ class RunContext:
     update: Update = lambda alias, message: None
 
 
-async def open_host(spec: HostSpec, ctx: RunContext) -> tuple[SSHTransport, HostFacts]:
-    ctx.update(spec.alias, f"connecting to {spec.ssh.describe()}")
-    t = await connect(spec.ssh, ctx.keys, accept_new=ctx.accept_new)
+async def open_host(spec: HostSpec, ctx: RunContext) -> tuple[Transport, HostFacts]:
+    ctx.update(spec.alias, f"connecting to {spec.target.describe()}")
+    t = await open_transport(spec.target, ctx.keys, accept_new=ctx.accept_new)
     try:
         ctx.update(spec.alias, "checking the host")
         return t, await steps.gather_facts(t, spec)

@@ -1,4 +1,7 @@
-"""How to reach a host over SSH: its address, credentials and jump host (no connection is made here)."""
+"""How to reach a host: over SSH (address, credentials, jump host) or directly, on this machine.
+
+No connection is made here; ``transport.open_transport`` turns a target into a ``Transport``.
+"""
 
 from __future__ import annotations
 
@@ -22,3 +25,18 @@ class SSHTarget:
         who = f"{self.user}@" if self.user else ""
         where = f"{who}{self.host}{f':{self.port}' if self.port else ''}"
         return f"{where} via {self.jump.describe()}" if self.jump else where
+
+
+@dataclass(frozen=True)
+class LocalTarget:
+    """A hive installed on the operator's own machine (``transport = "local"``): its commands run here, as
+    the keeper's user, with no SSH in between."""
+
+    alias: str
+    connect_timeout_s: float = 10.0  # bounds a probe the same way as an SSH connect
+
+    def describe(self) -> str:
+        return "this machine (local transport)"
+
+
+Target = SSHTarget | LocalTarget

@@ -15,7 +15,8 @@ from rbee_fleet.deploy.errors import AuthFailed, ConnectFailed, DeployError, Hos
 from rbee_fleet.deploy.facts import HostFacts
 from rbee_fleet.deploy.host_keys import HostKeyStore
 from rbee_fleet.deploy.plan import HostSpec
-from rbee_fleet.deploy.transport import connect
+from rbee_fleet.deploy.targets import SSHTarget
+from rbee_fleet.deploy.transport import open_transport
 
 PROBE_GRACE_S = 20.0  # what a probe may take beyond the connect timeout (the facts script, closing)
 
@@ -46,17 +47,20 @@ async def probe_host(spec: HostSpec, keys: HostKeyStore, at: float) -> HostProbe
     """Connect (never trusting a new key), read the host's facts, close; bounded by the connect timeout plus
     ``PROBE_GRACE_S``. Never raises for a host that cannot be probed: the probe says why."""
 
+    limit = spec.target.connect_timeout_s + PROBE_GRACE_S
+
     async def probe() -> HostProbe:
-        t = await connect(spec.ssh, keys)
+        t = await open_transport(spec.target, keys)
         try:
             return probe_result(spec, await steps.gather_facts(t, spec), at)
         finally:
             await asyncio.shield(t.close())
 
     try:
-        return await asyncio.wait_for(probe(), spec.ssh.connect_timeout_s + PROBE_GRACE_S)
+        return await asyncio.wait_for(probe(), limit)
     except asyncio.TimeoutError:
-        return HostProbe(spec.alias, "unreachable", f"no answer over SSH within {spec.ssh.connect_timeout_s + PROBE_GRACE_S:g} s", at)
+        how = "over SSH " if isinstance(spec.target, SSHTarget) else ""
+        return HostProbe(spec.alias, "unreachable", f"no answer {how}within {limit:g} s", at)
     except (HostKeyUnknown, HostKeyChanged, AuthFailed) as exc:
         return HostProbe(spec.alias, "unknown", exc.reason, at)
     except ConnectFailed as exc:

@@ -2,7 +2,8 @@
 uninstall, status, logs, plan and deploy, plus host keys and probes.
 
 ``HostService`` is the one service both front ends call, so an action means the same in both. The embedded
-hive on the queen's machine lives and dies with the local queen; remote hosts are reached over SSH.
+hive on the queen's machine lives and dies with the local queen; every other hive is installed, over SSH or,
+on the operator's own machine, through the local transport, by the same steps.
 A deploy runs every host, embedded or remote, through the same runner with the same per-host result, and
 spawns each host's declared workers through the queen. Failures come back as ``DeployError`` (one line naming
 the host and the cause) or, from the TUI's entry points, ``OperationFailed``; printing is the front ends'.
@@ -41,7 +42,6 @@ from rbee_fleet.deploy.runner import (
     run_hosts,
 )
 from rbee_fleet.deploy.targets import SSHTarget
-from rbee_fleet.deploy.transport import scan_host_key, trust
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.fleet_change import FleetChanges
@@ -67,7 +67,7 @@ class PlanStep:
     detail: str
 
 
-def remote_specs(ctx: KeeperContext, limit: str | None) -> list[HostSpec]:
+def installed_specs(ctx: KeeperContext, limit: str | None) -> list[HostSpec]:
     """The remote hives to act on: all, or those of ``limit`` (``a,b``). A bad alias or jump host is an
     ``InventoryError``."""
     path = ctx.inventory_path or "<built-in inventory>"
@@ -130,7 +130,7 @@ class HostService:
 
     def specs(self, limit: str | None) -> list[HostSpec]:
         """The inventory's remote hosts (``limit``: only these aliases); ``InventoryError`` for a bad one."""
-        return remote_specs(self.ctx, limit)
+        return installed_specs(self.ctx, limit)
 
     def run_context(self, sink: EventSink | None = None, *, update: Update | None = None, check: bool = False,
                     accept_new: bool = False, source: Path | None = None) -> RunContext:
@@ -439,9 +439,14 @@ class HostService:
     # -- host keys -------------------------------------------------------------------------------
 
     def _ssh_target(self, alias: str, embedded_why: str) -> SSHTarget:
-        """The SSH target of a remote host; ``OperationFailed`` for the embedded one or a bad declaration."""
-        if self._decl(alias).embedded:
+        """The SSH target of a host reached over SSH; ``OperationFailed`` for the embedded one, a local one or a
+        bad declaration."""
+        decl = self._decl(alias)
+        if decl.embedded:
             raise OperationFailed(f"{alias} is the queen's own machine: {embedded_why}")
+        if decl.transport == "local":
+            raise OperationFailed(f'{alias} is on this machine (transport = "local"): it is not reached over SSH '
+                                  "and has no host key")
         try:
             return ssh_target(self.ctx.inventory, alias)
         except ValueError as exc:
@@ -450,6 +455,8 @@ class HostService:
     async def host_key(self, alias: str) -> HostKey:
         """The key the host (or its jump host, when that one is not trusted yet) presents; records nothing."""
         target = self._ssh_target(alias, "the keeper does not reach it over SSH")
+        from rbee_fleet.deploy.ssh_transport import scan_host_key  # asyncssh only when a host key is asked for
+
         limit = target.connect_timeout_s + PROBE_GRACE_S
         try:
             return await asyncio.wait_for(scan_host_key(target, self.ctx.host_keys()), limit)
@@ -460,6 +467,8 @@ class HostService:
 
     async def accept_host_key(self, key: HostKey) -> None:
         """Record a key the operator accepted in the keeper's known_hosts; a changed key is always refused."""
+        from rbee_fleet.deploy.ssh_transport import trust
+
         try:
             trusted = trust(self.ctx.host_keys(), key)
         except DeployError as exc:

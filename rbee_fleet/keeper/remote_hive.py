@@ -1,4 +1,4 @@
-"""One remote hive over an open SSH connection: start, stop, restart, uninstall, its status, its log.
+"""One installed hive over its transport (SSH, or local processes): start, stop, restart, uninstall, its status, its log.
 
 Each raises ``DeployError`` with the host and the cause; ``HostService`` calls these for both front ends.
 """
@@ -16,6 +16,7 @@ from rbee_fleet.deploy.errors import CommandFailed, DeployError
 from rbee_fleet.deploy.facts import HostFacts
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import RunContext, open_host
+from rbee_fleet.deploy.targets import SSHTarget
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ async def hive_status(spec: HostSpec, run: RunContext) -> dict[str, Any]:
             except DeployError:
                 answering = False
         return {
-            "host": spec.alias, "ssh": spec.ssh.describe(), "url": spec.url, "facts": facts.summary(),
+            "host": spec.alias, "transport": "ssh" if isinstance(spec.target, SSHTarget) else "local",
+            "ssh": spec.target.describe() if isinstance(spec.target, SSHTarget) else None, "url": spec.url, "facts": facts.summary(),
             "install_dir": facts.install_dir, "installed": (facts.marker or {}).get("release"),
             "current": facts.current, "versions": list(facts.versions),
             "supervision": (facts.marker or {}).get("mode"), "running_pid": facts.hive_pid, "answering": answering,

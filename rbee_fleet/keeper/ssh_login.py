@@ -3,6 +3,7 @@ target as deploys, with the inventory's port, key and the keeper's trusted host 
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -20,8 +21,14 @@ def ssh_command(ctx: KeeperContext, alias: str) -> list[str]:
     key and known hosts (``ssh -J`` would log into a jump host with the user's ssh config alone); a jump
     host that is not a hive (a ``~/.ssh/config`` Host, ``user@host[:port]``) is passed as it is.
     """
-    if alias not in ctx.inventory.hives:
+    decl = ctx.inventory.hives.get(alias)
+    if decl is None:
         raise OperationFailed(f"no host {alias!r} in the inventory")
+    if decl.transport == "local":
+        # No SSH to this machine: a login shell in the hive's install directory (the home if there is none).
+        install = os.path.expanduser(decl.install_dir or ctx.inventory.defaults.install_dir)
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        return ["/bin/sh", "-c", 'cd "$1" 2>/dev/null || cd; exec "$2" -l', "sh", install, shell]
     try:
         target = ssh_target(ctx.inventory, alias)
     except ValueError as exc:

@@ -44,10 +44,10 @@ def test_unknown_limit_alias_is_a_usage_error_that_touches_nothing(tmp_path: Pat
     inv.write_text(INVENTORY)
     result = keeper("deploy", "-i", str(inv), "--limit", "box1,box9", home=tmp_path / "home")
     assert result.returncode == 2
-    assert "--limit: no remote hive named 'box9' (remote hives: box1, box2)" in result.stderr
+    assert "--limit: no installed hive named 'box9' (installed hives: box1, box2)" in result.stderr
     assert not (tmp_path / "home").exists()  # no token, no known_hosts, no queen
     result = keeper("hive", "status", "box7", "-i", str(inv), home=tmp_path / "home")
-    assert result.returncode == 2 and "no remote hive named 'box7'" in result.stderr
+    assert result.returncode == 2 and "no installed hive named 'box7'" in result.stderr
 
 
 def test_a_bad_proxy_jump_names_file_line_and_key(tmp_path: Path) -> None:

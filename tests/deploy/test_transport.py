@@ -22,8 +22,8 @@ from rbee_fleet.deploy.errors import (
     HostKeyUnknown,
 )
 from rbee_fleet.deploy.host_keys import HostKeyStore
+from rbee_fleet.deploy.ssh_transport import connect, fingerprint, scan_host_key, trust
 from rbee_fleet.deploy.targets import SSHTarget
-from rbee_fleet.deploy.transport import connect, fingerprint, scan_host_key, trust
 from tests.support.sshd import USER, openssh_server
 
 

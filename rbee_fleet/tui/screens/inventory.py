@@ -111,6 +111,7 @@ class InventoryScreen(Screen[None]):
         for alias in aliases:
             h = self.doc.host(alias)
             ssh = f"{h.get('ssh_user', '')}@{h['ssh_host']}" if h.get("ssh_host") else h.get("ssh_user", "")
+            ssh = "(local)" if h.get("transport") == "local" else ssh
             hosts.add_row(Text(alias, style="bold"), "yes" if h.get("embedded") else "", str(h.get("address", "")),
                           ssh.strip("@"), str(len(h.get("workers", []))), key=alias)
         if selected in aliases:
