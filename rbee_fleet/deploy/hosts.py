@@ -18,18 +18,21 @@ def installed_aliases(inv: Inventory) -> list[str]:
     return [alias for alias, hive in inv.hives.items() if not hive.embedded]
 
 
-def select(inv: Inventory, limit: str | None, path: str = "<inventory>") -> list[str]:
-    """The installed hives to act on: all of them, or those named in ``--limit a,b``."""
-    installed = installed_aliases(inv)
+def select(inv: Inventory, limit: str | None, path: str = "<inventory>", *, embedded: bool = False) -> list[str]:
+    """The installed hives to act on (with ``embedded``, every hive, the embedded one first): all of them, or
+    those named in ``--limit a,b``."""
+    found = inv.embedded_hive() if embedded else None
+    candidates = ([found[0]] if found else []) + installed_aliases(inv)
     if not limit:
-        return installed
+        return candidates
     wanted = [a.strip() for a in limit.split(",") if a.strip()]
-    unknown = [a for a in wanted if a not in installed]
+    unknown = [a for a in wanted if a not in candidates]
     if unknown:
-        known = ", ".join(installed) or "none"
+        kind = "hive" if embedded else "installed hive"
+        known = ", ".join(candidates) or "none"
         raise InventoryError(path, None, "--limit",
-                             f"no installed hive named {', '.join(map(repr, unknown))} (installed hives: {known})")
-    return [a for a in installed if a in wanted]
+                             f"no {kind} named {', '.join(map(repr, unknown))} ({kind}s: {known})")
+    return [a for a in candidates if a in wanted]
 
 
 def ssh_target(inv: Inventory, alias: str, seen: tuple[str, ...] = ()) -> SSHTarget:
@@ -72,7 +75,9 @@ def host_spec(inv: Inventory, alias: str) -> HostSpec:
         address=hive.address,
         port=hive.port or d.hive_port,
         bind_host=hive.bind_host,
-        target=LocalTarget(alias, d.connect_timeout_s) if hive.transport == "local" else ssh_target(inv, alias),
+        # The embedded hive is the queen's own (never connected to); a local one is reached without SSH.
+        target=(LocalTarget(alias, d.connect_timeout_s) if hive.transport == "local" or hive.embedded
+                else ssh_target(inv, alias)),
         install_dir=hive.install_dir or d.install_dir,
         install_source=hive.install_source or d.install_source,
         python=hive.python or d.python,

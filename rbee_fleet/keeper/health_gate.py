@@ -1,6 +1,7 @@
 """A host counts as deployed only when it serves: the health gate a rolling deploy and a rollback apply.
 
-Three checks, in order, each with its own bound: the hive answers at its inventory address as itself;
+Three checks, in order, each with its own bound: the hive answers at its inventory address as itself (the
+embedded hive: the queen running it answers);
 every declared worker runs with its declared settings and the queen has its heartbeat saying ready; a
 short completion through the queen, pinned to this host's workers (``X-Rbee-Hive``, which needs the
 cluster token), succeeds for each model the host serves. The first failing check fails the gate with its
@@ -35,10 +36,15 @@ class GateFailed(Exception):
         self.output = output
 
 
-async def health_gate(spec: HostSpec, client: QueenClient, converger: WorkerConverger) -> None:
-    """Raise ``GateFailed`` unless the host's hive answers, its declared workers are ready and a test
-    completion through the queen to each of its models succeeds."""
-    await _hive_answers(spec, converger.token)
+async def health_gate(spec: HostSpec, client: QueenClient, converger: WorkerConverger, *,
+                      embedded: bool = False) -> None:
+    """Raise ``GateFailed`` unless the host's hive answers (the embedded hive: the queen that runs it), its
+    declared workers are ready and a test completion through the queen to each of its models succeeds."""
+    if embedded:
+        if not await client.healthy():
+            raise GateFailed("hive", f"the queen that runs {spec.alias}'s hive does not answer at {client.url}")
+    else:
+        await _hive_answers(spec, converger.token)
     await _workers_ready(spec, client, converger)
     models = sorted({op.model for op in spec.workers if not op.embeddings})
     for model in models:

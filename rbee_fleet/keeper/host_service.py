@@ -67,11 +67,11 @@ class PlanStep:
     detail: str
 
 
-def installed_specs(ctx: KeeperContext, limit: str | None) -> list[HostSpec]:
-    """The remote hives to act on: all, or those of ``limit`` (``a,b``). A bad alias or jump host is an
-    ``InventoryError``."""
+def installed_specs(ctx: KeeperContext, limit: str | None, *, embedded: bool = False) -> list[HostSpec]:
+    """The installed hives to act on (with ``embedded``, the embedded one too, first): all, or those of
+    ``limit`` (``a,b``). A bad alias or jump host is an ``InventoryError``."""
     path = ctx.inventory_path or "<built-in inventory>"
-    aliases = select(ctx.inventory, limit, path)
+    aliases = select(ctx.inventory, limit, path, embedded=embedded)
     try:
         return [host_spec(ctx.inventory, alias) for alias in aliases]
     except ValueError as exc:
@@ -108,6 +108,7 @@ class HostService:
         self.queen = queen
         self._queen_lock = asyncio.Lock()
         self._builders: dict[str, WheelhouseBuilder] = {}
+        self._queen_started = False  # ``with_queen`` started it, and no deploy has reported that yet
         # The fleet lock and the audit log: every action that changes the fleet goes through ``changes.change``.
         self.changes = FleetChanges(queen.ctx)
 
@@ -128,9 +129,10 @@ class HostService:
         except ValueError as exc:  # a jump host that loops or cannot be parsed
             raise OperationFailed(f"{alias}: {exc}") from None
 
-    def specs(self, limit: str | None) -> list[HostSpec]:
-        """The inventory's remote hosts (``limit``: only these aliases); ``InventoryError`` for a bad one."""
-        return installed_specs(self.ctx, limit)
+    def specs(self, limit: str | None, *, embedded: bool = False) -> list[HostSpec]:
+        """The inventory's installed hosts, and with ``embedded`` the embedded one first (``limit``: only these
+        aliases); ``InventoryError`` for a bad one."""
+        return installed_specs(self.ctx, limit, embedded=embedded)
 
     def run_context(self, sink: EventSink | None = None, *, update: Update | None = None, check: bool = False,
                     accept_new: bool = False, source: Path | None = None) -> RunContext:
@@ -156,9 +158,8 @@ class HostService:
         return WorkerConverger(self.queen.client, run.token, sink, run.update, embedded)
 
     async def _gate(self, spec: HostSpec, run: RunContext) -> None:
-        """The health gate of a remote host (the embedded hive is the queen's own: it has none of its own)."""
-        if not self._decl(spec.alias).embedded:
-            await health_gate(spec, self.queen.client, self._converger(run))
+        """The health gate of a host; the embedded hive answers through the queen, not at an address of its own."""
+        await health_gate(spec, self.queen.client, self._converger(run), embedded=self._decl(spec.alias).embedded)
 
     def _run(self, sink: EventSink | None, *, check: bool = False) -> RunContext:
         """``run_context`` for the TUI: new host keys are never trusted implicitly; failures as ``OperationFailed``."""
@@ -172,6 +173,7 @@ class HostService:
         async with self._queen_lock:
             started, _ = await start_queen(self.ctx, self.queen.client)
         if started:
+            self._queen_started = True
             _say(sink, "queen", f"queen started at {self.ctx.queen_url}")
         return started
 
@@ -281,14 +283,15 @@ class HostService:
                            results: list[HostResult] | None = None, sink: EventSink | None = None,
                            policy: RolloutPolicy | None = None) -> list[HostResult]:
         """Bring each host to the inventory's state, at most ``parallel`` at a time, in ``policy``'s batches;
-        a failing host stops the others only at ``policy.max_fail``. A remote host is checked, installed and
-        started over SSH; the embedded one by starting the local queen; then each host's workers are brought
-        to the inventory through the queen, and a host that changed passes the health gate or goes back to
-        its previous version."""
+        a failing host stops the others only at ``policy.max_fail``. An installed host is checked, installed
+        and started over its transport (SSH, or local processes); the embedded one by starting the local
+        queen; then each host's workers are brought to the inventory through the queen, and a host that
+        changed passes the health gate or (an installed one) goes back to its previous version."""
+        queen_started, self._queen_started = self._queen_started, False
 
         async def job(spec: HostSpec, result: HostResult) -> None:
             if self._decl(spec.alias).embedded:
-                await self._deploy_embedded(spec, run, result, sink)
+                await self._deploy_embedded(spec, run, result, sink, queen_started)
             else:
                 await deploy_host(spec, run, result)
 
@@ -302,7 +305,9 @@ class HostService:
                                  gate=lambda spec: self._gate(spec, run), results=results)
 
     async def _deploy_embedded(self, spec: HostSpec, run: RunContext, result: HostResult,
-                               sink: EventSink | None) -> None:
+                               sink: EventSink | None, queen_started: bool = False) -> None:
+        """The embedded host: the local queen running (it is that hive), then its workers; ``queen_started``
+        says this run's ``with_queen`` already started it."""
         up = await self.queen.client.healthy()
         if run.check:
             if up and run.plan_workers is not None:
@@ -316,6 +321,7 @@ class HostService:
             _say(sink, spec.alias, f"starting the queen at {self.ctx.queen_url}")
             async with self._queen_lock:
                 started, _ = await start_queen(self.ctx, self.queen.client)
+            started = started or queen_started
             if run.ensure_workers is not None:
                 result.workers = await run.ensure_workers(spec)
         except (OperationFailed, QueenUnreachable) as exc:

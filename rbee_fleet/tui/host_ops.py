@@ -150,9 +150,9 @@ class HostOpsMixin:
             return
         fleet, hosts = found
         targets = aliases or list(fleet.ctx.inventory.hives)
-        remote = [a for a in targets if not fleet.ctx.inventory.hives[a].embedded]
-        if remote:
-            self.notify(f"checking {', '.join(remote)} over SSH…", timeout=3)
+        installed = [a for a in targets if not fleet.ctx.inventory.hives[a].embedded]
+        if installed:
+            self.notify(f"checking {', '.join(installed)}…", timeout=3)
         try:
             steps = await hosts.plan(targets)
         except (OperationFailed, QueenUnreachable, ApiError) as exc:

@@ -26,7 +26,8 @@ from rbee_fleet.keeper.rollout import RolloutPolicy
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., argparse.ArgumentParser]) -> None:
     """Register ``deploy`` and ``hive`` on the keeper's subcommand parser."""
-    p = cmd("deploy", "install, configure and start the inventory's remote hives over SSH, then spawn their workers",
+    p = cmd("deploy", "bring every host of the inventory to its declared state: the local queen with its embedded "
+                      "hive, installed hives (over SSH or locally), then each host's workers",
             deploy_command)
     _deploy_flags(p)
     p.add_argument("--check", action="store_true", help="show what would change on each host; change nothing")
@@ -36,8 +37,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., ar
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     fleet_ops.add_wait_flag(p)
 
-    hive = sub.add_parser("hive", help="manage one remote hive over SSH", parents=[common],
-                          description="Manage the hive of one remote host of the inventory over SSH.")
+    hive = sub.add_parser("hive", help="manage one installed hive (over SSH, or locally)", parents=[common],
+                          description="Manage the hive of one installed host of the inventory, over SSH or, "
+                                      "for a hive with transport = \"local\", on this machine.")
     hsub = hive.add_subparsers(dest="hive_command", metavar="ACTION", required=True)
     for action, help in HIVE_COMMANDS.items():
         p = cmd(action, help, _hive_command(action), hsub)
@@ -120,12 +122,12 @@ async def deploy_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
 async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
     ctx = hosts.ctx
     try:
-        specs = hosts.specs(args.limit)
+        specs = hosts.specs(args.limit, embedded=True)
     except InventoryError as exc:
         err.print(f"[red]inventory error:[/] {exc}", highlight=False)
         return ExitCode.USAGE
     if not specs:
-        err.print(f"[yellow]the inventory ({ctx.inventory_path or 'built in'}) declares no remote hives; nothing to deploy[/]")
+        err.print(f"[yellow]the inventory ({ctx.inventory_path or 'built in'}) declares no hives; nothing to deploy[/]")
         return ExitCode.OK
     try:
         policy = RolloutPolicy(args.batch, args.max_fail)
