@@ -25,7 +25,7 @@ ProbeState = Literal["not installed", "stopped", "running", "unreachable", "unkn
 
 @dataclass(frozen=True)
 class HostProbe:
-    """A host's state as seen over SSH (installed? hive running?), or why it could not be seen."""
+    """A host's state as seen over its transport (installed? hive running?), or why it could not be seen."""
 
     alias: str
     state: ProbeState

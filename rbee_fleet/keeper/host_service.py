@@ -81,7 +81,7 @@ def installed_specs(ctx: KeeperContext, limit: str | None, *, embedded: bool = F
 def run_context(ctx: KeeperContext, *, source: Path | None = None, accept_new: bool = False, check: bool = False,
                 update: Update | None = None, builders: dict[str, WheelhouseBuilder] | None = None,
                 ensure_workers: EnsureWorkers | None = None) -> RunContext:
-    """What a run over SSH needs: the release to ship, the wheelhouse builder, host keys, the cluster token,
+    """What a run over hosts' transports needs: the release to ship, the wheelhouse builder, host keys, the cluster token,
     where progress goes and how hosts' workers are spawned.
 
     Runs given the same ``builders`` share one builder per release: one build per wheelhouse."""
@@ -102,7 +102,8 @@ def run_context(ctx: KeeperContext, *, source: Path | None = None, accept_new: b
 
 
 class HostService:
-    """Host actions through the keeper: the embedded hive locally, remote hosts over SSH."""
+    """Host actions through the keeper: the embedded hive through the local queen, installed hosts over their
+    transport (SSH, or local processes)."""
 
     def __init__(self, queen: QueenService) -> None:
         self.queen = queen
@@ -354,7 +355,7 @@ class HostService:
 
     async def stop_fleet(self, specs: list[HostSpec], run: RunContext, parallel: int = PARALLEL,
                          results: list[HostResult] | None = None) -> list[HostResult]:
-        """``down --fleet``: stop every remote hive with its workers over SSH, at most ``parallel`` at a time
+        """``down --fleet``: stop every installed hive with its workers over its transport, at most ``parallel`` at a time
         (one failing host never stops the others), then the local queen and its workers (the last result,
         ``queen``)."""
         results = results if results is not None else [HostResult(s.alias) for s in specs] + [HostResult("queen")]
@@ -385,7 +386,7 @@ class HostService:
         return results
 
     async def plan(self, aliases: list[str]) -> list[PlanStep]:
-        """What a deploy would change on each host, changing nothing; remote hosts are checked over SSH."""
+        """What a deploy would change on each host, changing nothing; installed hosts are checked over their transport."""
         status: FleetStatus | None
         try:
             status = await self.queen.status()
@@ -502,7 +503,7 @@ class HostService:
     # -- what the queen cannot tell ----------------------------------------------------------------
 
     async def probe(self, alias: str) -> HostProbe:
-        """A remote host's state over SSH (not installed, stopped, running) or why it cannot be reached."""
+        """An installed host's state over its transport (not installed, stopped, running) or why it cannot be reached."""
         now = time.monotonic()
         try:
             spec = self._spec(alias)

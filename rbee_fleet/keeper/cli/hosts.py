@@ -1,4 +1,5 @@
-"""The host commands, over SSH: ``deploy`` (every remote hive of the inventory) and ``hive ACTION ALIAS``."""
+"""The host commands: ``deploy`` (every host of the inventory) and ``hive ACTION ALIAS`` (one installed hive,
+over SSH or locally)."""
 
 from __future__ import annotations
 
