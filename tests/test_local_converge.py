@@ -50,3 +50,34 @@ async def test_the_embedded_hive_converges_to_changed_settings(tmp_path: Path, h
             await hosts.queen.close()
     finally:
         queen.stop()
+
+
+async def test_a_replacement_over_the_hosts_memory_budget_drains_the_old_worker_first(tmp_path: Path, home: Path) -> None:
+    """With a budget that holds one SmolLM2 worker but not two, the changed worker is stopped (drained) before
+    its replacement starts, so the host never runs both; the progress says why."""
+    port, base = procs.free_port(), procs.free_port_range(10)
+    budget = 'memory_budget_mb = 500'  # the queen's estimate for one SmolLM2 worker is about 370 MB
+    inventory = procs.write_inventory(tmp_path / "fleet.toml", port=port, worker_port_base=base, hive_extra=budget,
+                                      workers=[{"model": "smollm2", "threads": 1, "ctx_size": 512}])
+    queen = procs.start_queen(tmp_path, inventory, home, port)
+    try:
+        procs.wait_workers_ready(queen, 1)
+        procs.write_inventory(inventory, port=port, worker_port_base=base, hive_extra=budget,
+                              workers=[{"model": "smollm2", "threads": 1, "ctx_size": 1024}])
+        hosts = _service(inventory)
+        said: list[str] = []
+        try:
+            (result,) = await hosts.deploy(["localhost"], lambda _label, event: said.append(event.message or ""))
+            assert result.status == "changed" and result.gate == "passed", result.reason
+            assert result.reason == "replaced worker localhost-smollm2-0 by localhost-smollm2-0.2 (ctx_size 512 -> 1024)"
+        finally:
+            await hosts.queen.close()
+        first = next(m for m in said if m.startswith("replacing worker localhost-smollm2-0:"))
+        assert "the host's memory budget has" in first and "(500 MB, " in first and first.endswith("stopping it first (it drains its requests)")
+        stop = said.index("stopping worker localhost-smollm2-0 (it drains its requests first)")
+        start = said.index("starting worker localhost-smollm2-0.2 (smollm2)")
+        assert stop < start, said
+        assert set(_workers(queen)) == {"localhost-smollm2-0.2"}
+        assert _workers(queen)["localhost-smollm2-0.2"]["heartbeat"]["context_length"] == 1024
+    finally:
+        queen.stop()

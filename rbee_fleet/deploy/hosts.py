@@ -87,4 +87,5 @@ def host_spec(inv: Inventory, alias: str) -> HostSpec:
         command_timeout_s=d.command_timeout_s,
         packages=packages,
         workers=ops,
+        memory_budget_mb=hive.memory_budget_mb,
     )

@@ -44,6 +44,7 @@ class HostSpec:
     bind_host: str | None = None  # default: the address
     packages: tuple[str, ...] = ()  # model packages the declared workers need (built-in models)
     workers: tuple[WorkerSpawnOp, ...] = ()
+    memory_budget_mb: int | None = None  # what the host's workers may take in all (the inventory's budget)
 
     @property
     def bind(self) -> str:

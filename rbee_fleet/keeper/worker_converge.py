@@ -102,7 +102,7 @@ class WorkerConverger:
         except QueenUnreachable:
             return None
         gpu = any(op.device.startswith("cuda") or op.backend == "exllamav2" for op in spec.workers if op.model == model)
-        return no_room_for_second(status, spec.alias, model, gpu)
+        return no_room_for_second(status, spec.alias, model, gpu, spec.memory_budget_mb)
 
     async def _stop(self, spec: HostSpec, worker_id: str) -> None:
         self.say(spec.alias, f"stopping worker {worker_id} (it drains its requests first)")
@@ -137,19 +137,30 @@ class WorkerConverger:
             await asyncio.sleep(0.2)
 
 
-def no_room_for_second(status: FleetStatus, hive_id: str, model: str, gpu: bool) -> str | None:
+def no_room_for_second(status: FleetStatus, hive_id: str, model: str, gpu: bool,
+                       budget_mb: int | None = None) -> str | None:
     """Why a second worker of ``model`` does not fit on ``hive_id`` beside the first (None: it fits, or the queen
     cannot tell). The need is the queen's estimate for the model; the room is the hive's free RAM, or its GPUs'
-    free VRAM summed, where the running worker's own memory is already taken."""
-    view = next((m for m in status.catalog if m.id == model), None)
+    free VRAM summed, where the running worker's own memory is already taken, and at most what the hive's
+    ``memory_budget_mb`` leaves once its live workers' estimated needs are counted (as the queen does when it
+    loads a model on demand)."""
+    needs = {m.id: m.need_mb for m in status.catalog}
+    need = needs.get(model, 0)
     hive = next((h for h in status.hives if h.hive_id == hive_id), None)
-    if view is None or hive is None or not view.need_mb:
-        return None
-    free = sum(g.vram_free_mb for g in hive.devices.gpus) if gpu else hive.devices.cpu.ram_available_mb
-    if view.need_mb <= free:
+    if hive is None or not need:
         return None
     kind = "VRAM" if gpu else "RAM"
-    return f"a second {model} worker needs about {view.need_mb} MB and the host has {free} MB of {kind} free"
+    free = sum(g.vram_free_mb for g in hive.devices.gpus) if gpu else hive.devices.cpu.ram_available_mb
+    if need > free:
+        return f"a second {model} worker needs about {need} MB and the host has {free} MB of {kind} free"
+    if budget_mb is not None:
+        used = sum(needs.get(w.heartbeat.model, 0) for w in status.workers
+                   if w.live and w.heartbeat.hive_id == hive_id and w.heartbeat.state.value not in ("stopped", "failed"))
+        left = max(0, budget_mb - used)
+        if need > left:
+            return (f"a second {model} worker needs about {need} MB and the host's memory budget has {left} MB left "
+                    f"({budget_mb} MB, {used} MB taken by its workers)")
+    return None
 
 
 def worker_ready(status: FleetStatus, worker_id: str) -> bool:

@@ -14,7 +14,10 @@ from rbee_fleet.contracts.fleet import (
     ModelView,
     QueenView,
     SupervisedWorker,
+    WorkerHeartbeat,
     WorkerSpawnOp,
+    WorkerState,
+    WorkerView,
 )
 from rbee_fleet.deploy.converge import plan_workers
 from rbee_fleet.deploy.facts import parse_facts
@@ -138,3 +141,14 @@ def test_a_replacement_that_does_not_fit_beside_the_old_worker_waits_for_its_dra
     assert why == "a second smollm2 worker needs about 400 MB and the host has 300 MB of RAM free"
     assert no_room_for_second(fleet(9000, 300), "h2", "smollm2", gpu=True) is not None
     assert no_room_for_second(fleet(300, 300), "other", "smollm2", gpu=False) is None  # the queen cannot tell
+    # The host's memory budget less what its live workers take bounds the room too (the devices have plenty).
+    status = fleet(9000, 0)
+    heartbeat = WorkerHeartbeat(worker_id="h2-smollm2-0", hive_id="h2", model="smollm2", url="http://x:9300",
+                                state=WorkerState.READY, backend="llama-cpp", device="cpu")
+    status.workers = [WorkerView(heartbeat=heartbeat, in_flight=0, live=True, last_seen_s=0.1)]
+    assert no_room_for_second(status, "h2", "smollm2", gpu=False, budget_mb=800) is None  # 800 - 400 = 400 left
+    why = no_room_for_second(status, "h2", "smollm2", gpu=False, budget_mb=700)
+    assert why == ("a second smollm2 worker needs about 400 MB and the host's memory budget has 300 MB left "
+                   "(700 MB, 400 MB taken by its workers)")
+    status.workers[0].heartbeat.state = WorkerState.STOPPED  # a stopped worker takes nothing
+    assert no_room_for_second(status, "h2", "smollm2", gpu=False, budget_mb=700) is None
