@@ -142,3 +142,7 @@ def test_uninstall_leaves_no_process_and_no_file(local_fleet: LocalFleet) -> Non
     assert _ours(local_fleet.install) == []
     probe = local_fleet.keeper.run("hive", "status", "here", "--json")
     assert probe.returncode != 0 and "not installed" in (probe.stdout + probe.stderr)
+    # The fleet's status asks the host itself once the queen has forgotten its hive: locally, no SSH.
+    status = local_fleet.keeper.run("status", "--json")
+    probed = json.loads(status.stdout)["probed"]["here"]
+    assert (probed["state"], probed["reason"]) == ("not installed", f"no rbee-fleet under {local_fleet.install}")
