@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rbee_fleet.deploy import steps
+from rbee_fleet.deploy.connect import open_transport
 from rbee_fleet.deploy.converge import WorkerChange
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.facts import HostFacts
 from rbee_fleet.deploy.host_keys import HostKeyStore
 from rbee_fleet.deploy.plan import HostPlan, HostSpec, plan_host
-from rbee_fleet.deploy.transport import Transport, open_transport
+from rbee_fleet.deploy.transport import Transport
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Reaching hosts over SSH: the ``Transport`` on asyncssh, and host-key checks.
 
-This is the only module that imports asyncssh; ``transport.open_transport`` loads it when a host is
+This is the only module that imports asyncssh; ``connect.open_transport`` loads it when a host is
 first reached over SSH, so keeper commands that never do start without it. One connection per host is
 opened and reused for a whole run. Host keys are always checked, against the user's ``~/.ssh/known_hosts`` plus the keeper's
 own ``$RBEE_HOME/known_hosts``; an unknown key is trusted only when the caller asks for

@@ -1,6 +1,6 @@
 """How to reach a host: over SSH (address, credentials, jump host) or directly, on this machine.
 
-No connection is made here; ``transport.open_transport`` turns a target into a ``Transport``.
+No connection is made here; ``connect.open_transport`` turns a target into a ``Transport``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """What deploy steps need from a host, whatever reaches it: commands, streamed output, file uploads.
 
 ``Transport`` is the interface ``steps`` is written against; ``ssh_transport`` implements it over
-asyncssh, ``local_transport`` with local processes. ``open_transport`` picks one for a target; the SSH one
-(and asyncssh with it) is loaded only when a host is reached over SSH.
+asyncssh, ``local_transport`` with local processes, and ``connect.open_transport`` picks one for a target.
 """
 
 from __future__ import annotations
@@ -11,9 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-
-from rbee_fleet.deploy.host_keys import HostKeyStore
-from rbee_fleet.deploy.targets import LocalTarget, Target
 
 ProgressFn = Callable[[int, int], None]  # (bytes sent, total)
 
@@ -51,14 +47,3 @@ class Transport(Protocol):
     async def put(self, local: Path, remote: str, progress: ProgressFn | None = None) -> None: ...
 
     async def close(self) -> None: ...
-
-
-async def open_transport(target: Target, keys: HostKeyStore, *, accept_new: bool = False) -> Transport:
-    """A transport to ``target``: local processes for this machine, else an SSH connection (host key checked)."""
-    if isinstance(target, LocalTarget):
-        from rbee_fleet.deploy.local_transport import LocalTransport
-
-        return LocalTransport(target.alias)
-    from rbee_fleet.deploy.ssh_transport import connect
-
-    return await connect(target, keys, accept_new=accept_new)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rbee_fleet.deploy import steps
+from rbee_fleet.deploy.connect import open_transport
 from rbee_fleet.deploy.errors import AuthFailed, ConnectFailed, DeployError, HostKeyChanged, HostKeyUnknown
 from rbee_fleet.deploy.facts import HostFacts
 from rbee_fleet.deploy.host_keys import HostKeyStore
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.targets import SSHTarget
-from rbee_fleet.deploy.transport import open_transport
 
 PROBE_GRACE_S = 20.0  # what a probe may take beyond the connect timeout (the facts script, closing)
 

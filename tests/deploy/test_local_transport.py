@@ -17,12 +17,12 @@ import pytest
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import InventoryError, parse_inventory
 from rbee_fleet.common.paths import Layout
+from rbee_fleet.deploy.connect import open_transport
 from rbee_fleet.deploy.errors import CommandTimeout, ConnectFailed
 from rbee_fleet.deploy.host_keys import HostKeyStore
 from rbee_fleet.deploy.hosts import host_spec, select
 from rbee_fleet.deploy.local_transport import CHUNK, LocalTransport, login_environment
 from rbee_fleet.deploy.targets import LocalTarget, SSHTarget
-from rbee_fleet.deploy.transport import open_transport
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
