@@ -27,6 +27,9 @@ def select(inv: Inventory, limit: str | None, path: str = "<inventory>", *, embe
         return candidates
     wanted = [a.strip() for a in limit.split(",") if a.strip()]
     unknown = [a for a in wanted if a not in candidates]
+    if found is None and (own := inv.embedded_hive()) and own[0] in unknown:
+        raise InventoryError(path, None, "--limit", f"{own[0]!r} is the hive embedded in the queen, not an installed "
+                                                    "one: `rbee-keeper up`, `down` and `deploy` manage it")
     if unknown:
         kind = "hive" if embedded else "installed hive"
         known = ", ".join(candidates) or "none"

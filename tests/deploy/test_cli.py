@@ -92,6 +92,9 @@ def test_deploy_brings_the_embedded_host_up_like_any_other(tmp_path: Path) -> No
         (same,) = json.loads(again.stdout)["hosts"]
         assert (same["status"], same["reason"]) == ("ok", "nothing to change"), same
         assert keeper("deploy", "-i", str(inv), "--limit", "nope", home=home).stderr.count("no hive named 'nope' (hives: here)") == 1
+        embedded = keeper("hive", "stop", "here", "-i", str(inv), home=home)
+        assert embedded.returncode == 2 and ("'here' is the hive embedded in the queen, not an installed one: "
+                                             "`rbee-keeper up`, `down` and `deploy` manage it") in " ".join(embedded.stderr.split())
     finally:
         keeper("down", "-i", str(inv), home=home)
 
