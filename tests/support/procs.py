@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +24,30 @@ from rbee_fleet.hive.catalog import builtin_path
 LONG = {"prompt": "1, 2, 3, 4, 5,", "temperature": 0.0}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Test servers listen below the kernel's ephemeral range: a port checked free there cannot be taken, between
+# the check and the server's bind (seconds later for a worker under load), as the source port of some
+# outgoing connection (it happened: a replacement worker's llama-server found its port taken).
+_PORTS = range(max(1024, _ephemeral_low() - 12000), _ephemeral_low())
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_port_range(1, host)
 
 
 def port_open(host: str, port: int) -> bool:
@@ -37,22 +58,12 @@ def port_open(host: str, port: int) -> bool:
 
 
 def free_port_range(n: int, host: str = "127.0.0.1") -> int:
-    """The first of ``n`` consecutive free ports (checked now; good enough for tests)."""
-    for _ in range(50):
-        base = free_port(host)
-        if base + n >= 65000:
-            continue
-        ok = True
-        for port in range(base, base + n):
-            with socket.socket() as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+    """The first of ``n`` consecutive free ports below the ephemeral range (checked now; good enough for tests)."""
+    for _ in range(200):
+        base = random.randrange(_PORTS.start, _PORTS.stop - n)
+        if all(_bindable(host, port) for port in range(base, base + n)):
             return base
-    raise RuntimeError("no free port range")
+    raise RuntimeError(f"no {n} free consecutive ports in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.1) -> Any:
