@@ -112,7 +112,8 @@ def coerce_form(model: type[BaseModel], fields: list[FieldSpec], raw: FormValues
 
 
 def _insert_after(table: Table, after: str, key: str, value: Any) -> None:
-    """``table[key] = value``, placed right after the key ``after`` (tomlkit has no public insert-after)."""
+    """``table[key] = value``, placed right after the key ``after`` (tomlkit has no public insert-after; its
+    private one is gone from 0.15, so ``pyproject.toml`` keeps tomlkit below that)."""
     table.value._insert_after(after, key, value)
     dict.__setitem__(table, key, table.value.item(key))  # what Table.__setitem__ keeps in step
 
