@@ -121,3 +121,28 @@ async def test_stream_position_must_be_a_number_and_never_replays(client):
     events = [e async for e in jobs.events(job_id, after=-5)]
     assert [e.seq for e in events] == list(range(len(events)))  # from the start, each once
     assert [e.seq for e in [e async for e in jobs.events(job_id, after=2)]] == list(range(3, len(events)))
+
+
+async def test_an_operation_joined_while_it_runs_is_one_job():
+    registry = JobRegistry()
+    release = asyncio.Event()
+    runs = 0
+
+    async def run(emit):
+        nonlocal runs
+        runs += 1
+        await release.wait()
+        return {"done": True}
+
+    op = ModelDownloadOp(source="block", name="y")
+    first = registry.submit(op, run, join=True)
+    assert registry.submit(op, run, join=True) is first  # the same operation, still running: that job
+    other = registry.submit(ModelDownloadOp(source="block", name="z"), run, join=True)
+    assert other is not first  # another operation is another job
+    unjoined = registry.submit(op, run)
+    assert unjoined is not first  # without join, every submit is a job of its own
+    release.set()
+    await asyncio.gather(first.task, other.task, unjoined.task)
+    assert runs == 3 and first.result == {"done": True}
+    assert registry.submit(op, run, join=True) is not first  # a finished job is never joined
+    await registry.close()

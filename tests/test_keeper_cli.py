@@ -73,6 +73,12 @@ def test_up_status_infer_down(user):
     assert result.returncode == 0, result.stderr
     assert "queen: started" in result.stderr and "localhost-smollm2-0" in result.stdout
     assert "ready" in result.stdout
+    # One spawn per declared worker: the queen starts the inventory's workers itself, and `up` follows
+    # that job instead of asking the hive a second time.
+    assert "already starting" not in result.stderr, result.stderr
+    spawns = [j for j in json.loads(keeper("jobs", "list", "--json", env=env).stdout)
+              if j["operation"]["kind"] == "worker_spawn"]
+    assert [(j["operation"]["worker_id"], j["state"]) for j in spawns] == [("localhost-smollm2-0", "succeeded")], spawns
 
     again = keeper("up", "--json", env=env)  # idempotent: nothing new started
     assert again.returncode == 0, again.stderr

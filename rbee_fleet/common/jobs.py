@@ -126,8 +126,14 @@ class JobRegistry:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._keep = keep
 
-    def submit(self, operation: BaseModel | dict[str, Any], runner: Runner) -> Job:
+    def submit(self, operation: BaseModel | dict[str, Any], runner: Runner, *, join: bool = False) -> Job:
+        """Run ``operation`` as a new job; with ``join``, the same operation already running is that job
+        (an idempotent operation asked for twice is done, and listed, once)."""
         op = operation.model_dump(mode="json") if isinstance(operation, BaseModel) else operation
+        if join:
+            running = next((j for j in self._jobs.values() if not j.finished and j.operation == op), None)
+            if running is not None:
+                return running
         job = Job(uuid.uuid4().hex[:16], op)
         self._jobs[job.id] = job
         self._trim()

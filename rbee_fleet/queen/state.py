@@ -65,10 +65,13 @@ class Queen:
 
     def dispatch(self, request: JobRequest) -> Job:
         op = request.operation
+        # A spawn is idempotent by worker id: the same spawn asked for while one runs (the keeper's `up`
+        # right after the queen started the inventory's workers itself) follows that job.
+        join = isinstance(op, WorkerSpawnOp) and op.worker_id is not None
         if isinstance(op, WorkerSpawnOp) and op.hive == hive_choice.AUTO and hive_choice.AUTO not in self.hive_ids():
-            return self.jobs.submit(op, lambda emit: self.spawn_anywhere(op, emit))
+            return self.jobs.submit(op, lambda emit: self.spawn_anywhere(op, emit), join=join)
         hive = self.hive(op.hive)
-        return self.jobs.submit(op, lambda emit: hive.run(op, emit))
+        return self.jobs.submit(op, lambda emit: hive.run(op, emit), join=join)
 
     def hive_ids(self) -> list[str]:
         return sorted({*self.settings.remote_hives, *self.registry.hives,
