@@ -59,11 +59,34 @@ class ChatStream:
         }
         self.stats: ChatStats | None = None
         self.text = ""
+        self._started: float | None = None
+        self._first: float | None = None
+        self._pieces = 0  # content chunks so far: one token each from llama-server
+
+    @property
+    def first_token_ms(self) -> float | None:
+        """Time to the first token, once it came (None before)."""
+        if self._first is None or self._started is None:
+            return None
+        return (self._first - self._started) * 1000
+
+    def running(self) -> str:
+        """The stats line while the answer streams: the first token's time, and tokens/s so far."""
+        if self.stats is not None:
+            return self.stats.summary()
+        ttft = self.first_token_ms
+        if ttft is None or self._first is None:
+            return "waiting for the first token…"
+        elapsed = time.monotonic() - self._first
+        if self._pieces < 2 or elapsed <= 0:
+            return f"first token after {ttft:.0f} ms"
+        return (f"first token after {ttft:.0f} ms, {self._pieces} tokens, "
+                f"{(self._pieces - 1) / elapsed:.1f} tokens/s so far")
 
     async def __aiter__(self) -> AsyncIterator[str]:
         import openai
 
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         first: float | None = None
         usage = None
         try:
@@ -75,7 +98,8 @@ class ChatStream:
                     piece = choice.delta.content
                     if piece:
                         if first is None:
-                            first = time.monotonic()
+                            first = self._first = time.monotonic()
+                        self._pieces += 1
                         self.text += piece
                         yield piece
         except openai.APIConnectionError:

@@ -112,11 +112,15 @@ async def test_worker_spawned_from_the_tui_appears_and_stops_after_confirmation(
 async def test_chat_answer_streams_through_the_queen(live_fleet: LiveFleet, monkeypatch: pytest.MonkeyPatch):
     # Every text the answer's bubble is given, however fast the chunks come (a poll can miss a short answer).
     shown: list[str] = []
+    # The stats line as it reads at each update, with how much of the answer was on screen then.
+    stats_seen: list[tuple[str, str]] = []
     update = Static.update
 
     def record(widget: Static, content: object = "", *args: object, **kwargs: object) -> None:
         if widget.has_class("msg-smollm2"):
             shown.append(getattr(content, "plain", str(content)))
+        if widget.id == "chat-stats":
+            stats_seen.append((getattr(content, "plain", str(content)), shown[-1] if shown else ""))
         update(widget, content, *args, **kwargs)
 
     monkeypatch.setattr(Static, "update", record)
@@ -125,15 +129,23 @@ async def test_chat_answer_streams_through_the_queen(live_fleet: LiveFleet, monk
         await pilot.press("f3")
         select = app.screen.query_one("#chat-model", Select)
         await wait_for(pilot, lambda: select.value == "smollm2", what="the model list")
-        await pilot.press(*"Name three colours.", "enter")
+        await pilot.press(*"Write a short story about a bee.", "enter")
         stats = app.screen.query_one("#chat-stats", Static)
-        await wait_for(pilot, lambda: "tokens/s" in text(stats), timeout=60, what="the answer")
+        summary = r"\d+ tokens, first token after \d+ ms, [\d.]+ tokens/s$"  # once the stream has ended
+        await wait_for(pilot, lambda: re.search(summary, text(stats)), timeout=60, what="the answer")
         answer = text(list(app.screen.query(".msg-smollm2"))[-1]).removeprefix("smollm2: ")
         assert answer.strip() and answer != "…"
         # Streamed: the bubble showed the answer growing, in partial states, before it was complete.
         partial = [s for s in shown if s not in ("smollm2: …", f"smollm2: {answer}")]
         assert partial and all(f"smollm2: {answer}".startswith(s) for s in partial), shown
         assert re.search(r"\d+ tokens, first token after \d+ ms, [\d.]+ tokens/s", text(stats)), text(stats)
+        # Mid-stream, the line showed the first token's time as soon as it came, then a running rate, while
+        # the answer was still incomplete (not "waiting for the first token…" until the end).
+        live = [(line, on_screen) for line, on_screen in stats_seen
+                if on_screen not in ("", "smollm2: …", f"smollm2: {answer}")]
+        assert live and re.fullmatch(r"first token after \d+ ms", live[0][0]), stats_seen
+        assert any(re.fullmatch(r"first token after \d+ ms, \d+ tokens, [\d.]+ tokens/s so far", line)
+                   for line, _ in live), stats_seen
         assert [m["role"] for m in app.screen.messages] == ["user", "assistant"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, cast
 
 from rich.text import Text
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from rbee_fleet.tui.app import KeeperApp
 
 MAX_TOKENS = 256
+STATS_EVERY_S = 0.1  # how often the running tokens/s is redrawn while an answer streams
 
 
 class ChatScreen(Screen[None]):
@@ -100,10 +102,16 @@ class ChatScreen(Screen[None]):
         stats.update(Text("waiting for the first token…", style="dim"))
         stream = fleet.chat(model, list(self.messages), max_tokens=MAX_TOKENS)
         transcript = self.query_one("#transcript", VerticalScroll)
+        shown_at = 0.0
         try:
             async for _ in stream:
                 bubble.update(Text.assemble((f"{model}: ", "bold"), stream.text))
                 transcript.scroll_end(animate=False)
+                # The first token's time as it arrives, then a running rate a few times a second.
+                now = time.monotonic()
+                if not shown_at or now - shown_at >= STATS_EVERY_S:
+                    shown_at = now
+                    stats.update(Text(stream.running(), style="cyan"))
         except (QueenUnreachable, OperationFailed) as exc:
             bubble.update(Text.assemble((f"{model}: ", "bold"), (f"failed: {exc}", "red")))
             stats.update(Text("failed", style="red"))
