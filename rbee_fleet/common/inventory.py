@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rbee_fleet.common.net import is_loopback
 from rbee_fleet.common.ssh_config import is_config_alias
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
-from rbee_fleet.contracts.vocabulary import DEVICE_PATTERN, BackendChoice, PlacementPolicy
+from rbee_fleet.contracts.vocabulary import (
+    DEVICE_HELP,
+    DEVICE_PATTERN,
+    BackendChoice,
+    GpuBackendName,
+    PlacementPolicy,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -112,13 +118,31 @@ class WorkerDecl(_Section):
     slots: int | None = Field(default=None, ge=1, le=256)
     embeddings: bool = False
     options: dict[str, Any] = {}
+    gpu_layers: int | None = Field(default=None, ge=0)  # llamacpp on a GPU; default: every layer that fits
+    devices: list[str] | None = None  # several GPUs of one backend: ["cuda:0", "cuda:1"] is device "cuda:0,1"
 
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
         if not re.match(DEVICE_PATTERN, value):
-            raise ValueError("device must be 'cpu', 'auto' (GPUs chosen by free VRAM) or 'cuda:N' (several GPUs: 'cuda:0,1')")
+            raise ValueError(f"device must be {DEVICE_HELP}")
         return value
+
+    @model_validator(mode="after")
+    def _devices(self) -> WorkerDecl:
+        if self.devices is None:
+            return self
+        if self.device != "cpu" and "device" in self.model_fields_set:
+            raise ValueError("set device or devices, not both")
+        bad = [d for d in self.devices if not re.match(r"^(cuda|vulkan|rocm):\d+$|^metal$", d)]
+        if bad or not self.devices:
+            raise ValueError(f"devices: {bad or 'empty'}: each must be a GPU like 'cuda:0' or 'vulkan:1'")
+        backends = {d.split(":")[0] for d in self.devices}
+        if len(backends) > 1:
+            raise ValueError(f"devices must be GPUs of one backend, not {' and '.join(sorted(backends))}")
+        backend = backends.pop()
+        self.device = backend if backend == "metal" else f"{backend}:" + ",".join(d.split(":")[1] for d in self.devices)
+        return self
 
 
 class HiveDecl(_Section):
@@ -138,6 +162,9 @@ class HiveDecl(_Section):
     install_source: Literal["online", "offline"] | None = None
     python: str | None = None
     bind_host: str | None = None  # what the remote hive binds (default: its address)
+    # llama-server GPU backends the host gets (default: what its workers' devices need, plus those built on
+    # the operator machine that its hardware can use; see the README's GPU section).
+    gpu_backends: list[GpuBackendName] | None = None
     memory_budget_mb: int | None = Field(default=None, ge=1)  # memory the queen may give this hive's workers
 
 
@@ -194,7 +221,7 @@ class Inventory(_Section):
             WorkerSpawnOp(
                 hive=alias, model=d.model, backend=d.backend, device=d.device, placement=d.placement, worker_id=wid,
                 ctx_size=d.ctx_size, threads=d.threads, max_queue=d.max_queue, options=d.options,
-                slots=d.slots, embeddings=d.embeddings, declared_as=wid,
+                slots=d.slots, embeddings=d.embeddings, declared_as=wid, gpu_layers=d.gpu_layers,
             )
             for wid, d in self.worker_plan(alias)
         ]

@@ -20,8 +20,33 @@ BACKEND_CHOICES: tuple[str, ...] = get_args(BackendChoice)
 PlacementPolicy = Literal["binpack", "spread"]  # binpack: the tightest GPU that fits; spread: the emptiest
 PLACEMENT_POLICIES: tuple[str, ...] = get_args(PlacementPolicy)
 
-# Where a worker runs: the CPU, GPUs the hive chooses by free VRAM, or named GPUs (cuda:0, cuda:0,1).
-DEVICE_PATTERN = r"^(cpu|auto|cuda:\d+(,\d+)*)$"
+# GPU backends of llama.cpp a hive may have, by the fleet's name for them, and llama-server's prefix of
+# their devices' names (``--list-devices``: CUDA0, Vulkan1, ROCm0, MTL0).
+GpuBackendName = Literal["cuda", "vulkan", "rocm", "metal"]
+GPU_BACKEND_NAMES: tuple[str, ...] = get_args(GpuBackendName)
+ENGINE_DEVICE_PREFIXES: dict[str, str] = {"CUDA": "cuda", "Vulkan": "vulkan", "ROCm": "rocm", "MTL": "metal"}
+
+# Where a worker runs: the CPU, a GPU the hive chooses by free memory, or named GPUs of one backend
+# (cuda:0, vulkan:1, metal; several of one backend: cuda:0,1).
+DEVICE_PATTERN = r"^(cpu|auto|metal|(cuda|vulkan|rocm):\d+(,\d+)*)$"
+DEVICE_HELP = ("'cpu', 'auto' (the GPU with the most free memory that fits, else the CPU), 'cuda:N', 'vulkan:N', "
+               "'rocm:N' or 'metal' (several GPUs of one backend: 'cuda:0,1')")
+
+
+def device_ids(device: str) -> list[str]:
+    """``cuda:0,1`` -> ``["cuda:0", "cuda:1"]``; ``metal`` -> ``["metal"]``; ``cpu`` and ``auto`` -> ``[]``."""
+    if device in ("cpu", "auto"):
+        return []
+    if ":" not in device:
+        return [device]
+    backend, _, indices = device.partition(":")
+    return [f"{backend}:{i}" for i in indices.split(",")]
+
+
+def gpu_backend_of(device: str) -> str | None:
+    """The GPU backend a device string names (``vulkan:0`` -> ``vulkan``), None for cpu and auto."""
+    ids = device_ids(device)
+    return ids[0].split(":")[0] if ids else None
 
 
 # -- built-in models --------------------------------------------------------------------------------

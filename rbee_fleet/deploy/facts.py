@@ -54,6 +54,7 @@ echo "install_dir=$INSTALL"
 echo "kernel=$(uname -sm)"
 echo "nproc=$(nproc 2>/dev/null || echo 0)"
 sed -n 's/^model name[[:space:]]*: */cpu_model=/p' /proc/cpuinfo 2>/dev/null | head -n 1
+sed -n -E 's/^(flags|Features)[[:space:]]*: */cpu_flags=/p' /proc/cpuinfo 2>/dev/null | head -n 1
 sed -n 's/^MemTotal: *\\([0-9]*\\) kB/mem_total_kb=\\1/p; s/^MemAvailable: *\\([0-9]*\\) kB/mem_available_kb=\\1/p' /proc/meminfo 2>/dev/null
 if command -v {py} >/dev/null 2>&1; then
   echo "python_path=$(command -v {py})"
@@ -64,6 +65,7 @@ df -Pk "$d" 2>/dev/null | awk 'NR==2 {{print "disk_free_kb=" $4}}'
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits 2>/dev/null | sed 's/^/gpu=/'
 fi
+if ls /dev/dri/renderD* >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q 'libvulkan[.]so[.]1'; then echo "vulkan=1"; fi
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then echo "systemd=1"; else echo "systemd=0"; fi
 if command -v ss >/dev/null 2>&1; then
   ss -Hltn "sport = :{port}" 2>/dev/null | head -n 20 | awk '{{print "port_listener=" $4}}'
@@ -84,6 +86,7 @@ class HostFacts:
     install_dir: str = ""
     kernel: str = ""
     cpu_model: str = ""
+    cpu_flags: tuple[str, ...] = ()  # /proc/cpuinfo's: which of llama-server's CPU variants the host can run
     cpus: int = 0
     mem_total_mb: int = 0
     mem_available_mb: int = 0
@@ -166,6 +169,7 @@ def parse_facts(output: str) -> HostFacts:
         install_dir=values.get("install_dir", ""),
         kernel=values.get("kernel", ""),
         cpu_model=values.get("cpu_model", ""),
+        cpu_flags=tuple(values.get("cpu_flags", "").split()),
         cpus=int(values["nproc"]) if values.get("nproc", "").isdigit() else 0,
         mem_total_mb=int(values.get("mem_total_kb", "0") or 0) // 1024,
         mem_available_mb=int(values.get("mem_available_kb", "0") or 0) // 1024,
@@ -182,6 +186,7 @@ def parse_facts(output: str) -> HostFacts:
         current=values.get("current", "").rstrip("/").rsplit("/", 1)[-1] or None,
         versions=tuple(sorted(versions)),
         hive_pid=hive_pid,
+        extra={k: values[k] for k in ("vulkan",) if k in values},
     )
 
 

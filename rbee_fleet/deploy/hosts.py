@@ -91,4 +91,5 @@ def host_spec(inv: Inventory, alias: str) -> HostSpec:
         packages=packages,
         workers=ops,
         memory_budget_mb=hive.memory_budget_mb,
+        gpu_backends=tuple(hive.gpu_backends) if hive.gpu_backends is not None else None,
     )

@@ -18,6 +18,7 @@ from typing import Any
 import jinja2
 
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
+from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS
 from rbee_fleet.deploy.facts import HostFacts, preflight_problems
 from rbee_fleet.deploy.targets import Target
 
@@ -45,6 +46,7 @@ class HostSpec:
     packages: tuple[str, ...] = ()  # model packages the declared workers need (built-in models)
     workers: tuple[WorkerSpawnOp, ...] = ()
     memory_budget_mb: int | None = None  # what the host's workers may take in all (the inventory's budget)
+    gpu_backends: tuple[str, ...] | None = None  # llama-server GPU backends to ship; None: from the host (steps)
 
     @property
     def bind(self) -> str:
@@ -52,8 +54,16 @@ class HostSpec:
 
     @property
     def needs_gpu(self) -> bool:
-        """Whether a declared worker runs on an NVIDIA GPU (then the host gets the ``gpu`` extra and a check)."""
-        return any(op.backend == "exllamav2" or op.device.startswith("cuda") for op in self.workers)
+        """Whether a declared worker runs on exllamav2 (then the host gets the ``gpu`` extra, torch and a stack
+        check). A GGUF worker on ``cuda:N`` runs on llama-server's CUDA backend and needs neither; a worker
+        with ``backend = "auto"`` on CUDA counts, since its model's format is known only on the host."""
+        return any(op.backend == "exllamav2" or (op.backend == "auto" and op.device.startswith("cuda")
+                                                 and op.model not in BUILTIN_MODELS) for op in self.workers)
+
+    @property
+    def needs_nvidia(self) -> bool:
+        """Whether a declared worker is placed on an NVIDIA GPU by name."""
+        return any(op.device.startswith("cuda") for op in self.workers)
 
     @property
     def url(self) -> str:
@@ -169,8 +179,12 @@ def plan_host(spec: HostSpec, facts: HostFacts, release_id: str, token: str) -> 
     installed = release_id in facts.versions
     problems = preflight_problems(facts, spec.python, spec.port, spec.bind, need_install=not installed,
                                   need_pip=spec.install_source == "online")
-    if spec.needs_gpu and not facts.gpus:
+    if spec.needs_nvidia and not facts.gpus:
         problems.append("the inventory gives this host GPU workers, but it has no NVIDIA GPU (nvidia-smi lists none)")
+    host_built = [b for b in (spec.gpu_backends or ()) if b in ("rocm", "metal")]
+    if host_built and spec.install_source != "online":
+        problems.append(f"the {' and '.join(host_built)} backend of llama-server is compiled on the host itself, "
+                        'which needs install_source = "online" (the host fetches cmake and its toolkit is used)')
     if problems:
         return HostPlan(spec.alias, problems=tuple(problems), release_id=release_id)
     files = render_files(spec, facts, token)

