@@ -15,13 +15,19 @@ from rbee_fleet.hive.service import HiveService, HiveSettings
 async def test_device_probes_never_run_on_the_event_loop(tmp_path, monkeypatch):
     loop_thread = threading.current_thread()
     probed_on: list[threading.Thread] = []
-    real_detect = devices.detect
+    real_detect, real_engine = devices.detect, devices.probe_engine
+    engine_on: list[threading.Thread] = []
 
-    def recording_detect():  # the real probe, noting the thread it runs on
+    def recording_detect(engine=None):  # the real probe, noting the thread it runs on
         probed_on.append(threading.current_thread())
-        return real_detect()
+        return real_detect(engine)
+
+    def recording_engine(env=None):  # llama-server --list-devices: a process start, never on the loop either
+        engine_on.append(threading.current_thread())
+        return real_engine(env)
 
     monkeypatch.setattr(devices, "detect", recording_detect)
+    monkeypatch.setattr(devices, "probe_engine", recording_engine)
     monkeypatch.setattr(service, "DEVICE_REFRESH_S", 0.05)
     async with aiohttp.ClientSession() as session:
         hive = HiveService(HiveSettings(hive_id="t", layout=Layout(tmp_path / "home")), session)
@@ -32,3 +38,4 @@ async def test_device_probes_never_run_on_the_event_loop(tmp_path, monkeypatch):
         await hive.close()
     assert len(probed_on) >= 3, "the background refresh keeps probing"
     assert all(t is not loop_thread for t in probed_on)
+    assert engine_on and all(t is not loop_thread for t in engine_on)

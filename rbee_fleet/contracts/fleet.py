@@ -34,10 +34,25 @@ class CpuInfo(BaseModel):
     ram_available_mb: int
 
 
+class EngineDevice(BaseModel):
+    """A device llama-server can run a model on, in its own view (``--list-devices``)."""
+
+    id: str  # the fleet's name: cuda:0, vulkan:1, rocm:0, metal
+    name: str  # llama-server's: CUDA0, Vulkan1, ROCm0, MTL0
+    description: str = ""
+    memory_total_mb: int
+    memory_free_mb: int
+    unified: bool = False  # shares the machine's RAM (Apple Silicon): counted as GPU memory all the same
+
+
 class DeviceInfo(BaseModel):
     cpu: CpuInfo
-    gpus: list[GpuInfo] = []
+    gpus: list[GpuInfo] = []  # NVIDIA GPUs from NVML (the exllamav2 backend, free-memory figures)
     gpu_error: str | None = None  # why GPU detection found nothing, when a driver is half there
+    engine_devices: list[EngineDevice] = []  # what llama-server can use here (every vendor)
+    # For each GPU backend of llama.cpp: "ok", or why it serves nothing here ("not installed", no driver …).
+    engine_backends: dict[str, str] = {}
+    cpu_variant: str = ""  # the CPU backends llama-server has here (x64, haswell, …)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +96,9 @@ class WorkerHeartbeat(BaseModel):
     # GPU backends fill these in.
     cache_tokens_total: int | None = None
     cache_tokens_free: int | None = None
-    vram_used_mb: int | None = None
+    vram_used_mb: int | None = None  # GPU memory the worker holds (llama-server: its buffers on GPUs)
+    gpu_layers: int | None = None  # llama-server: layers on GPUs, of ``model_layers``
+    model_layers: int | None = None
 
 
 class HeartbeatAck(BaseModel):
@@ -166,7 +183,8 @@ class WorkerSpawnOp(_Op):
     kind: Literal["worker_spawn"] = "worker_spawn"
     model: str
     backend: BackendChoice = "auto"
-    device: str = "cpu"  # cpu, cuda:N[,M], or auto: the hive picks GPUs by free VRAM
+    device: str = "cpu"  # cpu, cuda:N[,M], vulkan:N, rocm:N, metal, or auto: the hive picks by free memory
+    gpu_layers: int | None = Field(default=None, ge=0)  # llamacpp on a GPU; None: every layer that fits
     placement: PlacementPolicy = "binpack"  # how device="auto" chooses among GPUs
     worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
     ctx_size: int | None = Field(default=None, ge=128)
@@ -285,6 +303,7 @@ class ModelView(BaseModel):
     size_bytes: int = 0
     need_mb: int = 0  # the queen's estimate of the memory a worker of it takes
     capabilities: list[str] = []
+    devices: list[str] = []  # where its workers in rotation run: HIVE/DEVICE (localhost/vulkan:0, gpu1/cuda:0)
 
 
 class QueenView(BaseModel):

@@ -166,6 +166,7 @@ class ModelCard(BaseModel):
     state: str | None = None
     workers: int = 0
     hives: list[str] = []
+    devices: list[str] = []  # where its workers run: HIVE/DEVICE, e.g. localhost/vulkan:0
 
 
 class ModelList(BaseModel):

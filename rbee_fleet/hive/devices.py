@@ -1,8 +1,11 @@
-"""What this machine can run models on: CPU cores and RAM always, NVIDIA GPUs when present.
+"""What this machine can run models on: CPU cores and RAM always, GPUs of every vendor when present.
 
-GPUs come from NVML (``nvidia-ml-py``), with ``nvidia-smi`` as the fallback. A machine without an
-NVIDIA driver simply has no GPUs; a driver that is installed but broken is reported in ``gpu_error``.
-Probing never raises: one bad GPU or driver must not stop the hive.
+Two views of the GPUs. llama-server's own (``--list-devices``, through ``common.llama_engine``): every
+device its installed backends can use (CUDA, Vulkan, ROCm, Metal), with total and free memory; what
+GGUF workers run on. NVML (``nvidia-ml-py``, with ``nvidia-smi`` as the fallback): NVIDIA GPUs for the
+exllamav2 backend, and fresher free-memory figures for CUDA devices between engine probes. A machine
+without a driver simply has no GPUs; one that is installed but broken is reported (``gpu_error``, the
+backend's status). Probing never raises: one bad GPU or driver must not stop the hive.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import psutil
 
-from rbee_fleet.contracts.fleet import CpuInfo, DeviceInfo, GpuInfo
+from rbee_fleet.common import llama_engine
+from rbee_fleet.contracts.fleet import CpuInfo, DeviceInfo, EngineDevice, GpuInfo
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +210,51 @@ def detect_gpus(probes: tuple[Probe, ...] = (gpus_from_nvml, gpus_from_nvidia_sm
     return [], "; ".join(errors) or None
 
 
-def detect() -> DeviceInfo:
-    """Devices of this machine. GPU problems are reported in ``gpu_error``, never raised."""
+@dataclass(frozen=True)
+class EngineView:
+    """llama-server's view of this machine's devices, as last probed."""
+
+    devices: tuple[EngineDevice, ...] = ()
+    backends: tuple[tuple[str, str], ...] = ()  # (backend, "ok" or why not)
+    cpu_variant: str = ""
+    error: str | None = None  # llama-server could not be asked (not installed, failed)
+
+
+def probe_engine(env: dict[str, str] | None = None) -> EngineView:
+    """Ask llama-server which devices it can use here (a second or two; run it off the event loop)."""
+    try:
+        binary = llama_engine.find_binary()
+    except llama_engine.LlamaServerMissing as exc:
+        return EngineView(error=str(exc))
+    variants = ",".join(llama_engine.cpu_variants(binary))
+    try:
+        found = llama_engine.list_devices(binary, env)
+    except OSError as exc:
+        return EngineView(cpu_variant=variants, error=str(exc),
+                          backends=tuple((b, f"cannot tell: {exc}") for b in llama_engine.installed_backends(binary)))
+    status = llama_engine.backend_status(binary, found)
+    return EngineView(tuple(found), tuple(sorted(status.items())), variants)
+
+
+def detect(engine: EngineView | None = None) -> DeviceInfo:
+    """Devices of this machine, with llama-server's view ``engine`` (probed separately: it is slower).
+    GPU problems are reported, never raised."""
     gpus, error = detect_gpus()
-    return DeviceInfo(cpu=cpu_info(), gpus=gpus, gpu_error=error)
+    view = engine or EngineView()
+    return DeviceInfo(cpu=cpu_info(), gpus=gpus, gpu_error=error, engine_devices=_fresher(view.devices, gpus),
+                      engine_backends=dict(view.backends), cpu_variant=view.cpu_variant)
+
+
+def _fresher(devices: tuple[EngineDevice, ...], gpus: list[GpuInfo]) -> list[EngineDevice]:
+    """CUDA devices with NVML's newer free-memory figure (llama-server numbers them in PCI order, as NVML)."""
+    by_index = {g.index: g for g in gpus}
+    out = []
+    for d in devices:
+        gpu = by_index.get(int(d.id.split(":")[1])) if d.id.startswith("cuda:") else None
+        if gpu is not None and gpu.vram_total_mb and abs(gpu.vram_total_mb - d.memory_total_mb) <= 0.05 * gpu.vram_total_mb:
+            d = d.model_copy(update={"memory_free_mb": gpu.vram_free_mb})
+        out.append(d)
+    return out
 
 
 def visible_devices(device: str, gpus: list[GpuInfo]) -> str:

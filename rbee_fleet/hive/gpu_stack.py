@@ -1,8 +1,9 @@
-"""Is this machine's GPU stack able to run exllamav2 workers? ``rbee-hive --check`` prints the answer.
+"""Can this machine run GPU workers? ``rbee-hive --check`` prints the answer, backend by backend.
 
-Facts are gathered first (driver, torch, exllamav2, flash-attn, nvcc), then judged by pure rules, so
-every rule is tested on synthetic facts. Each finding says what is wrong and the command that fixes it.
-Nothing here compiles or loads CUDA code: exllamav2 is looked at, never imported.
+Facts are gathered first (driver, torch, exllamav2, flash-attn, nvcc; llama-server's GPU backends and
+the devices it sees), then judged by pure rules, so every rule is tested on synthetic facts. Each
+finding says what is wrong and the command that fixes it. Nothing here compiles or loads CUDA code:
+exllamav2 is looked at, never imported; llama-server's backends are tried in child processes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from rbee_fleet.contracts.fleet import GpuInfo
+from rbee_fleet.common import llama_engine
+from rbee_fleet.contracts.fleet import EngineDevice, GpuInfo
+from rbee_fleet.contracts.vocabulary import GPU_BACKEND_NAMES
 from rbee_fleet.hive import devices
 
 PAGED_FLASH_ATTN = (2, 5, 7)  # exllamav2's paged attention (continuous batching) needs at least this
@@ -40,6 +43,12 @@ class StackFacts:
     exllamav2_ext_prebuilt: bool = False  # a prebuilt wheel's extension, or one torch already compiled and cached
     nvcc: str | None = None  # CUDA toolkit version, needed when exllamav2 compiles its extension
     flash_attn: str | None = None
+    # llama-server (GGUF workers on every GPU vendor)
+    llama_server: str | None = None  # its path; None when not installed
+    engine_error: str | None = None
+    engine_backends: tuple[tuple[str, str], ...] = ()  # (backend, "ok" or why not)
+    engine_devices: tuple[EngineDevice, ...] = ()
+    cuda_driver_problem: str | None = None  # why libcuda.so.1 (the NVIDIA driver's library) does not load
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,8 @@ class StackReport:
     def to_json(self) -> dict[str, Any]:
         facts = asdict(self.facts)
         facts["gpus"] = [g.model_dump() for g in self.facts.gpus]
+        facts["engine_devices"] = [d.model_dump() for d in self.facts.engine_devices]
+        facts["engine_backends"] = dict(self.facts.engine_backends)
         return {"ok": self.ok, "paged_attention": self.paged_attention,
                 "findings": [asdict(f) for f in self.findings], "facts": facts}
 
@@ -80,13 +91,55 @@ def paged_attention_available(flash_attn: str | None = None) -> bool:
 
 
 def evaluate(f: StackFacts) -> StackReport:
+    """``ok``: some GPU worker can run here (the exllamav2 stack is whole, or a llama-server GPU backend
+    has a device)."""
     out: list[Finding] = []
     out.append(_driver(f))
     out.append(_torch(f))
     out.append(_exllamav2(f))
     out.append(_flash_attn(f))
-    ok = not any(x.status == "fail" for x in out)
-    return StackReport(ok=ok, paged_attention=paged_attention_available(f.flash_attn or ""), findings=out, facts=f)
+    exl_ok = not any(x.status == "fail" for x in out)
+    engine = _engine(f)
+    ok = exl_ok or any(x.status == "ok" for x in engine[1:])
+    return StackReport(ok=ok, paged_attention=paged_attention_available(f.flash_attn or ""), findings=out + engine,
+                       facts=f)
+
+
+BUILD_HINT = "python -m rbee_fleet.deploy.llama_build --install --backend {b}"
+BACKEND_HINTS = {
+    "cuda": "on the operator machine: " + BUILD_HINT.format(b="cuda") + " (deploys ship it to hosts with an "
+            "NVIDIA driver)",
+    "vulkan": "apt-get install glslc libvulkan-dev spirv-headers, then " + BUILD_HINT.format(b="vulkan"),
+    "rocm": "on this host, with AMD's ROCm installed: " + BUILD_HINT.format(b="rocm"),
+    "metal": "on the Mac itself, with Xcode's command line tools: " + BUILD_HINT.format(b="metal"),
+}
+
+
+def _engine(f: StackFacts) -> list[Finding]:
+    if f.llama_server is None:
+        return [Finding("llama-server", "fail", f.engine_error or "llama-server is not installed",
+                        "python -m rbee_fleet.deploy.llama_build --install")]
+    head = Finding("llama-server", "ok" if not f.engine_error else "fail",
+                   f.engine_error or f"{f.llama_server}; devices: "
+                   + (", ".join(f"{d.id} {d.description} ({d.memory_free_mb} of {d.memory_total_mb} MiB free)"
+                                for d in f.engine_devices) or "none besides the CPU"))
+    out = [head]
+    status = dict(f.engine_backends)
+    for backend in GPU_BACKEND_NAMES:
+        said = status.get(backend, "not installed")
+        item = f"llamacpp-{backend}"
+        if said == "ok":
+            ids = ", ".join(d.id for d in f.engine_devices if d.id.split(":")[0] == backend)
+            out.append(Finding(item, "ok", f"GGUF workers can run on {ids}"))
+        elif said == "not installed":
+            why = "the backend is not installed here"
+            if backend == "cuda" and f.cuda_driver_problem:
+                why += f", and CUDA is unavailable on this machine: {f.cuda_driver_problem}"
+            out.append(Finding(item, "skip", why, BACKEND_HINTS[backend]))
+        else:
+            out.append(Finding(item, "fail", f"the backend is installed but unusable: {said}",
+                               "install or fix the GPU driver" if "driver" in said else BACKEND_HINTS[backend]))
+    return out
 
 
 def _driver(f: StackFacts) -> Finding:
@@ -231,9 +284,20 @@ def _torch_facts() -> dict[str, Any]:
         return {"torch": _dist_version("torch"), "torch_error": f"{type(exc).__name__}: {exc}"}
 
 
+def _engine_facts() -> dict[str, Any]:
+    view = devices.probe_engine()
+    try:
+        server = str(llama_engine.find_binary())
+    except llama_engine.LlamaServerMissing:
+        server = None
+    return {"llama_server": server, "engine_error": view.error, "engine_backends": view.backends,
+            "engine_devices": view.devices, "cuda_driver_problem": llama_engine.driver_problem("cuda")}
+
+
 def gather() -> StackFacts:
     gpus, error = devices.detect_gpus()
     return StackFacts(
+        **_engine_facts(),
         gpus=tuple(gpus),
         gpu_error=error,
         cuda_driver=_cuda_driver_version() if gpus else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -26,13 +27,14 @@ from rbee_fleet.contracts.fleet import (
     WorkerSpawnOp,
     WorkerStopOp,
 )
-from rbee_fleet.contracts.vocabulary import DEVICE_PATTERN
+from rbee_fleet.contracts.vocabulary import DEVICE_HELP, DEVICE_PATTERN, device_ids
 from rbee_fleet.hive import devices
 from rbee_fleet.hive.catalog import Catalog
 from rbee_fleet.hive.gpu_assignment import GpuPlacer
 from rbee_fleet.hive.supervisor import LaunchSpec, Supervisor, SupervisorSettings
 
 DEVICE_REFRESH_S = 5.0
+ENGINE_REFRESH_S = 60.0  # llama-server's own view of the GPUs (a process start); NVML fills in between
 
 log = logging.getLogger(__name__)
 DEVICE_RE = re.compile(DEVICE_PATTERN)
@@ -82,6 +84,8 @@ class HiveService:
         )
         self._devices: DeviceInfo | None = None
         self._devices_at = 0.0
+        self._engine: devices.EngineView | None = None
+        self._engine_at = 0.0
         self._refresher: asyncio.Task[None] | None = None
         self.gpus = GpuPlacer(settings.hive_id, self.supervisor, self.fresh_devices, settings.default_ctx_size)
 
@@ -106,11 +110,34 @@ class HiveService:
             except Exception:  # noqa: BLE001 - detect() reports GPU trouble itself; keep the last answer
                 log.warning("device probe failed", exc_info=True)
 
-    async def fresh_devices(self) -> DeviceInfo:
-        """Devices probed now (off the event loop), for decisions that cannot use a 5 s old answer."""
-        info = await asyncio.to_thread(devices.detect)
+    async def fresh_devices(self, engine: bool = False) -> DeviceInfo:
+        """Devices probed now (off the event loop), for decisions that cannot use a 5 s old answer;
+        ``engine``: llama-server's view too, not the one of up to a minute ago."""
+        now = time.monotonic()
+        if engine or self._engine is None or now - self._engine_at > ENGINE_REFRESH_S:
+            env = {**os.environ, **self.settings.extra_env}
+            before = self._engine
+            self._engine = await asyncio.to_thread(devices.probe_engine, env)
+            self._engine_at = time.monotonic()
+            if before is not None:
+                await self._devices_lost(before, self._engine)
+        info = await asyncio.to_thread(devices.detect, self._engine)
         self._devices, self._devices_at = info, time.monotonic()
         return info
+
+    async def _devices_lost(self, before: devices.EngineView, now: devices.EngineView) -> None:
+        """A GPU that disappeared (a driver reset, a GPU fallen off the bus) takes its workers down: they
+        leave the queen's rotation, and the queen places the model again where there is room."""
+        if now.error is not None:
+            return  # llama-server could not be asked: no verdict on the devices
+        gone = {d.id for d in before.devices} - {d.id for d in now.devices}
+        if not gone:
+            return
+        for worker in self.supervisor.list():
+            lost = set(device_ids(worker.device)) & gone
+            if lost and worker.state not in ("stopped", "failed", "stopping"):
+                log.warning("device %s disappeared: stopping worker %s", ", ".join(sorted(lost)), worker.worker_id)
+                await self.supervisor.fail(worker.worker_id, f"its device {', '.join(sorted(lost))} disappeared")
 
     def status(self) -> HiveHeartbeat:
         return HiveHeartbeat(
@@ -148,16 +175,24 @@ class HiveService:
     async def spawn_worker(self, op: WorkerSpawnOp, emit: Emitter) -> dict[str, Any]:
         entry = self.catalog.get(op.model)
         if not DEVICE_RE.match(op.device):
-            raise OperationFailed(f"device {op.device!r}: use cpu, auto, or cuda:N (several GPUs: cuda:0,1)")
+            raise OperationFailed(f"device {op.device!r}: use {DEVICE_HELP}")
         worker_id = op.worker_id or self._next_worker_id(op.model)
-        device = await self.gpus.device_for(op, entry, worker_id, emit) if op.device == "auto" else op.device
+        engine = op.backend == "llamacpp" or (op.backend == "auto" and entry.format == "gguf")
+        if engine:
+            device = await self.gpus.engine_device_for(op, entry, worker_id, emit)
+        elif op.device == "auto":
+            device = await self.gpus.device_for(op, entry, worker_id, emit)
+        else:
+            device = op.device
+            if device.startswith("cuda:"):
+                self.gpus.check_cuda(op, await self.fresh_devices(), worker_id)
         try:
             backend = choose_backend(op.backend, device, entry.format)
         except BackendChoiceError as exc:
             self.gpus.release(worker_id)
             raise OperationFailed(str(exc)) from None
         env: dict[str, str] = dict(self.settings.extra_env)
-        if device.startswith("cuda:"):
+        if device.startswith("cuda:") and backend == "exllamav2":
             # Pinned by UUID where known: CUDA's own device order may differ from nvidia-smi's.
             env["CUDA_VISIBLE_DEVICES"] = devices.visible_devices(device, self.devices().gpus)
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -176,6 +211,7 @@ class HiveService:
             embeddings=op.embeddings,
             declared_as=op.declared_as,
             requested=json.dumps(op.settings(), sort_keys=True),
+            gpu_layers=op.gpu_layers,
         )
         emit.progress(f"spawning {spec.worker_id}: {entry.id} ({entry.format}) with {backend} on {device}")
         try:

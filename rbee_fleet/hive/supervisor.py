@@ -44,6 +44,7 @@ class LaunchSpec:
     embeddings: bool = False
     declared_as: str | None = None  # the inventory worker this one serves (see ``SupervisedWorker``)
     requested: str = "{}"  # the spawn operation's settings, as JSON (what a deploy compares)
+    gpu_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,8 @@ class Supervisor:
             cmd += ["--slots", str(spec.slots)]
         if spec.embeddings:
             cmd.append("--embeddings")
+        if spec.gpu_layers is not None:
+            cmd += ["--gpu-layers", str(spec.gpu_layers)]
         if s.queen_url:
             cmd += ["--queen-url", s.queen_url]
         if s.token_file:
@@ -333,6 +336,22 @@ class Supervisor:
         m.state = "stopped"
         del self._workers[worker_id]
         return self.view(m)
+
+    async def fail(self, worker_id: str, reason: str) -> None:
+        """Stop a worker that cannot run on (its device is gone): no restart; it stays listed as failed."""
+        m = self._workers.get(worker_id)
+        if m is None:
+            return
+        m.stopping = True
+        m.stop_requested.set()
+        await self._terminate(m)
+        if m.monitor is not None:
+            await asyncio.gather(m.monitor, return_exceptions=True)
+        m.state = "failed"
+        m.last_exit = reason
+        if not m.ready.done():
+            m.ready.set_exception(OperationFailed(f"worker {worker_id}: {reason}"))
+            m.ready.exception()
 
     async def _terminate(self, m: Managed) -> None:
         """SIGTERM, then SIGKILL after the grace period."""

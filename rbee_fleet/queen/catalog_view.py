@@ -80,7 +80,10 @@ def worker_needs(registry: Registry, hive_id: str, entries: Mapping[str, ModelEn
 def room(hive: HiveView, entry: ModelEntry, used_mb: int, budget_mb: int | None) -> HiveRoom:
     """What ``hive`` has free for a worker of ``entry``, given its workers' estimated ``used_mb``."""
     if is_cpu(entry):
-        device_free = hive.devices.cpu.ram_available_mb
+        # A GGUF worker runs on the GPU with the most free memory when it fits there (the hive places it),
+        # else in RAM (with what fits offloaded).
+        gpu_free = max((d.memory_free_mb for d in hive.devices.engine_devices), default=0)
+        device_free = max(hive.devices.cpu.ram_available_mb, gpu_free)
     else:
         device_free = sum(g.vram_free_mb for g in hive.devices.gpus)
     free = device_free if budget_mb is None else min(device_free, max(0, budget_mb - used_mb))
@@ -102,11 +105,13 @@ def model_views(registry: Registry, hives: list[HiveView], loading: Iterable[str
             holders.setdefault(entry.id, []).append(h.hive_id)
     ready: dict[str, int] = {}
     starting: set[str] = set()
+    devices: dict[str, set[str]] = {}
     for rec in registry.workers.values():
         if not registry.is_live(rec, now):
             continue
         if registry.in_rotation(rec, now):
             ready[rec.hb.model] = ready.get(rec.hb.model, 0) + 1
+            devices.setdefault(rec.hb.model, set()).add(f"{rec.hb.hive_id}/{rec.hb.device}")
         elif rec.hb.state is WorkerState.LOADING:
             starting.add(rec.hb.model)
     views = []
@@ -122,5 +127,6 @@ def model_views(registry: Registry, hives: list[HiveView], loading: Iterable[str
             id=model, state=state, workers=ready.get(model, 0), hives=sorted(holders.get(model, [])),
             format=entry.format if entry else "", size_bytes=entry.size_bytes if entry else 0,
             need_mb=estimated_need_mb(entry, overrides.get(model)) if entry else 0, capabilities=sorted(caps),
+            devices=sorted(devices.get(model, ())),
         ))
     return views

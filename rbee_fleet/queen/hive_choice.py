@@ -78,11 +78,17 @@ async def _catalogs(hives: Mapping[str, HiveHandle], emit: Emitter) -> dict[str,
 
 
 def _cpu_order(candidates: list[str], has: set[str], devices: Mapping[str, DeviceInfo]) -> list[str]:
+    """For llama-server workers: hives with the model first, then the one whose roomiest GPU (any vendor)
+    has the most free memory, then the most free RAM; each hive then places the worker on its devices."""
+    def gpu(h: str) -> int:
+        info = devices.get(h)
+        return max((d.memory_free_mb for d in info.engine_devices), default=0) if info else 0
+
     def ram(h: str) -> int:
         info = devices.get(h)
         return info.cpu.ram_available_mb if info else 0
 
-    return sorted(candidates, key=lambda h: (h not in has, -ram(h), h))
+    return sorted(candidates, key=lambda h: (h not in has, -gpu(h), -ram(h), h))
 
 
 def _gpu_order(entry: ModelEntry, candidates: list[str], has: set[str], devices: Mapping[str, DeviceInfo],

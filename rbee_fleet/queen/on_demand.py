@@ -205,7 +205,7 @@ class OnDemand:
             for victim in plan.evict:
                 self.registry.withheld.add(victim.worker_id)  # no new requests while it goes
         op = WorkerSpawnOp(hive=plan.room.hive_id, model=model, worker_id=worker_id,
-                           device="cpu" if is_cpu(entry) else "auto", ctx_size=policy.ctx_size,
+                           device="auto", ctx_size=policy.ctx_size,
                            threads=policy.threads, slots=policy.slots)
         job = self.queen.jobs.submit(op, lambda emit: self._run_load(op, plan, emit))
         self._load_jobs[model] = job.id

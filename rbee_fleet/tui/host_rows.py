@@ -85,9 +85,13 @@ def _mb(mb: int) -> str:
 
 
 def devices_short(d: DeviceInfo | None) -> str:
-    """Devices in a table cell: GPU names and VRAM used/total, or CPU cores and RAM used/total."""
+    """Devices in a table cell: GPUs (llama-server's ids, else NVML's names) with memory used/total, or CPU
+    cores and RAM used/total."""
     if d is None:
         return "-"
+    if d.engine_devices:
+        return ", ".join(f"{e.id} {_mb(e.memory_total_mb - e.memory_free_mb)}/{_mb(e.memory_total_mb)}"
+                         for e in d.engine_devices)
     if d.gpus:
         return ", ".join(f"{g.name} {_mb(g.vram_total_mb - g.vram_free_mb)}/{_mb(g.vram_total_mb)}" for g in d.gpus)
     used = d.cpu.ram_total_mb - d.cpu.ram_available_mb

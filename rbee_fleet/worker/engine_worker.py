@@ -22,14 +22,16 @@ from pathlib import Path
 import aiohttp
 
 from rbee_fleet import __version__
+from rbee_fleet.common.llama_engine import LlamaServerMissing, find_binary
 from rbee_fleet.common.net import connect_host
 from rbee_fleet.contracts.fleet import WorkerHeartbeat, WorkerState
+from rbee_fleet.worker.backends.base import BackendError
 from rbee_fleet.worker.heartbeat import HeartbeatSender
 from rbee_fleet.worker.llama_server import (
     EngineConfig,
     EngineStats,
     ModelFacts,
-    find_binary,
+    Offload,
     model_facts,
     parse_metrics,
     spawn,
@@ -59,6 +61,7 @@ class EngineRuntime:
         self.pid = os.getpid()
         self.stats: EngineStats | None = None
         self.capabilities = config.capabilities
+        self.offload = Offload()
         self._rate = 0.0
         self._last: tuple[float, int] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -145,6 +148,9 @@ class EngineRuntime:
             # llama-server reports its KV cache use only in some versions: both or neither.
             cache_tokens_total=cache_total if s and s.cache_tokens_used is not None else None,
             cache_tokens_free=max(0, cache_total - s.cache_tokens_used) if s and s.cache_tokens_used is not None else None,
+            vram_used_mb=self.offload.gpu_memory_mb,
+            gpu_layers=self.offload.layers[0] if self.offload.layers else None,
+            model_layers=self.offload.layers[1] if self.offload.layers else None,
         )
 
 
@@ -161,6 +167,8 @@ def engine_config(settings: WorkerSettings, slots: int, embeddings: bool, token_
         embeddings=embeddings,
         api_key_file=token_file if settings.token else None,
         options=tuple(sorted(spec.options.items())),
+        device=spec.device,
+        gpu_layers=spec.gpu_layers,
     )
 
 
@@ -172,8 +180,13 @@ async def run(settings: WorkerSettings, config: EngineConfig) -> int:
     if template_file is not None:
         config = dataclasses.replace(config, chat_template_file=str(template_file))
     runtime = EngineRuntime(settings, config)
-    binary = find_binary()
+    try:
+        binary = find_binary()
+    except LlamaServerMissing as exc:
+        raise BackendError(str(exc)) from None
     proc = spawn(config, binary)
+    assert proc.stdout is not None
+    runtime.offload.relay(proc.stdout)
     log.info("llama-server (pid %d) starting on %s:%d: %s, %d slots of %d tokens", proc.pid, config.host,
              config.port, settings.spec.model_id, config.slots, config.ctx_size)
     loop = asyncio.get_running_loop()

@@ -8,15 +8,17 @@ queen sends requests straight to it. The worker only starts it, watches it and r
 from __future__ import annotations
 
 import ctypes
-import os
 import re
-import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
+import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from rbee_fleet.common.llama_engine import engine_env, engine_name
+from rbee_fleet.contracts.vocabulary import device_ids
 from rbee_fleet.worker.backends.base import BackendError
 
 # What llama-server can do for every model (a worker started for embeddings does only that). "infill"
@@ -32,13 +34,12 @@ FIM_SPELLINGS = (
     ("<PRE>", "<SUF>", "<MID>"),  # CodeLlama
 )
 FIM_ID_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
-DEFAULT_SLOTS_MAX = 4  # llama-server's own default number of parallel sequences
-SLOTS_TOKEN_BUDGET = 16384
 CACHE_REUSE_MIN_TOKENS = 256
 OPTION_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
 # Flags the worker sets itself: an option may not override them.
 RESERVED = frozenset({"model", "m", "host", "port", "api-key", "api-key-file", "ctx-size", "c", "parallel", "np",
-                      "threads", "t", "alias", "a", "embeddings", "embedding", "metrics", "slots"})
+                      "threads", "t", "alias", "a", "embeddings", "embedding", "metrics", "slots",
+                      "device", "dev", "gpu-layers", "n-gpu-layers", "ngl", "log-verbosity", "verbosity", "lv"})
 PR_SET_PDEATHSIG = 1
 TOOLS_TEMPLATE = Path(__file__).parent / "chat_templates" / "chatml-tools.jinja"
 # Jinja that is true when a conversation involves tools: then the tools template renders it.
@@ -47,38 +48,6 @@ _USES_TOOLS = (
     "{%- for m in messages -%}{%- if m['role'] == 'tool' or (m['tool_calls'] is defined and m['tool_calls']) -%}"
     "{%- set rbee.tools = true -%}{%- endif -%}{%- endfor -%}"
 )
-
-
-def find_binary() -> Path:
-    """``$RBEE_LLAMA_SERVER``, else the build installed with rbee-fleet, else ``llama-server`` on PATH."""
-    env = os.environ.get("RBEE_LLAMA_SERVER")
-    if env:
-        path = Path(env).expanduser()
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise BackendError(f"RBEE_LLAMA_SERVER={env} is not an executable file")
-        return path
-    try:
-        import rbee_llama_server  # type: ignore[import-not-found]
-
-        server = Path(rbee_llama_server.SERVER)
-        if server.is_file():
-            return server
-    except ImportError:
-        pass
-    found = shutil.which("llama-server")
-    if found:
-        return Path(found)
-    raise BackendError(
-        "llama-server is not installed: run 'just setup' (or 'python -m rbee_fleet.deploy.llama_build --install'), "
-        "or point RBEE_LLAMA_SERVER at a llama-server binary"
-    )
-
-
-def default_slots(ctx_size: int) -> int:
-    """Parallel sequences when none are set: llama-server's own default of 4, fewer for long contexts so that
-    the KV cache holds at most ``SLOTS_TOKEN_BUDGET`` tokens (4 x 2048 by default: what llama-server gives a
-    model trained on 8192 tokens). Batching pays on any core count: decoding is bound by memory bandwidth."""
-    return max(1, min(DEFAULT_SLOTS_MAX, SLOTS_TOKEN_BUDGET // max(1, ctx_size)))
 
 
 @dataclass(frozen=True)
@@ -95,6 +64,8 @@ class EngineConfig:
     options: tuple[tuple[str, Any], ...] = ()
     chat_template_file: str | None = None  # replaces the model's own (see ``tool_template``)
     fim_tokens: tuple[str, str, str] | None = None  # the model's fill-in-the-middle markers, if it has them
+    device: str = "cpu"  # the fleet's device: cpu, cuda:0, vulkan:0,1, metal
+    gpu_layers: int | None = None  # None: every layer that fits (llama.cpp's own fitting to free memory)
 
     def command(self, binary: Path) -> list[str]:
         cmd = [
@@ -114,6 +85,18 @@ class EngineConfig:
             # (the queen routes by prefix) reads only its new tokens.
             "--cache-reuse", str(CACHE_REUSE_MIN_TOKENS),
         ]
+        gpus = device_ids(self.device)
+        if gpus:
+            # On these GPUs only; without a layer count llama.cpp offloads what fits their free memory
+            # (split between several by free memory), and says so in its log.
+            cmd += ["--device", ",".join(engine_name(d) for d in gpus)]
+            if self.gpu_layers is not None:
+                cmd += ["--n-gpu-layers", str(self.gpu_layers)]
+            # Its load lines (layers offloaded, each device's buffers) are debug-level: the worker reads
+            # them to report where the model went and the memory it holds.
+            cmd += ["--log-verbosity", "4"]
+        else:
+            cmd += ["--device", "none"]  # a CPU worker stays on the CPU, even beside a visible GPU
         if self.threads:
             cmd += ["--threads", str(self.threads), "--threads-batch", str(self.threads)]
         if self.embeddings:
@@ -221,15 +204,62 @@ def _die_with_parent() -> None:
 
 
 def spawn(config: EngineConfig, binary: Path) -> subprocess.Popen[bytes]:
-    """Start llama-server; its output goes to the worker's own (the worker's log)."""
-    lib_dir = str(binary.parent)
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = lib_dir + (os.pathsep + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    """Start llama-server; its output goes on to the worker's own (the worker's log) through ``Offload``."""
     try:
-        return subprocess.Popen(config.command(binary), stdin=subprocess.DEVNULL, env=env,
+        return subprocess.Popen(config.command(binary), stdin=subprocess.DEVNULL, env=engine_env(binary),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl, before exec
     except OSError as exc:
         raise BackendError(f"cannot start {binary}: {exc.strerror}") from None
+
+
+# llama.cpp's load log: where the layers went and the memory each device holds.
+_OFFLOADED = re.compile(rb"offloaded (\d+)/(\d+) layers to GPU")
+_BUFFER = re.compile(rb"\b([A-Za-z]+\d+)(?:_\w+)? (model|KV|compute|RS) buffer size = +([\d.]+) MiB")
+
+
+@dataclass
+class Offload:
+    """What llama-server's own output says about its GPU use, read as the output passes to the log."""
+
+    layers: tuple[int, int] | None = None  # (on GPUs, of all)
+    buffers_mb: dict[str, float] = field(default_factory=dict)  # "Vulkan0 model" -> MiB
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def read(self, line: bytes) -> None:
+        found = _OFFLOADED.search(line)
+        if found:
+            with self._lock:
+                self.layers = (int(found[1]), int(found[2]))
+        for dev, kind, mib in _BUFFER.findall(line):
+            if dev.startswith((b"CPU", b"Host")):
+                continue
+            with self._lock:
+                key = f"{dev.decode()} {kind.decode()}"
+                self.buffers_mb[key] = self.buffers_mb.get(key, 0.0) + float(mib)
+
+    @property
+    def gpu_memory_mb(self) -> int | None:
+        """The memory llama-server allocated on GPUs (weights, KV cache, compute), None when on none."""
+        with self._lock:
+            return round(sum(self.buffers_mb.values())) if self.buffers_mb else None
+
+    def relay(self, stream: IO[bytes], sink: IO[bytes] | None = None) -> threading.Thread:
+        """Copy ``stream`` to ``sink`` (the worker's stderr: its log) line by line, reading each line."""
+        out = sink or sys.stderr.buffer
+
+        def run() -> None:
+            for line in iter(stream.readline, b""):
+                self.read(line)
+                try:
+                    out.write(line)
+                    out.flush()
+                except (OSError, ValueError):
+                    pass
+
+        thread = threading.Thread(target=run, name="llama-server-log", daemon=True)
+        thread.start()
+        return thread
 
 
 # -- reading its state ---------------------------------------------------------------------------

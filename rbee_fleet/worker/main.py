@@ -22,7 +22,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-path", required=True, help="model file (GGUF) or directory (EXL2)")
     p.add_argument("--model-id", required=True, help="the name clients use in 'model'")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="llamacpp")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda:N[,M] for GPU backends")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or a GPU: cuda:N[,M], vulkan:N, rocm:N, metal (llamacpp), cuda:N[,M] (exllamav2)")
+    p.add_argument("--gpu-layers", type=int, default=None,
+                   help="llamacpp on a GPU: layers to offload (default: every layer that fits its free memory)")
     p.add_argument("--ctx-size", type=int, default=2048, help="context length in tokens")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
     p.add_argument("--max-queue", type=int, default=8, help="requests that may wait for a slot (exllamav2)")
@@ -66,6 +69,7 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
         options=_parse_options(args.option),
         slots=args.slots,
         embeddings=args.embeddings,
+        gpu_layers=args.gpu_layers,
     )
     host_for_url = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     advertise = args.advertise_url or f"http://{host_for_url}:{args.port}"
@@ -108,7 +112,7 @@ def _run_engine(settings: WorkerSettings, token_file: str | None) -> int:
     import asyncio
 
     from rbee_fleet.worker import engine_worker
-    from rbee_fleet.worker.llama_server import default_slots
+    from rbee_fleet.common.gguf_fit import default_slots
 
     if not port_free(settings.host, settings.port):
         print(f"llm-worker-rbee: port {settings.port} on {settings.host} is in use", file=sys.stderr)

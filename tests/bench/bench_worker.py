@@ -32,7 +32,7 @@ CONCURRENCY = (1, 4, 8)
 
 def start_llama_server(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     """llama-server as a user starts it: the model and an address, nothing else."""
-    from rbee_fleet.worker.llama_server import find_binary
+    from rbee_fleet.common.llama_engine import find_binary
 
     binary = find_binary()
     log = open(tmp / "llama-server.log", "wb")  # noqa: SIM115 - closed with the process

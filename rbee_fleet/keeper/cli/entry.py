@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "that have the model (default: the local hive)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--device", default="cpu",
-                   help="cpu, cuda:N[,M], or auto (the hive picks GPUs by free VRAM against the model's need)")
+                   help="cpu; a GPU: cuda:N[,M], vulkan:N, rocm:N, metal; or auto (the hive picks the GPU with the "
+                        "most free memory that fits the model, else partial offload, else the CPU)")
+    p.add_argument("--gpu-layers", type=int, help="GGUF on a GPU: layers to offload (default: every layer that fits)")
     p.add_argument("--placement", choices=PLACEMENT_POLICIES, default="binpack",
                    help="with --device auto: fill the tightest GPU (binpack) or the emptiest (spread)")
     p.add_argument("--id", dest="worker_id", help="worker id (default: HIVE-MODEL-N)")

@@ -25,9 +25,14 @@ def _mb(mb: int) -> str:
 
 
 def devices_summary(d: DeviceInfo) -> str:
-    if d.gpus:
-        return ", ".join(f"{g.name} {_mb(g.vram_total_mb - g.vram_free_mb)}/{_mb(g.vram_total_mb)}" for g in d.gpus)
-    return f"CPU {d.cpu.cores}c/{d.cpu.threads}t, RAM {_mb(d.cpu.ram_total_mb - d.cpu.ram_available_mb)}/{_mb(d.cpu.ram_total_mb)}"
+    """The CPU and RAM, then each GPU: llama-server's devices (``vulkan:0 llvmpipe 150 MiB/2.0 GiB``) where it
+    reports them, else NVML's NVIDIA GPUs."""
+    cpu = f"CPU {d.cpu.cores}c/{d.cpu.threads}t, RAM {_mb(d.cpu.ram_total_mb - d.cpu.ram_available_mb)}/{_mb(d.cpu.ram_total_mb)}"
+    gpus = [f"{e.id} {e.description} {_mb(e.memory_total_mb - e.memory_free_mb)}/{_mb(e.memory_total_mb)}"
+            + (" (unified)" if e.unified else "") for e in d.engine_devices]
+    if not gpus:
+        gpus = [f"{g.name} {_mb(g.vram_total_mb - g.vram_free_mb)}/{_mb(g.vram_total_mb)}" for g in d.gpus]
+    return "; ".join([cpu, *gpus])
 
 
 def worker_state(w: WorkerView) -> str:
@@ -58,7 +63,8 @@ def status_tables(status: FleetStatus, probes: Mapping[str, HostProbe] | None = 
         if alias not in known:
             hives.add_row(*_cells(alias, "-", probe_state(probe), probe.version or "-", "-", "-"))
     workers = Table(title="workers", title_justify="left", expand=False)
-    gpu = any(w.heartbeat.cache_tokens_total is not None for w in status.workers)
+    gpu = any(w.heartbeat.cache_tokens_total is not None or w.heartbeat.vram_used_mb is not None
+              for w in status.workers)
     for col in ("worker", "model", "backend", "device", "url", "state", "busy/slots", "queue", "tok/s",
                 *(("cache free", "VRAM") if gpu else ())):
         workers.add_column(col)
@@ -68,7 +74,8 @@ def status_tables(status: FleetStatus, probes: Mapping[str, HostProbe] | None = 
                  f"{w.in_flight}/{hb.slots_total}", hb.queue_depth, f"{hb.tokens_per_second:.1f}"]
         if gpu:
             cache = (f"{hb.cache_tokens_free}/{hb.cache_tokens_total} tok" if hb.cache_tokens_total is not None else "")
-            cells += [cache, _mb(hb.vram_used_mb) if hb.vram_used_mb is not None else ""]
+            layers = f" ({hb.gpu_layers}/{hb.model_layers} layers)" if hb.model_layers else ""
+            cells += [cache, (_mb(hb.vram_used_mb) + layers) if hb.vram_used_mb is not None else ""]
         workers.add_row(*_cells(*cells))
     return [head, hives, workers]
 

@@ -39,7 +39,7 @@ async def worker_spawn(args: argparse.Namespace, ctx: KeeperContext) -> int:
         return ExitCode.USAGE
     op = WorkerSpawnOp(hive=args.hive or ctx.local_hive(), model=args.model, backend=args.backend, device=args.device,
                        placement=args.placement, worker_id=args.worker_id, ctx_size=args.ctx_size,
-                       threads=args.threads, options=options)
+                       threads=args.threads, options=options, gpu_layers=args.gpu_layers)
     return await _job(args, ctx, lambda fleet, sink: fleet.spawn_worker(op, sink))
 
 

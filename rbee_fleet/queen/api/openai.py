@@ -133,7 +133,8 @@ async def models(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
     created = int(queen.started_at)
     cards = ModelList(data=[
-        ModelCard(id=v.id, created=created, capabilities=v.capabilities, state=v.state, workers=v.workers, hives=v.hives)
+        ModelCard(id=v.id, created=created, capabilities=v.capabilities, state=v.state, workers=v.workers, hives=v.hives,
+                  devices=v.devices)
         for v in queen.on_demand.views()
     ])
     return web.json_response(cards.model_dump())

@@ -124,8 +124,11 @@ class HostScreen(Screen[None]):
                 box.remove_children()
                 box.mount(Label("no device report (the hive has not sent a heartbeat)", classes="dim"))
             return
-        bars = [(f"GPU{g.index} {g.name}", (g.vram_total_mb - g.vram_free_mb) / 1024, g.vram_total_mb / 1024)
-                for g in d.gpus]
+        # llama-server's devices (every vendor) where it reports them, else NVML's NVIDIA GPUs.
+        bars = [(f"{e.id} {e.description}", (e.memory_total_mb - e.memory_free_mb) / 1024, e.memory_total_mb / 1024)
+                for e in d.engine_devices] or [
+            (f"GPU{g.index} {g.name}", (g.vram_total_mb - g.vram_free_mb) / 1024, g.vram_total_mb / 1024)
+            for g in d.gpus]
         cpu = d.cpu
         bars.append((f"RAM ({cpu.threads} threads)", (cpu.ram_total_mb - cpu.ram_available_mb) / 1024,
                      cpu.ram_total_mb / 1024))
@@ -136,6 +139,10 @@ class HostScreen(Screen[None]):
             box.mount_all([UsageBar(label, used, total) for label, used, total in bars])
             if d.gpu_error:
                 box.mount(Label(f"GPU detection: {d.gpu_error}", classes="dim"))
+            unusable = [f"{b}: {why}" for b, why in sorted(d.engine_backends.items())
+                        if why not in ("ok", "not installed")]
+            if unusable:
+                box.mount(Label("llama-server backends: " + "; ".join(unusable), classes="dim"))
             return
         for bar, (_, used, total) in zip(box.query(UsageBar), bars):
             bar.set_usage(used, total)

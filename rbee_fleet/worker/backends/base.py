@@ -24,6 +24,7 @@ class WorkerSpec:
     options: dict[str, Any] = field(default_factory=dict)
     slots: int | None = None  # parallel sequences (llama-server); None: the engine's default
     embeddings: bool = False  # serve /v1/embeddings (llama-server)
+    gpu_layers: int | None = None  # llama-server on a GPU: layers offloaded (None: all that fit)
 
 
 @dataclass(frozen=True)
