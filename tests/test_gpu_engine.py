@@ -210,3 +210,37 @@ def test_inventory_devices_of_one_backend_make_one_device():
         parse_inventory('[hives.a]\nembedded = true\n\n[[hives.a.workers]]\nmodel = "m"\ndevice = "opencl:0"\n',
                         "fleet.toml")
     assert bad.value.line == 6 and "vulkan:N" in str(bad.value)
+
+
+class RecordingSupervisor:
+    """Test double: the hive's supervisor, recording which workers it was told to fail."""
+
+    def __init__(self, workers) -> None:
+        self.workers = workers
+        self.failed: list[tuple[str, str]] = []
+
+    def list(self):
+        return self.workers
+
+    async def fail(self, worker_id: str, reason: str) -> None:
+        self.failed.append((worker_id, reason))
+
+
+def test_a_gpu_that_disappears_takes_its_workers_down():
+    from rbee_fleet.contracts.fleet import SupervisedWorker
+    from rbee_fleet.hive.devices import EngineView
+    from rbee_fleet.hive.service import HiveService
+
+    def worker(wid: str, device: str) -> SupervisedWorker:
+        return SupervisedWorker(worker_id=wid, model="m", backend="llamacpp", device=device, port=1, url="u", pid=1,
+                                state="running")
+
+    hive = HiveService.__new__(HiveService)  # only the supervisor is used
+    hive.supervisor = RecordingSupervisor([worker("on-0", "cuda:0"), worker("on-1", "cuda:1"), worker("cpu", "cpu")])
+    both = EngineView(devices=(_gpu("cuda:0", 9000), _gpu("cuda:1", 9000)))
+    asyncio.run(hive._devices_lost(both, EngineView(devices=(_gpu("cuda:1", 9000),))))
+    assert hive.supervisor.failed == [("on-0", "its device cuda:0 disappeared")]
+    # llama-server could not be asked (a hung driver, say): no verdict, nothing is stopped.
+    hive.supervisor.failed.clear()
+    asyncio.run(hive._devices_lost(both, EngineView(error="llama-server --list-devices did not answer")))
+    assert hive.supervisor.failed == []

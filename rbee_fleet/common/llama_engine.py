@@ -128,7 +128,8 @@ def backend_status(binary: Path, devices: list[EngineDevice]) -> dict[str, str]:
         elif module is None:
             status[backend] = "not installed"
         else:
-            status[backend] = load_problem(module) or "installed, but the driver reports no device"
+            status[backend] = (load_problem(module) or driver_problem(backend)
+                               or "installed, but the driver reports no device")
     return status
 
 

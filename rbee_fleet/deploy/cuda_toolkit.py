@@ -25,6 +25,8 @@ BUILD_REQUIREMENTS = (
     "nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-crt==13.0.88", "nvidia-nvvm==13.0.88",
     "nvidia-cuda-runtime==13.0.96", "nvidia-cublas==13.1.0.3", "nvidia-cuda-cccl==13.0.85",
 )
+# cuobjdump lists the GPU architectures a build holds (the oldest on PyPI reads CUDA 13.0's objects).
+TOOLS_REQUIREMENTS = ("nvidia-cuda-cuobjdump==13.2.51",)
 RUNTIME_REQUIREMENTS = ("nvidia-cuda-runtime==13.0.96", "nvidia-cublas==13.1.0.3")
 WHEEL_LIB_DIR = "nvidia/cu13/lib"  # where the runtime wheels put their libraries, under site-packages
 INSTALL_TIMEOUT_S = 1800
@@ -50,7 +52,7 @@ def ensure(say: Callable[[str], None]) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     say(f"installing NVIDIA's CUDA {TOOLKIT} compiler and libraries from PyPI into {base} (about 530 MB, once)")
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(base),
-           *BUILD_REQUIREMENTS]
+           *BUILD_REQUIREMENTS, *TOOLS_REQUIREMENTS]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -59,7 +61,7 @@ def ensure(say: Callable[[str], None]) -> Path:
         lines = [line for line in out.stderr.splitlines() if not line.startswith("WARNING")]
         raise ToolkitError("pip could not install the CUDA toolkit: " + " ".join(lines[-5:]))
     _arrange(root)
-    done.write_text(" ".join(BUILD_REQUIREMENTS) + "\n")
+    done.write_text(" ".join((*BUILD_REQUIREMENTS, *TOOLS_REQUIREMENTS)) + "\n")
     return root
 
 
@@ -97,3 +99,20 @@ def build_env(root: Path) -> dict[str, str]:
         "PATH": f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         "LIBRARY_PATH": f"{root / 'lib' / 'stubs'}{os.pathsep}{root / 'lib'}",
     }
+
+
+def architectures(library: Path, root: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """The GPU code a CUDA library holds: {sm_XX: kernels} of machine code (SASS) and of PTX."""
+    import re
+
+    tool = root / "bin" / "cuobjdump"
+    found: list[dict[str, int]] = []
+    for flag in ("--list-elf", "--list-ptx"):
+        out = subprocess.run([str(tool), flag, str(library)], capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise ToolkitError(f"cuobjdump {flag} {library.name} failed: {out.stderr.strip()[-300:]}")
+        counts: dict[str, int] = {}
+        for arch in re.findall(r"\.(sm_\d+[a-z]?)\.", out.stdout):
+            counts[arch] = counts.get(arch, 0) + 1
+        found.append(counts)
+    return found[0], found[1]

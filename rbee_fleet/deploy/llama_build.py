@@ -72,11 +72,12 @@ BASE_FLAGS = (
     "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
     "-DCMAKE_INSTALL_RPATH=$ORIGIN",
 )
-# CUDA compute capabilities built by default: Turing (RTX 20, T4), Ampere (A100; RTX 30), Ada (RTX 40,
-# L4), Hopper (H100, H200). Each architecture costs about 35 minutes of compiling on 2 cores: pass fewer
+# CUDA compute capabilities built by default: machine code for Turing (RTX 20, T4), Ampere (A100; RTX 30),
+# Ada (RTX 40, L4) and Hopper (H100, H200), and Hopper's PTX, which newer GPUs (Blackwell) compile at their
+# first load (CMake's "90" is both; "-real" machine code only). Each architecture costs about 35 minutes of compiling on 2 cores: pass fewer
 # with ``--cuda-archs`` or ``$RBEE_CUDA_ARCHS`` (e.g. ``86`` for one RTX 3090 box; deploys use the same
 # variable to find the build).
-DEFAULT_CUDA_ARCHS = os.environ.get("RBEE_CUDA_ARCHS") or "75;80;86;89;90"
+DEFAULT_CUDA_ARCHS = os.environ.get("RBEE_CUDA_ARCHS") or "75-real;80-real;86-real;89-real;90"
 BUILD_TIMEOUT_S = 4 * 3600
 BUILD_REVISION = 4  # bump when what is built or packed changes in a way the flags and patches do not show
 
@@ -170,6 +171,10 @@ def gpu_backend(name: str, cuda_archs: str = DEFAULT_CUDA_ARCHS) -> Backend:
 
         return Backend("cuda", (
             "-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}", "-DGGML_CUDA_NCCL=OFF",
+            # The driver's library (its VMM calls) must stay a dependency: linked against a stub that defines
+            # nothing, --as-needed (the default of Debian's and Ubuntu's toolchains) would drop it, and a host
+            # with a driver could not load the backend ("undefined symbol: cuMemCreate").
+            "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed",
             # The CUDA runtime libraries come from NVIDIA's wheels beside this one in site-packages.
             f"-DCMAKE_INSTALL_RPATH=$ORIGIN;$ORIGIN/../../{cuda_toolkit.WHEEL_LIB_DIR}",
         ), "ggml-cuda", "NVIDIA GPUs", cuda_toolkit.RUNTIME_REQUIREMENTS)
@@ -418,9 +423,15 @@ def _build_tree(source: Path, build: Path, name: str, parts: list[Part], say: Pr
     env = dict(os.environ)
     if name != "cpu":
         env.update(_toolkit_env(name, say))
-    if not (build / "build.ninja").is_file():
-        _configure(source, build, tree_flags(name, cuda_archs), name, say, env)
+    flags = tree_flags(name, cuda_archs)
+    configured = build / ".rbee-flags"
+    if not (build / "build.ninja").is_file() or not configured.is_file() or configured.read_text() != "\n".join(flags):
+        # A changed flag is configured into the kept folder: ninja then redoes only what it changes.
+        _configure(source, build, flags, name, say, env)
+        configured.write_text("\n".join(flags))
     _compile(build, [t for p in parts for t in p.targets], name, say, env)
+    if name == "cuda":
+        _check_cuda(build / "bin" / "libggml-cuda.so", cuda_archs, say)
     with tempfile.TemporaryDirectory(prefix="llama-pack-", dir=build.parent) as tmp:
         for part in parts:
             staged = _stage(part, build / "bin", Path(tmp) / "stage" / part.name)
@@ -431,6 +442,27 @@ def _build_tree(source: Path, build: Path, name: str, parts: list[Part], say: Pr
             _write_wheel(part, staged, wheel, requires)
             os.replace(wheel, dest / wheel.name)
             say(f"packed {part.dist} ({(dest / wheel.name).stat().st_size / 2**20:.1f} MiB)")
+
+
+def _check_cuda(library: Path, cuda_archs: str, say: Progress) -> None:
+    """The CUDA backend holds code for every architecture asked for (cuobjdump), or the build fails."""
+    from rbee_fleet.deploy import cuda_toolkit
+
+    try:
+        sass, ptx = cuda_toolkit.architectures(library, cuda_toolkit.ensure(say))
+    except (cuda_toolkit.ToolkitError, OSError, subprocess.TimeoutExpired) as exc:
+        raise BuildError(f"cannot list the GPU code in {library.name}: {exc}") from None
+    missing = []
+    for arch in cuda_archs.split(";"):
+        number, _, kind = arch.partition("-")
+        if kind in ("", "real") and f"sm_{number}" not in sass:
+            missing.append(f"sm_{number} machine code")
+        if kind in ("", "virtual") and f"sm_{number}" not in ptx:
+            missing.append(f"sm_{number} PTX")
+    if missing:
+        raise BuildError(f"{library.name} lacks {', '.join(missing)} (asked for {cuda_archs})")
+    say(f"{library.name}: machine code for {', '.join(f'{a} ({n} kernels)' for a, n in sorted(sass.items()))}; "
+        f"PTX for {', '.join(sorted(ptx)) or 'none'}")
 
 
 def _toolkit_env(backend: str, say: Progress) -> dict[str, str]:
