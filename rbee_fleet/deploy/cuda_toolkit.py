@@ -36,15 +36,10 @@ class ToolkitError(RuntimeError):
     """The toolkit could not be installed or arranged; the message says which step and why."""
 
 
-def _root_dir() -> Path:
-    from rbee_fleet.deploy.llama_build import cache_root
-
-    return cache_root() / "cuda-toolkit" / TOOLKIT
-
-
-def ensure(say: Callable[[str], None]) -> Path:
-    """The toolkit root (installed and arranged on first use: about 530 MB downloaded, 840 MB on disk)."""
-    base = _root_dir()
+def ensure(cache: Path, say: Callable[[str], None]) -> Path:
+    """The toolkit root under ``cache`` (the build cache), installed and arranged on first use: about
+    530 MB downloaded, 840 MB on disk."""
+    base = cache / "cuda-toolkit" / TOOLKIT
     root = base / "nvidia" / "cu13"
     done = base / ".arranged"
     if done.is_file() and (root / "bin" / "nvcc").is_file():

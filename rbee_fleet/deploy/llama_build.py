@@ -449,7 +449,7 @@ def _check_cuda(library: Path, cuda_archs: str, say: Progress) -> None:
     from rbee_fleet.deploy import cuda_toolkit
 
     try:
-        sass, ptx = cuda_toolkit.architectures(library, cuda_toolkit.ensure(say))
+        sass, ptx = cuda_toolkit.architectures(library, cuda_toolkit.ensure(cache_root(), say))
     except (cuda_toolkit.ToolkitError, OSError, subprocess.TimeoutExpired) as exc:
         raise BuildError(f"cannot list the GPU code in {library.name}: {exc}") from None
     missing = []
@@ -482,7 +482,7 @@ def _toolkit_env(backend: str, say: Progress) -> dict[str, str]:
         from rbee_fleet.deploy import cuda_toolkit
 
         try:
-            root = cuda_toolkit.ensure(say)
+            root = cuda_toolkit.ensure(cache_root(), say)
         except cuda_toolkit.ToolkitError as exc:
             raise BuildError(f"the CUDA backend cannot be built here: {exc}") from None
         return cuda_toolkit.build_env(root)
