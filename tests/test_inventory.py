@@ -94,13 +94,13 @@ def test_drain_and_client_limits_come_from_the_inventory_and_the_command_line(tm
     inv = parse_inventory('[queen]\ndrain_timeout_s = 90\nheader_timeout_s = 4\nbody_timeout_s = 12\n'
                           'max_connections_per_client = 32\n')
     settings = settings_from_inventory(inv, Layout(tmp_path))
-    assert settings.drain_timeout_s == 90
+    assert settings.config.drain_timeout_s == 90
     limits = settings.client_limits
     assert (limits.header_timeout_s, limits.body_timeout_s, limits.max_connections_per_client) == (4, 12, 32)
     args = parse_args(["--drain-timeout", "5"])
-    assert settings_from_inventory(inv, Layout(tmp_path), drain_timeout_s=args.drain_timeout).drain_timeout_s == 5
+    assert settings_from_inventory(inv, Layout(tmp_path), drain_timeout_s=args.drain_timeout).config.drain_timeout_s == 5
     defaults = settings_from_inventory(default_inventory(), Layout(tmp_path))
-    assert defaults.drain_timeout_s == 60 and defaults.client_limits.header_timeout_s == 10
+    assert defaults.config.drain_timeout_s == 60 and defaults.client_limits.header_timeout_s == 10
     with pytest.raises(InventoryError, match="max_connections_per_client"):
         parse_inventory("[queen]\nmax_connections_per_client = 0\n")
 
@@ -115,7 +115,7 @@ def test_on_demand_settings_per_queen_hive_and_model(tmp_path):
         '[models.smollm2]\nidle_ttl_s = 0\nmemory_mb = 300\nthreads = 1\n'
     )
     settings = settings_from_inventory(inv, Layout(tmp_path))
-    assert settings.hive_budgets_mb == {"box": 2048} and settings.prefix_load_guard == 0.25
+    assert settings.hive_budgets_mb == {"box": 2048} and settings.config.prefix_load_guard == 0.25
     assert settings.idle_ttl("smollm2") == 0 and settings.idle_ttl("other") == 60
     assert settings.policy("smollm2").memory_mb == 300 and settings.policy("other").memory_mb is None
     with pytest.raises(InventoryError) as err:

@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from rbee_fleet.common.inventory import ModelPolicy
+from rbee_fleet.common.inventory import ModelPolicy, QueenConfig
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.contracts.fleet import (
     CpuInfo,
@@ -48,8 +48,9 @@ def worker(wid: str, hive_id: str, model: str) -> WorkerHeartbeat:
 
 @pytest.fixture
 async def queen(tmp_path):
-    def make(**settings) -> Queen:
-        s = QueenSettings(host="127.0.0.1", port=1, url="http://127.0.0.1:1", layout=Layout(tmp_path), **settings)
+    def make(hive_budgets_mb=None, model_policies=None, **config) -> Queen:
+        s = QueenSettings(layout=Layout(tmp_path), config=QueenConfig(host="127.0.0.1", port=1, **config),
+                          hive_budgets_mb=hive_budgets_mb or {}, model_policies=model_policies or {})
         return Queen(s, session)
 
     async with aiohttp.ClientSession() as session:
@@ -124,5 +125,5 @@ async def test_models_list_every_catalog_model_with_its_state(queen):
     assert views["smol"].state == "loaded" and views["smol"].workers == 2 and views["smol"].hives == ["a", "b"]
     assert views["other"].state == "available" and views["other"].workers == 0
     assert "tools" in views["other"].capabilities  # what llama-server will serve for a GGUF model
-    q.registry.withheld.add("w1")  # being unloaded: out of rotation
+    q.registry.withhold("w1")  # being unloaded: out of rotation
     assert {v.id: v for v in q.on_demand.views()}["smol"].workers == 1

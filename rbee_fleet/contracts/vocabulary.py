@@ -49,6 +49,12 @@ def gpu_backend_of(device: str) -> str | None:
     return ids[0].split(":")[0] if ids else None
 
 
+# -- headers -----------------------------------------------------------------------------------------
+
+# Operators (the cluster token) may pin a request to one hive's workers: a deploy's health gate tests a host.
+PIN_HEADER = "X-Rbee-Hive"
+
+
 # -- built-in models --------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import time
 
 import aiohttp
 
+from rbee_fleet.contracts.vocabulary import PIN_HEADER
 from rbee_fleet.deploy.converge import plan_workers
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.steps import hive_answers
@@ -24,7 +25,6 @@ from rbee_fleet.keeper.worker_converge import WorkerConverger, worker_ready
 HIVE_TIMEOUT_S = 15.0
 WORKERS_TIMEOUT_S = 60.0
 COMPLETION_TIMEOUT_S = 60.0
-PIN_HEADER = "X-Rbee-Hive"
 
 
 class GateFailed(Exception):

@@ -49,8 +49,8 @@ def _auth_rules(settings: QueenSettings):
 def create_app(settings: QueenSettings, *, reconcile: bool = True) -> web.Application:
     settings.check_security()
     drain = Drain()
-    app = new_app([bearer_auth(_auth_rules(settings)), drain.middleware], bind_host=settings.host,
-                  allowed_origins=settings.allowed_origins)
+    app = new_app([bearer_auth(_auth_rules(settings)), drain.middleware], bind_host=settings.config.host,
+                  allowed_origins=settings.config.allowed_origins)
     app[SETTINGS] = settings
     app[DRAIN] = drain
     openai.add_routes(app)

@@ -60,7 +60,7 @@ class Drain:
     async def run(self, app: web.Application) -> None:
         """The whole drain: refuse, wait up to the drain timeout, cut what is left with an error event."""
         queen = app[QUEEN]
-        timeout = app[SETTINGS].drain_timeout_s
+        timeout = app[SETTINGS].config.drain_timeout_s
         started = time.monotonic()
         self.draining = True
         waiting = queen.scheduler.waiting

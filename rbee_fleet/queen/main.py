@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"queen-rbee: {exc}")
 
     def ready() -> None:
-        log.info("queen listening on %s:%d (advertised as %s)", settings.host, settings.port, settings.url)
+        log.info("queen listening on %s:%d (advertised as %s)", settings.config.host, settings.config.port, settings.url)
 
-    run_daemon(serve(app, settings.host, settings.port, on_ready=ready, before_shutdown=app[DRAIN].run,
+    run_daemon(serve(app, settings.config.host, settings.config.port, on_ready=ready, before_shutdown=app[DRAIN].run,
                      limits=settings.client_limits))
 
 

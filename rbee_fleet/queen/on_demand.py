@@ -19,13 +19,13 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from rbee_fleet.common import sse
 from rbee_fleet.common.errors import ApiError, Unavailable
-from rbee_fleet.common.jobs import Emitter
+from rbee_fleet.common.jobs import Emitter, JobRegistry
 from rbee_fleet.contracts.fleet import (
     HiveView,
     JobState,
@@ -36,12 +36,14 @@ from rbee_fleet.contracts.fleet import (
     WorkerState,
     WorkerStopOp,
 )
+from rbee_fleet.contracts.stream import error_event
 from rbee_fleet.queen import catalog_view
 from rbee_fleet.queen.catalog_view import HiveRoom, estimated_need_mb, is_cpu
-from rbee_fleet.queen.proxy import PREPARED
-
-if TYPE_CHECKING:
-    from rbee_fleet.queen.state import Queen
+from rbee_fleet.queen.hives import HiveHandle
+from rbee_fleet.queen.metrics import QueenMetrics
+from rbee_fleet.queen.prefix_routing import PrefixRouter
+from rbee_fleet.queen.registry import Registry
+from rbee_fleet.queen.settings import QueenSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,14 @@ class ModelLoadFailed(ApiError):
     status = 503
     type = "server_error"
     code = "model_load_failed"
+
+
+class StreamEnded(Exception):
+    """A load failed after a streamed request's SSE response had begun: it ended with the error event."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the stream ended with the load's error")
+        self.response = response
 
 
 class NoRoom(ApiError):
@@ -80,11 +90,23 @@ class Plan:
     source: str | None  # where to download the model from, for a hive without its files
 
 
+class Hives(Protocol):
+    """How on-demand loading reaches the fleet's hives (the queen provides it)."""
+
+    def hive(self, hive_id: str) -> HiveHandle: ...
+
+    def refresh_embedded(self) -> None: ...
+
+
 class OnDemand:
-    def __init__(self, queen: Queen) -> None:
-        self.queen = queen
-        self.settings = queen.settings
-        self.registry = queen.registry
+    def __init__(self, settings: QueenSettings, registry: Registry, jobs: JobRegistry, hives: Hives,
+                 metrics: QueenMetrics, router: PrefixRouter) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.jobs = jobs
+        self.hives = hives
+        self.metrics = metrics
+        self.router = router
         self.owned: dict[str, Owned] = {}
         self._loads: dict[str, asyncio.Task[None]] = {}  # model -> its load
         self._load_jobs: dict[str, str] = {}  # model -> the job id of its load
@@ -97,24 +119,25 @@ class OnDemand:
 
     def wanted(self, model: str) -> bool:
         """Whether a request for ``model`` must first wait for a load (no I/O while a worker of it runs)."""
-        if not self.settings.on_demand or not self.settings.policy(model).on_demand:
+        if not self.settings.config.on_demand or not self.settings.policy(model).on_demand:
             return False
         if model in self._loads:
             return True
         if self._has_worker(model):
             return False
         # No worker heartbeats for it: is a hive starting or restarting one? (rare path: reads the hives)
-        self.queen.refresh_embedded()
+        self.hives.refresh_embedded()
         return not self._supervised(model)
 
-    async def hold(self, request: web.Request, model: str, stream: bool) -> None:
+    async def hold(self, request: web.Request, model: str, stream: bool) -> web.StreamResponse | None:
         """Wait until a worker of ``model`` runs, loading one if needed (returns at once when one does).
 
         A streamed request gets its SSE response started after ``load_keepalive_s`` of waiting, with a
-        comment line every ``load_keepalive_s``; the proxy then streams the answer into that response.
+        comment line every ``load_keepalive_s``; that response is returned (the answer is streamed into
+        it). None when nothing was sent to the client.
         """
         if not self.wanted(model):
-            return
+            return None
         out: web.StreamResponse | None = None
 
         async def keepalive(note: str) -> None:
@@ -122,14 +145,18 @@ class OnDemand:
             if out is None:
                 out = web.StreamResponse(headers=sse.SSE_HEADERS)
                 await out.prepare(request)
-                request[PREPARED] = out
             await out.write(f": {note}\n\n".encode())
 
         try:
             await self.ensure(model, keepalive if stream else None)
         except ApiError as exc:
-            self.queen.metrics.errors.labels(model, exc.code or exc.type).inc()
-            raise
+            self.metrics.errors.labels(model, exc.code or exc.type).inc()
+            if out is None:
+                raise
+            await out.write(error_event(exc.message, type=exc.type, code=exc.code))
+            await out.write_eof()
+            raise StreamEnded(out) from None
+        return out
 
     async def ensure(self, model: str, keepalive: Callable[[str], Awaitable[None]] | None = None) -> None:
         task = self._loads.get(model)
@@ -139,11 +166,11 @@ class OnDemand:
             failed = self._failed.get(model)
             if failed is not None:
                 at, why = failed
-                left = self.settings.load_retry_after_s - (time.monotonic() - at)
+                left = self.settings.config.load_retry_after_s - (time.monotonic() - at)
                 if left > 0:
                     raise ModelLoadFailed(f"{why} (not tried again for another {left:.0f} s)", retry_after=left)
                 del self._failed[model]
-            self.queen.refresh_embedded()
+            self.hives.refresh_embedded()
             entry = catalog_view.find_entry(model, self._live_hives())
             if entry is None:
                 return  # in no catalog: the proxy answers 404
@@ -151,15 +178,15 @@ class OnDemand:
             self._loads[model] = task
             task.add_done_callback(lambda t, m=model: self._load_done(m, t))
         started = time.monotonic()
-        deadline = started + self.settings.load_timeout_s
+        deadline = started + self.settings.config.load_timeout_s
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 job = self._load_jobs.get(model)
-                raise Unavailable(f"{model!r} is still loading after {self.settings.load_timeout_s:.0f} s"
+                raise Unavailable(f"{model!r} is still loading after {self.settings.config.load_timeout_s:.0f} s"
                                   f"{f' (job {job})' if job else ''}; retry later", retry_after=5)
             try:
-                await asyncio.wait_for(asyncio.shield(task), min(self.settings.load_keepalive_s, remaining))
+                await asyncio.wait_for(asyncio.shield(task), min(self.settings.config.load_keepalive_s, remaining))
                 return
             except asyncio.TimeoutError:
                 if task.done():  # it ended just as the wait did: loaded, or failed with its own error
@@ -185,7 +212,7 @@ class OnDemand:
 
     def _supervised(self, model: str) -> bool:
         """Whether a live hive runs, starts or restarts a worker of ``model`` (one not being unloaded)."""
-        return any(w.model == model and w.state in ("starting", "running", "restarting")
+        return any(w.model == model and w.state.active
                    and w.worker_id not in self.registry.withheld and w.worker_id not in self._unloading
                    for h in self._live_hives() for w in h.workers)
 
@@ -197,29 +224,29 @@ class OnDemand:
     async def _load(self, model: str, entry: ModelEntry) -> None:
         policy = self.settings.policy(model)
         async with self._placing:  # one placement at a time: two loads never count the same free memory
-            self.queen.refresh_embedded()
+            self.hives.refresh_embedded()
             plan = self.plan(model, entry)
             worker_id = self._new_worker_id(plan.room.hive_id, model)
             owned = Owned(worker_id, plan.room.hive_id, model, plan.need_mb)
             self.owned[worker_id] = owned
             for victim in plan.evict:
-                self.registry.withheld.add(victim.worker_id)  # no new requests while it goes
+                self.registry.withhold(victim.worker_id)  # no new requests while it goes
         op = WorkerSpawnOp(hive=plan.room.hive_id, model=model, worker_id=worker_id,
                            device="auto", ctx_size=policy.ctx_size,
                            threads=policy.threads, slots=policy.slots)
-        job = self.queen.jobs.submit(op, lambda emit: self._run_load(op, plan, emit))
+        job = self.jobs.submit(op, lambda emit: self._run_load(op, plan, emit))
         self._load_jobs[model] = job.id
         try:
             await job.wait()
             if job.state is not JobState.SUCCEEDED:
                 why = f"loading {model!r} on hive {plan.room.hive_id} failed (job {job.id}): {job.error}"
                 self._failed[model] = (time.monotonic(), why)
-                self.queen.metrics.model_loads.labels(model, "failed").inc()
+                self.metrics.model_loads.labels(model, "failed").inc()
                 log.warning("%s", why)
-                raise ModelLoadFailed(why, retry_after=self.settings.load_retry_after_s)
+                raise ModelLoadFailed(why, retry_after=self.settings.config.load_retry_after_s)
             await self._registered(worker_id)
             owned.loaded_at = time.monotonic()
-            self.queen.metrics.model_loads.labels(model, "loaded").inc()
+            self.metrics.model_loads.labels(model, "loaded").inc()
         except BaseException:
             if owned.loaded_at == 0.0:
                 self.owned.pop(worker_id, None)
@@ -236,7 +263,7 @@ class OnDemand:
             emit.progress(f"unloading {victim.worker_id} ({victim.model}, least recently used) to make room")
             job_id = await self.unload(victim, "evicted")
             emit.log(f"unloaded {victim.worker_id} (job {job_id})")
-        hive = self.queen.hive(room.hive_id)
+        hive = self.hives.hive(room.hive_id)
         if not room.has_files:
             assert plan.source is not None
             emit.progress(f"{room.hive_id} has no copy of {op.model}: downloading it from {plan.source}")
@@ -309,7 +336,7 @@ class OnDemand:
         base = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{hive_id}-{model}-auto")
         taken = {*self.registry.workers, *self.owned}
         for h in self.registry.hive_views():
-            taken |= {w.worker_id for w in h.workers if w.state not in ("stopped", "failed")}
+            taken |= {w.worker_id for w in h.workers if not w.state.gone}
         while True:
             self._ids += 1
             if f"{base}-{self._ids}" not in taken:
@@ -329,32 +356,31 @@ class OnDemand:
                 continue
             idle = now - max(rec.last_used, o.loaded_at)
             if idle >= ttl:
-                self.registry.withheld.add(o.worker_id)
+                self.registry.withhold(o.worker_id)
                 asyncio.create_task(self.unload(o, "idle", f"idle for {idle:.0f} s (TTL {ttl:g} s)"),
                                     name=f"unload-{o.worker_id}")
 
     async def unload(self, o: Owned, reason: str, detail: str = "") -> str:
         """Stop an on-demand worker as a job of its own; returns the job id."""
-        self.registry.withheld.add(o.worker_id)
-        self.queen.router.forget(o.worker_id)
+        self.registry.withhold(o.worker_id)
+        self.router.forget(o.worker_id)
         op = WorkerStopOp(hive=o.hive_id, worker_id=o.worker_id)
-        hive = self.queen.hive(o.hive_id)
+        hive = self.hives.hive(o.hive_id)
 
         async def run(emit: Emitter) -> dict[str, Any]:
             emit.log(f"unloading on-demand worker {o.worker_id} of {o.model}: {reason}{f', {detail}' if detail else ''}")
             return await hive.run(op, emit)
 
-        job = self.queen.jobs.submit(op, run)
+        job = self.jobs.submit(op, run)
         self._unloading[o.worker_id] = asyncio.current_task()  # type: ignore[assignment]
         try:
             await job.wait()
         finally:
             self._unloading.pop(o.worker_id, None)
             self.owned.pop(o.worker_id, None)
-            self.registry.workers.pop(o.worker_id, None)
-            self.registry.withheld.discard(o.worker_id)
+            self.registry.forget_worker(o.worker_id)
         if job.state is JobState.SUCCEEDED:
-            self.queen.metrics.model_unloads.labels(o.model, reason).inc()
+            self.metrics.model_unloads.labels(o.model, reason).inc()
             log.info("unloaded %s (%s)", o.worker_id, reason)
         else:
             log.warning("unloading %s failed (job %s): %s", o.worker_id, job.id, job.error)
@@ -363,7 +389,7 @@ class OnDemand:
     # -- views -----------------------------------------------------------------------------------
 
     def views(self) -> list[ModelView]:
-        self.queen.refresh_embedded()
+        self.hives.refresh_embedded()
         overrides = {m: p.memory_mb for m, p in self.settings.model_policies.items()}
         return catalog_view.model_views(self.registry, self.registry.hive_views(), self._loads, overrides)
 

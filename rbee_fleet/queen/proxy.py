@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -36,10 +37,20 @@ END_MARKS = {
 
 
 WATCH_INTERVAL_S = 0.5
-# Request-scoped hand-offs from the API layer: the chooser among workers (prefix routing), and an SSE
-# response already sent to the client (a streamed request that waited for an on-demand load).
-ROUTE = web.RequestKey("route", Route)
-PREPARED = web.RequestKey("prepared", web.StreamResponse)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """What serving decided for one request, for the proxy to carry out."""
+
+    endpoint: str  # the route under /v1/
+    model: str
+    stream: bool
+    body: bytes  # what the worker gets (rewritten by serving where needed)
+    needs: dict[str, str] = field(default_factory=dict)  # capability -> the request field needing it
+    hive: str | None = None  # only this hive's workers (X-Rbee-Hive)
+    route: Route | None = None  # the prefix router's chooser among the workers; None: least busy
+    started: web.StreamResponse | None = None  # an SSE response already begun (a wait for an on-demand load)
 
 
 class _Watchdog:
@@ -110,11 +121,9 @@ class WorkerProxy:
             dog.shutdown = True
             dog.cut(why)
 
-    async def forward(
-        self, request: web.Request, *, endpoint: str, model: str, stream: bool, body: bytes,
-        needs: dict[str, str] | None = None, hive: str | None = None,
-    ) -> web.StreamResponse:
-        """Relay ``body`` to a worker of ``model`` (``hive``: only that hive's workers)."""
+    async def forward(self, request: web.Request, d: Dispatch) -> web.StreamResponse:
+        """Relay the request's body to a worker of its model, and the worker's answer back."""
+        model = d.model
         m = self.metrics
         started = time.monotonic()
         # Metrics are labelled by model; names no worker serves share one label, whatever clients send.
@@ -123,8 +132,8 @@ class WorkerProxy:
         gauge.inc()
         status = 500
         try:
-            self.scheduler.registry.refuse_unable(model, needs or {})
-            response = await self._place(request, endpoint, model, stream, body, started, frozenset(needs or ()), hive)
+            self.scheduler.registry.refuse_unable(model, d.needs)
+            response = await self._place(request, d, started)
             status = response.status
             return response
         except ApiError as exc:
@@ -136,26 +145,23 @@ class WorkerProxy:
             raise
         finally:
             gauge.dec()
-            m.requests.labels(label, endpoint, str(status)).inc()
+            m.requests.labels(label, d.endpoint, str(status)).inc()
             m.duration.labels(label).observe(time.monotonic() - started)
 
-    async def _place(
-        self, request: web.Request, endpoint: str, model: str, stream: bool, body: bytes, started: float,
-        needs: frozenset[str], hive: str | None = None,
-    ) -> web.StreamResponse:
+    async def _place(self, request: web.Request, d: Dispatch, started: float) -> web.StreamResponse:
+        model = d.model
         tried: set[object] = set()  # worker instances: a restarted worker is a new one, usable at once
         last_error: ApiError | None = None
-        if hive is not None:  # pinned: every other hive's workers are excluded by id
-            tried = {r.id for r in self.scheduler.registry.workers.values() if r.hb.model == model and r.hb.hive_id != hive}
-            last_error = Unavailable(f"no worker of {model!r} on hive {hive!r} is ready", retry_after=5)
+        if d.hive is not None:
+            last_error = Unavailable(f"no worker of {model!r} on hive {d.hive!r} is ready", retry_after=5)
         for _ in range(MAX_ATTEMPTS):
             try:
-                lease = await self.scheduler.acquire(model, tried, needs, request.get(ROUTE))
+                lease = await self.scheduler.acquire(model, tried, frozenset(d.needs), d.route, d.hive)
             except NoOtherWorker:
                 assert last_error is not None
                 raise last_error from None
             try:
-                return await self._attempt(request, lease, endpoint, model, stream, body, started)
+                return await self._attempt(request, lease, d, started)
             except _Retry as retry:
                 tried.add(lease.record.instance)
                 last_error = retry.error
@@ -166,23 +172,21 @@ class WorkerProxy:
         assert last_error is not None
         raise last_error
 
-    async def _attempt(
-        self, request: web.Request, lease: Lease, endpoint: str, model: str, stream: bool, body: bytes, started: float
-    ) -> web.StreamResponse:
+    async def _attempt(self, request: web.Request, lease: Lease, d: Dispatch, started: float) -> web.StreamResponse:
         rec = lease.record
         dog = _Watchdog(self.scheduler.registry, rec)
         self._attempts.add(dog)
         try:
-            return await self._exchange(request, rec, dog, endpoint, model, stream, body, started)
+            return await self._exchange(request, rec, dog, d, started)
         finally:
             self._attempts.discard(dog)
             dog.stop()
 
     async def _exchange(
-        self, request: web.Request, rec: WorkerRecord, dog: _Watchdog, endpoint: str, model: str, stream: bool,
-        body: bytes, started: float,
+        self, request: web.Request, rec: WorkerRecord, dog: _Watchdog, d: Dispatch, started: float,
     ) -> web.StreamResponse:
-        url = f"{rec.hb.url}/v1/{endpoint}"
+        url = f"{rec.hb.url}/v1/{d.endpoint}"
+        model, body = d.model, d.body
         stale = 0
         while True:
             try:
@@ -212,12 +216,12 @@ class WorkerProxy:
                 finished = True
                 status, payload = openai_error(upstream.status, payload)
                 return web.Response(body=payload, status=status, content_type="application/json")
-            if not stream:
+            if not d.stream:
                 payload = await _read_or_retry(upstream, rec.id, dog)
                 finished = True
                 self.metrics.count_usage(model, usage_of(_json(payload)))
                 return web.Response(body=payload, content_type="application/json")
-            response = await self._relay(request, upstream, rec.id, dog, model, started, END_MARKS[endpoint])
+            response = await self._relay(request, upstream, rec.id, dog, d, started)
             finished = True
             return response
         finally:
@@ -229,9 +233,10 @@ class WorkerProxy:
                 upstream.close()
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, worker_id: str, dog: _Watchdog, model: str,
-        started: float, end_mark: bytes,
+        self, request: web.Request, upstream: aiohttp.ClientResponse, worker_id: str, dog: _Watchdog, d: Dispatch,
+        started: float,
     ) -> web.StreamResponse:
+        model, end_mark = d.model, END_MARKS[d.endpoint]
         try:
             first = await upstream.content.readany()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -240,7 +245,7 @@ class WorkerProxy:
         if not first:
             raise _Retry(UpstreamFailed(f"worker {worker_id} closed the stream before its first byte"))
         self.metrics.ttft.labels(model).observe(time.monotonic() - started)
-        out = request.get(PREPARED) or web.StreamResponse(headers=sse.SSE_HEADERS)
+        out = d.started or web.StreamResponse(headers=sse.SSE_HEADERS)
         if not out.prepared:
             await out.prepare(request)
         await out.write(first)

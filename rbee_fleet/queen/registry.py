@@ -143,6 +143,15 @@ class Registry:
             self._wake()
         return True
 
+    def withhold(self, worker_id: str) -> None:
+        """Take a worker out of rotation whatever its heartbeats say (it is being unloaded)."""
+        self.withheld.add(worker_id)
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop a worker that was unloaded (its goodbye may not have come), and its withholding."""
+        self.workers.pop(worker_id, None)
+        self.withheld.discard(worker_id)
+
     def hive_heartbeat(self, hb: HiveHeartbeat) -> None:
         self.hives[hb.hive_id] = HiveRecord(
             hive_id=hb.hive_id, url=hb.url, version=hb.version, embedded=hb.embedded,
@@ -190,19 +199,22 @@ class Registry:
     def in_rotation(self, rec: WorkerRecord, now: float | None = None) -> bool:
         return rec.hb.state is WorkerState.READY and self.is_live(rec, now) and rec.id not in self.withheld
 
-    def serving(self, model: str) -> list[WorkerRecord]:
-        """Workers in rotation for ``model``."""
+    def serving(self, model: str, hive: str | None = None) -> list[WorkerRecord]:
+        """Workers in rotation for ``model`` (``hive``: of that hive only)."""
         now = time.monotonic()
-        return [r for r in self.workers.values() if r.hb.model == model and self.in_rotation(r, now)]
+        return [r for r in self.workers.values() if r.hb.model == model and self.in_rotation(r, now)
+                and (hive is None or r.hb.hive_id == hive)]
 
     def knows(self, model: str) -> bool:
         """Whether any registered worker serves ``model``, even one loading or silent for now."""
         return any(r.hb.model == model and r.hb.state is not WorkerState.FAILED for r in self.workers.values())
 
-    def others(self, model: str, exclude: Collection[object]) -> list[WorkerRecord]:
-        """Live workers of ``model`` (any state but failed) outside ``exclude`` (instances or ids)."""
+    def others(self, model: str, exclude: Collection[object], hive: str | None = None) -> list[WorkerRecord]:
+        """Live workers of ``model`` (any state but failed) outside ``exclude`` (instances or ids), of
+        ``hive`` only when given."""
         now = time.monotonic()
         return [r for r in self.workers.values() if r.hb.model == model and not r.excluded_by(exclude)
+                and (hive is None or r.hb.hive_id == hive)
                 and r.hb.state is not WorkerState.FAILED and self.is_live(r, now)]
 
     def capabilities_of(self, model: str) -> frozenset[str]:

@@ -28,6 +28,11 @@ class NoOtherWorker(Exception):
     """A retry found no worker left to try."""
 
 
+def usable(rec: WorkerRecord, exclude: Collection[object], needs: frozenset[str], hive: str | None) -> bool:
+    """Whether a request may go to ``rec``: not tried before, able to do all it needs, on its hive if pinned."""
+    return not rec.excluded_by(exclude) and needs <= rec.capabilities and (hive is None or rec.hb.hive_id == hive)
+
+
 @dataclass
 class _Waiter:
     ticket: int
@@ -35,10 +40,15 @@ class _Waiter:
     fut: asyncio.Future[None]
     exclude: Collection[object] = field(default_factory=frozenset)
     needs: frozenset[str] = frozenset()  # capabilities its request needs (contracts.capabilities)
+    hive: str | None = None  # only this hive's workers (a pinned request)
+
+    def can_use(self, rec: WorkerRecord) -> bool:
+        return usable(rec, self.exclude, self.needs, self.hive)
 
     def ahead_of(self, other: _Waiter) -> bool:
         """Served before ``other``: retries before newcomers, then in arrival order."""
-        return (bool(self.exclude), -self.ticket) > (bool(other.exclude), -other.ticket)
+        return (bool(self.exclude) or self.hive is not None, -self.ticket) > (
+            bool(other.exclude) or other.hive is not None, -other.ticket)
 
 
 class Lease:
@@ -87,7 +97,7 @@ class Scheduler:
 
     def pick(self, model: str, exclude: Collection[object] = frozenset(),
              ahead: Collection[_Waiter] = (), needs: frozenset[str] = frozenset(),
-             route: Route | None = None) -> WorkerRecord | None:
+             route: Route | None = None, hive: str | None = None) -> WorkerRecord | None:
         """The least loaded worker of ``model`` with a slot free for this request, or None.
 
         Each waiter in ``ahead`` keeps one free slot that it can use (restricted waiters choose first),
@@ -95,14 +105,12 @@ class Scheduler:
         """
         candidates = [rec for rec in self.registry.serving(model) if rec.free_slots() > 0]
         free = {rec.instance: rec.free_slots() for rec in candidates}
-        claims = [[rec for rec in candidates if not rec.excluded_by(w.exclude) and w.needs <= rec.capabilities]
-                  for w in ahead]
-        for usable in sorted(claims, key=len):
-            open_ = [rec for rec in usable if free[rec.instance] > 0]
+        claims = [[rec for rec in candidates if w.can_use(rec)] for w in ahead]
+        for claim in sorted(claims, key=len):
+            open_ = [rec for rec in claim if free[rec.instance] > 0]
             if open_:
                 free[max(open_, key=lambda rec: free[rec.instance]).instance] -= 1
-        eligible = [rec for rec in candidates
-                    if free[rec.instance] > 0 and not rec.excluded_by(exclude) and needs <= rec.capabilities]
+        eligible = [rec for rec in candidates if free[rec.instance] > 0 and usable(rec, exclude, needs, hive)]
         if route is not None and eligible:
             return route(eligible)
         best: list[WorkerRecord] = []
@@ -116,11 +124,13 @@ class Scheduler:
         return random.choice(best) if best else None
 
     async def acquire(self, model: str, exclude: Collection[object] | None = None,
-                      needs: frozenset[str] = frozenset(), route: Route | None = None) -> Lease:
+                      needs: frozenset[str] = frozenset(), route: Route | None = None,
+                      hive: str | None = None) -> Lease:
         """A slot on a worker of ``model``: at once, or after the requests that came first (FIFO per model).
 
         ``exclude`` holds the worker instances (``WorkerRecord.instance``) a retry already tried; a worker
         id there excludes every instance of it. A retry was admitted before and goes ahead of newcomers.
+        ``hive``: only that hive's workers (the request is pinned to it).
         """
         exclude = exclude or frozenset()
         if self.closed is not None:
@@ -131,17 +141,17 @@ class Scheduler:
                                 param="model")
         deadline = time.monotonic() + self.admission_timeout_s
         loop = asyncio.get_running_loop()
-        me = _Waiter(next(self._tickets), model, loop.create_future(), exclude, needs)
+        me = _Waiter(next(self._tickets), model, loop.create_future(), exclude, needs, hive)
         queued = False
         try:
             while True:
                 if self.closed is not None:
                     raise Unavailable(self.closed, code="shutting_down", retry_after=5)
                 ahead = [w for w in self._queue if w is not me and w.model == model and w.ahead_of(me)]
-                rec = self.pick(model, exclude, ahead, needs, route)
+                rec = self.pick(model, exclude, ahead, needs, route, hive)
                 if rec is not None:
                     return Lease(rec, self)
-                if exclude and not self.registry.others(model, exclude):
+                if (exclude or hive is not None) and not self.registry.others(model, exclude, hive):
                     raise NoOtherWorker()
                 if not queued and len(self._queue) >= self.max_waiting:
                     raise RateLimited(

@@ -22,6 +22,7 @@ from rbee_fleet.queen.prefix_routing import PrefixRouter
 from rbee_fleet.queen.proxy import WorkerProxy
 from rbee_fleet.queen.registry import Registry
 from rbee_fleet.queen.scheduler import Scheduler
+from rbee_fleet.queen.serving import Policy, Serving
 from rbee_fleet.queen.settings import QueenSettings
 
 log = logging.getLogger(__name__)
@@ -32,18 +33,20 @@ class Queen:
         self.settings = settings
         self.session = session
         self.started_at = time.time()
-        self.registry = Registry(settings.heartbeat_timeout_s, pulse_timeout_s=settings.pulse_timeout_s)
-        self.scheduler = Scheduler(self.registry, settings.admission_timeout_s, settings.max_waiting)
+        self.registry = Registry(settings.config.heartbeat_timeout_s, pulse_timeout_s=settings.config.pulse_timeout_s)
+        self.scheduler = Scheduler(self.registry, settings.config.admission_timeout_s, settings.config.max_waiting)
         self.metrics = QueenMetrics(self.registry)
         self.metrics.waiting.set_function(lambda: self.scheduler.waiting)
         self.proxy = WorkerProxy(self.scheduler, session, self.metrics, settings.cluster_token, settings.read_timeout_s)
         self.jobs = JobRegistry()
-        self.router = PrefixRouter(block_chars=settings.prefix_block_chars, load_guard=settings.prefix_load_guard,
+        self.router = PrefixRouter(block_chars=settings.config.prefix_block_chars, load_guard=settings.config.prefix_load_guard,
                                    on_decision=self.metrics.count_decision)
         self.embedded: EmbeddedHive | None = None
         if settings.embedded_hive is not None:
             self.embedded = EmbeddedHive(HiveService(settings.embedded_hive, session))
-        self.on_demand = OnDemand(self)
+        self.on_demand = OnDemand(settings, self.registry, self.jobs, self, self.metrics, self.router)
+        self.serving = Serving(Policy(settings.cluster_token, settings.config.prefix_routing), self.registry, self.router,
+                               self.on_demand, self.proxy)
 
     # -- hives -----------------------------------------------------------------------------------
 

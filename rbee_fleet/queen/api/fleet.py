@@ -15,8 +15,8 @@ from rbee_fleet.queen.api.keys import QUEEN
 async def worker_heartbeat(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
     queen.registry.worker_heartbeat(validate(WorkerHeartbeat, await read_json(request)))
-    ack = HeartbeatAck(heartbeat_interval_s=queen.settings.heartbeat_interval_s,
-                       pulse_interval_s=queen.settings.pulse_interval_s or None)
+    ack = HeartbeatAck(heartbeat_interval_s=queen.settings.config.heartbeat_interval_s,
+                       pulse_interval_s=queen.settings.config.pulse_interval_s or None)
     return web.json_response(ack.model_dump())
 
 
@@ -28,7 +28,7 @@ async def worker_pulse(request: web.Request) -> web.Response:
 async def hive_heartbeat(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
     queen.registry.hive_heartbeat(validate(HiveHeartbeat, await read_json(request)))
-    return web.json_response(HeartbeatAck(heartbeat_interval_s=queen.settings.heartbeat_interval_s).model_dump())
+    return web.json_response(HeartbeatAck(heartbeat_interval_s=queen.settings.config.heartbeat_interval_s).model_dump())
 
 
 async def health(request: web.Request) -> web.Response:
