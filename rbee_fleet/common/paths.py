@@ -6,6 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# The cluster token's file name, under ``secrets/`` of a home (the keeper's and the queen's) and of every
+# installed hive's install directory.
+CLUSTER_TOKEN = "cluster.token"
+
 
 def rbee_home() -> Path:
     env = os.environ.get("RBEE_HOME")
@@ -38,6 +42,11 @@ class Layout:
     @property
     def secrets(self) -> Path:
         return self.home / "secrets"
+
+    @property
+    def cluster_token(self) -> Path:
+        """The fleet's cluster token (0600): the queen's, the keeper's and every installed hive's."""
+        return self.secrets / CLUSTER_TOKEN
 
     def ensure(self) -> Layout:
         for path in (self.home, self.models, self.logs, self.run):

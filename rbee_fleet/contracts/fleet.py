@@ -125,6 +125,37 @@ class PulseAck(BaseModel):
     known: bool
 
 
+class _Word(str, Enum):
+    """A state that reads as its word wherever it is shown (``f"{state}"`` is ``running``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class ProcessState(_Word):
+    """A worker process as its hive sees it (the worker's own state is ``WorkerState``)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def gone(self) -> bool:
+        """Not running and not coming back by itself."""
+        return self in (ProcessState.STOPPED, ProcessState.FAILED)
+
+    @property
+    def active(self) -> bool:
+        """Running, or on its way (starting, restarting)."""
+        return self in (ProcessState.STARTING, ProcessState.RUNNING, ProcessState.RESTARTING)
+
+
 class SupervisedWorker(BaseModel):
     """The hive's view of a worker process it runs."""
 
@@ -135,7 +166,7 @@ class SupervisedWorker(BaseModel):
     port: int
     url: str
     pid: int | None
-    state: str  # starting | running | restarting | stopping | stopped | failed
+    state: ProcessState
     restarts: int = 0
     last_exit: str | None = None
     log_path: str = ""
@@ -232,7 +263,7 @@ class JobCreated(BaseModel):
     job_id: str
 
 
-class JobState(str, Enum):
+class JobState(_Word):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"

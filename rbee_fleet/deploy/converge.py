@@ -17,7 +17,6 @@ from typing import Any, Literal
 from rbee_fleet.contracts.fleet import SupervisedWorker, WorkerSpawnOp
 
 Action = Literal["ok", "start", "replace", "stop"]
-GONE_STATES = ("stopped", "failed")
 REPLACEMENT_SUFFIX = ".2"
 
 
@@ -74,7 +73,7 @@ def replacement_id(declared: str, running: str) -> str:
 
 def plan_workers(ops: list[WorkerSpawnOp], running: list[SupervisedWorker]) -> list[WorkerChange]:
     """What brings the hive's workers (``running``, its own list) to the declared ``ops``."""
-    alive = [w for w in running if w.state not in GONE_STATES]
+    alive = [w for w in running if not w.state.gone]
     declared_ids = {op.declared_as or op.worker_id for op in ops}
     changes: list[WorkerChange] = []
     claimed: set[str] = set()

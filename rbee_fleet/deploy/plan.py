@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 
+from rbee_fleet.common.paths import CLUSTER_TOKEN
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
 from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS
 from rbee_fleet.deploy.facts import HostFacts, preflight_problems
@@ -119,7 +120,7 @@ def render_files(spec: HostSpec, facts: HostFacts, token: str) -> list[RemoteFil
     files = [
         RemoteFile(f"{inst}/bin/rbee-hive-run", template("rbee-hive-run.sh").render(values), 0o755),
         RemoteFile(f"{inst}/bin/rbee-hive-ctl", template("rbee-hive-ctl.sh").render(values), 0o755),
-        RemoteFile(f"{inst}/secrets/cluster.token", token + "\n", 0o600),
+        RemoteFile(f"{inst}/secrets/{CLUSTER_TOKEN}", token + "\n", 0o600),
     ]
     unit = unit_path(facts)
     if unit is not None:

@@ -177,8 +177,3 @@ async def run_hosts(specs: list[HostSpec], job: Callable[[HostSpec, HostResult],
                 r.status, r.reason = CANCELLED, "interrupted before it finished"
         raise
     return results
-
-
-async def deploy(specs: list[HostSpec], ctx: RunContext, parallel: int,
-                 results: list[HostResult] | None = None) -> list[HostResult]:
-    return await run_hosts(specs, lambda spec, result: deploy_host(spec, ctx, result), parallel, ctx, results)

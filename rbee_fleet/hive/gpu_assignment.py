@@ -57,7 +57,7 @@ class GpuPlacer:
 
     def _placed(self, worker_id: str) -> str | None:
         existing = self._supervisor.get(worker_id)
-        if existing is not None and existing.state not in ("stopped", "failed"):
+        if existing is not None and not existing.state.gone:
             return str(existing.spec.device)  # already placed: asking again changes nothing
         return None
 

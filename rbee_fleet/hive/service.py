@@ -135,7 +135,7 @@ class HiveService:
             return
         for worker in self.supervisor.list():
             lost = set(device_ids(worker.device)) & gone
-            if lost and worker.state not in ("stopped", "failed", "stopping"):
+            if lost and worker.state.active:
                 log.warning("device %s disappeared: stopping worker %s", ", ".join(sorted(lost)), worker.worker_id)
                 await self.supervisor.fail(worker.worker_id, f"its device {', '.join(sorted(lost))} disappeared")
 

@@ -20,7 +20,7 @@ from rbee_fleet.common.http import EXIT_PORT_IN_USE
 from rbee_fleet.common.jobs import Emitter
 from rbee_fleet.common.logs import rotate_if_large
 from rbee_fleet.common.net import connect_host, port_free
-from rbee_fleet.contracts.fleet import SupervisedWorker
+from rbee_fleet.contracts.fleet import ProcessState, SupervisedWorker
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Managed:
     spec: LaunchSpec
     port: int
     log_path: Path
-    state: str = "starting"  # starting | running | restarting | stopping | stopped | failed
+    state: ProcessState = ProcessState.STARTING
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     last_exit: str | None = None
@@ -116,7 +116,7 @@ class Supervisor:
     def models_in_use(self) -> dict[str, list[str]]:
         used: dict[str, list[str]] = {}
         for m in self._workers.values():
-            if m.state not in ("stopped", "failed"):
+            if not m.state.gone:
                 used.setdefault(m.spec.model_id, []).append(m.spec.worker_id)
         return used
 
@@ -129,7 +129,7 @@ class Supervisor:
         """Start ``spec`` and wait until it is ready; idempotent by worker id, even for concurrent calls."""
         async with self._port_lock:  # decide and register in one step: two spawns of one id start one process
             existing = self._workers.get(spec.worker_id)
-            active = existing is not None and existing.state not in ("stopped", "failed")
+            active = existing is not None and not existing.state.gone
             if active:
                 assert existing is not None
                 if existing.spec != spec:
@@ -152,7 +152,7 @@ class Supervisor:
         return self.view(m), not active
 
     def _free_port(self, preferred: int | None) -> int:
-        taken = {m.port for m in self._workers.values() if m.state not in ("stopped", "failed")}
+        taken = {m.port for m in self._workers.values() if not m.state.gone}
         candidates = ([preferred] if preferred else []) + list(range(self.settings.port_base, self.settings.port_base + 1000))
         for port in candidates:
             if port not in taken and port_free(self.settings.bind_host, port):
@@ -202,7 +202,7 @@ class Supervisor:
                 start_new_session=True,  # terminal signals go to the hive, which stops workers itself
             )
         m.started_at = time.monotonic()
-        m.state = "starting" if m.restarts == 0 else "restarting"
+        m.state = ProcessState.STARTING if m.restarts == 0 else ProcessState.RESTARTING
         if m.ready.done():
             m.ready = asyncio.get_running_loop().create_future()
         log.info("worker %s started (pid %d, port %d)", m.spec.worker_id, m.process.pid, m.port)
@@ -231,7 +231,7 @@ class Supervisor:
             # Workers with their own server say {"state": ...}; llama-server says {"status": "ok"} once loaded.
             state = body.get("state") or ("ready" if body.get("status") == "ok" else None)
             if state == "ready":
-                m.state = "running"
+                m.state = ProcessState.RUNNING
                 if not m.ready.done():
                     m.ready.set_result(None)
                 return None
@@ -255,7 +255,7 @@ class Supervisor:
     async def _give_up(self, m: Managed, reason: str) -> None:
         m.stopping = True
         await self._terminate(m)
-        m.state = "failed"
+        m.state = ProcessState.FAILED
         message = f"worker {m.spec.worker_id}: {reason}{_log_tail(m.log_path)}"
         if not m.ready.done():
             m.ready.set_exception(OperationFailed(message))
@@ -273,7 +273,7 @@ class Supervisor:
             code = await m.process.wait()
             m.last_exit = _describe_exit(code)
             if m.stopping:
-                m.state = "stopped" if m.state != "failed" else "failed"
+                m.state = ProcessState.STOPPED if m.state is not ProcessState.FAILED else ProcessState.FAILED
                 return
             if code == EXIT_PORT_IN_USE and not m.ready.done():
                 async with self._port_lock:
@@ -281,7 +281,7 @@ class Supervisor:
                     await self._start(m)
                 continue
             if m.restarts == 0 and not m.ready.done():
-                m.state = "failed"
+                m.state = ProcessState.FAILED
                 m.ready.set_exception(OperationFailed(
                     f"worker {m.spec.worker_id} exited while loading ({m.last_exit}){_log_tail(m.log_path)}"
                 ))
@@ -290,13 +290,13 @@ class Supervisor:
             stable = m.ready.done() and time.monotonic() - m.started_at >= self.settings.stable_after_s
             failures = 0 if stable else failures + 1
             delay = self.settings.restart_backoff_s[min(failures, len(self.settings.restart_backoff_s) - 1)]
-            m.state = "restarting"
+            m.state = ProcessState.RESTARTING
             m.restarts += 1
             log.warning("worker %s %s; restarting in %.0f s", m.spec.worker_id, m.last_exit, delay)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(m.stop_requested.wait(), delay)
             if m.stopping:
-                m.state = "stopped"
+                m.state = ProcessState.STOPPED
                 return
             async with self._port_lock:
                 if not port_free(self.settings.bind_host, m.port):
@@ -304,7 +304,7 @@ class Supervisor:
                 await self._start(m)
             if m.stopping:  # stop() came while the new process was starting, and could not see it
                 await self._terminate(m)
-                m.state = "stopped"
+                m.state = ProcessState.STOPPED
                 return
             if m.watcher is None or m.watcher.done():
                 m.watcher = asyncio.create_task(self._watch_restart(m), name=f"ready-{m.spec.worker_id}")
@@ -319,12 +319,12 @@ class Supervisor:
         m = self._workers.get(worker_id)
         if m is None:
             raise OperationFailed(f"no worker {worker_id!r} on hive {self.settings.hive_id}")
-        if m.state in ("stopped", "failed") and (m.process is None or m.process.returncode is not None):
+        if m.state.gone and (m.process is None or m.process.returncode is not None):
             del self._workers[worker_id]
             return self.view(m)
         m.stopping = True
         m.stop_requested.set()
-        m.state = "stopping"
+        m.state = ProcessState.STOPPING
         if emit is not None:
             emit.progress(f"stopping worker {worker_id} (pid {m.process.pid if m.process else '?'})")
         await self._terminate(m)
@@ -333,7 +333,7 @@ class Supervisor:
         if m.watcher is not None:
             m.watcher.cancel()
             await asyncio.gather(m.watcher, return_exceptions=True)
-        m.state = "stopped"
+        m.state = ProcessState.STOPPED
         del self._workers[worker_id]
         return self.view(m)
 
@@ -347,7 +347,7 @@ class Supervisor:
         await self._terminate(m)
         if m.monitor is not None:
             await asyncio.gather(m.monitor, return_exceptions=True)
-        m.state = "failed"
+        m.state = ProcessState.FAILED
         m.last_exit = reason
         if not m.ready.done():
             m.ready.set_exception(OperationFailed(f"worker {worker_id}: {reason}"))

@@ -52,7 +52,7 @@ class KeeperContext:
 
     def cluster_token(self) -> str | None:
         try:
-            return read_secret(self.layout.secrets / "cluster.token")
+            return read_secret(self.layout.cluster_token)
         except (OSError, ValueError):
             return None
 

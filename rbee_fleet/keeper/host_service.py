@@ -91,7 +91,7 @@ def run_context(ctx: KeeperContext, *, source: Path | None = None, accept_new: b
     if builders is not None:
         builder = builders.setdefault(release.id, builder)
     run = RunContext(release=release, builder=builder, keys=ctx.host_keys(),
-                     token=load_or_create(ctx.layout.secrets / "cluster.token"), accept_new=accept_new, check=check,
+                     token=load_or_create(ctx.layout.cluster_token), accept_new=accept_new, check=check,
                      ensure_workers=ensure_workers)
     if update is not None:
         run.update = update

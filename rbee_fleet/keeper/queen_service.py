@@ -37,7 +37,7 @@ async def run_job(client: QueenClient, operation: Any, label: str, sink: EventSi
     except Unauthorized as exc:
         raise OperationFailed(
             f"{exc.message}. Operations need the fleet's cluster token, which the keeper reads from "
-            f"{Layout.default().secrets / 'cluster.token'}: run it with the RBEE_HOME of the queen's machine"
+            f"{Layout.default().cluster_token}: run it with the RBEE_HOME of the queen's machine"
         ) from None
 
 

@@ -154,17 +154,3 @@ class PrefixRouter:
 def _least_busy(candidates: list[WorkerRecord]) -> WorkerRecord:
     lowest = min(load(rec) for rec in candidates)
     return random.choice([rec for rec in candidates if load(rec) == lowest])
-
-
-def reused_tokens(payload: dict[str, Any] | None) -> int:
-    """Prompt tokens a worker took from its cache, from an answer or its final stream event: llama-server's
-    ``timings.cache_n``, or OpenAI's ``usage.prompt_tokens_details.cached_tokens``."""
-    if not isinstance(payload, dict):
-        return 0
-    timings = payload.get("timings")
-    if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
-        return max(0, timings["cache_n"])
-    usage = payload.get("usage")
-    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return max(0, cached) if isinstance(cached, int) else 0

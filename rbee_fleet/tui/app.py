@@ -25,7 +25,7 @@ from textual.signal import Signal
 
 from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
-from rbee_fleet.contracts.fleet import WorkerSpawnOp
+from rbee_fleet.contracts.fleet import JobState, WorkerSpawnOp
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_service import HostService
 from rbee_fleet.keeper.queen_client import QueenUnreachable
@@ -179,17 +179,17 @@ class KeeperApp(HostOpsMixin, App[None]):
             try:
                 result = await action(sink)
                 op.result = result if isinstance(result, dict) else {"result": result}
-                op.state = "succeeded"
+                op.state = JobState.SUCCEEDED
                 self.notify(f"{label}: done", timeout=4)
             except asyncio.CancelledError:
-                op.state, op.error = "cancelled", "cancelled"
+                op.state, op.error = JobState.CANCELLED, "cancelled"
                 raise
             except (OperationFailed, QueenUnreachable, ApiError) as exc:
-                op.state, op.error = "failed", str(exc)
+                op.state, op.error = JobState.FAILED, str(exc)
                 self.notify(f"{label} failed: {exc}", title="operation failed", severity="error", timeout=12)
             except Exception as exc:  # noqa: BLE001 - one failed action never takes the TUI down
                 log.exception("%s failed", label)
-                op.state, op.error = "failed", f"{type(exc).__name__}: {exc}"
+                op.state, op.error = JobState.FAILED, f"{type(exc).__name__}: {exc}"
                 self.notify(f"{label} failed: {op.error}", title="operation failed", severity="error", timeout=12)
             finally:
                 if op.host_action and op.hive:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from rbee_fleet.common.inventory import HiveDecl, Inventory
-from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, HiveView, SupervisedWorker, WorkerView
+from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, HiveView, ProcessState, SupervisedWorker, WorkerView
 from rbee_fleet.keeper.host_probe import HostProbe
 
 
@@ -47,7 +47,8 @@ class HostWorker:
 
     @property
     def state(self) -> str:
-        if self.supervised is not None and self.supervised.state in ("failed", "stopping", "stopped", "restarting"):
+        if self.supervised is not None and self.supervised.state in (
+                ProcessState.FAILED, ProcessState.STOPPING, ProcessState.STOPPED, ProcessState.RESTARTING):
             return self.supervised.state
         if self.view is not None and not self.view.live:
             return "lost"

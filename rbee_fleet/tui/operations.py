@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from rbee_fleet.contracts.fleet import JobEvent, Progress
+from rbee_fleet.contracts.fleet import JobEvent, JobState, Progress
 
 # Operations that are one job on the queen (the others, like a hive start, may run several).
 QUEEN_JOB_KINDS = frozenset({"worker_spawn", "worker_stop", "model_download", "model_delete"})
@@ -19,7 +19,7 @@ class TrackedOperation:
     kind: str  # worker_spawn, hive_start, deploy, …
     hive: str | None
     started_at: float
-    state: str = "running"  # running | succeeded | failed | cancelled
+    state: JobState = JobState.RUNNING
     job_id: str | None = None  # the queen's job, when the operation is one
     events: list[JobEvent] = field(default_factory=list)
     error: str | None = None
@@ -28,7 +28,7 @@ class TrackedOperation:
 
     @property
     def running(self) -> bool:
-        return self.state == "running"
+        return self.state is JobState.RUNNING
 
     @property
     def host_action(self) -> bool:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import subprocess
 import tempfile
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import aiohttp
 
-from rbee_fleet import __version__
 from rbee_fleet.common.llama_engine import LlamaServerMissing, find_binary
 from rbee_fleet.common.net import connect_host
 from rbee_fleet.contracts.fleet import WorkerHeartbeat, WorkerState
@@ -58,7 +56,6 @@ class EngineRuntime:
         self.error: str | None = None
         self.changed = asyncio.Event()
         self.started_at = time.time()
-        self.pid = os.getpid()
         self.stats: EngineStats | None = None
         self.capabilities = config.capabilities
         self.offload = Offload()
@@ -123,14 +120,8 @@ class EngineRuntime:
         slots = s.slots_total if s else self.config.slots
         ctx = s.context_per_slot if s and s.context_per_slot else self.config.ctx_size
         cache_total = ctx * slots
-        return WorkerHeartbeat(
-            worker_id=self.settings.worker_id,
-            hive_id=self.settings.hive_id,
-            model=self.spec.model_id,
-            backend=self.spec.backend,
-            device=self.spec.device,
-            url=self.settings.advertise_url,
-            state=self.state,
+        return self.settings.heartbeat(
+            self.state, self.started_at,
             slots_busy=s.slots_busy if s else 0,
             slots_total=slots,
             queue_depth=s.queue_depth if s else 0,
@@ -140,9 +131,6 @@ class EngineRuntime:
             tokens_decoded_total=s.tokens_predicted_total if s else 0,
             requests_total=s.requests_total if s else 0,
             context_length=ctx,
-            pid=self.pid,
-            version=__version__,
-            started_at=self.started_at,
             capabilities=self.capabilities,
             fim_tokens=list(self.config.fim_tokens or ()),
             # llama-server reports its KV cache use only in some versions: both or neither.

@@ -111,8 +111,8 @@ def _run_engine(settings: WorkerSettings, token_file: str | None) -> int:
     """A CPU worker: llama-server on this worker's port, supervised by this process."""
     import asyncio
 
-    from rbee_fleet.worker import engine_worker
     from rbee_fleet.common.gguf_fit import default_slots
+    from rbee_fleet.worker import engine_worker
 
     if not port_free(settings.host, settings.port):
         print(f"llm-worker-rbee: port {settings.port} on {settings.host} is in use", file=sys.stderr)

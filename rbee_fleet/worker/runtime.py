@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from rbee_fleet import __version__
 from rbee_fleet.common.errors import ModelNotFound, Unavailable
@@ -30,6 +31,14 @@ class WorkerSettings:
     heartbeat_interval_s: float = 5.0
     drain_timeout_s: float = 10.0
     exit_with_parent: bool = False
+
+    def heartbeat(self, state: WorkerState, started_at: float, **load: Any) -> WorkerHeartbeat:
+        """This worker's heartbeat: who it is (its settings), its state, and what its engine reports
+        (``load``: slots, tokens, capabilities …). Both kinds of worker build theirs here."""
+        spec = self.spec
+        return WorkerHeartbeat(worker_id=self.worker_id, hive_id=self.hive_id, model=spec.model_id,
+                               backend=spec.backend, device=spec.device, url=self.advertise_url, state=state,
+                               pid=os.getpid(), version=__version__, started_at=started_at, **load)
 
 
 class Runtime:
@@ -80,14 +89,8 @@ class Runtime:
     def heartbeat(self) -> WorkerHeartbeat:
         adm = self.admission
         stats = self.backend.stats() if self.backend is not None else {}
-        return WorkerHeartbeat(
-            worker_id=self.settings.worker_id,
-            hive_id=self.settings.hive_id,
-            model=self.spec.model_id,
-            backend=self.spec.backend,
-            device=self.spec.device,
-            url=self.settings.advertise_url,
-            state=self.state,
+        return self.settings.heartbeat(
+            self.state, self.started_at,
             slots_busy=adm.busy if adm else 0,
             slots_total=adm.slots if adm else (self.backend.slots if self.backend else 1),
             queue_depth=adm.waiting if adm else 0,
@@ -97,9 +100,6 @@ class Runtime:
             tokens_decoded_total=self.backend.decoded_total if self.backend else 0,
             requests_total=self.requests_total,
             context_length=self.backend.context_length if self.backend else 0,
-            pid=os.getpid(),
-            version=__version__,
-            started_at=self.started_at,
             capabilities=list(self.backend.capabilities) if self.backend else [],
             **stats,
         )
