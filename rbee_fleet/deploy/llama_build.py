@@ -174,7 +174,8 @@ def gpu_backend(name: str, cuda_archs: str = DEFAULT_CUDA_ARCHS) -> Backend:
             # The driver's library (its VMM calls) must stay a dependency: linked against a stub that defines
             # nothing, --as-needed (the default of Debian's and Ubuntu's toolchains) would drop it, and a host
             # with a driver could not load the backend ("undefined symbol: cuMemCreate").
-            "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed",
+            # (A backend is a MODULE library: CMake links it with the module flags.)
+            "-DCMAKE_MODULE_LINKER_FLAGS=-Wl,--no-as-needed", "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--no-as-needed",
             # The CUDA runtime libraries come from NVIDIA's wheels beside this one in site-packages.
             f"-DCMAKE_INSTALL_RPATH=$ORIGIN;$ORIGIN/../../{cuda_toolkit.WHEEL_LIB_DIR}",
         ), "ggml-cuda", "NVIDIA GPUs", cuda_toolkit.RUNTIME_REQUIREMENTS)
