@@ -1,4 +1,4 @@
-# On a GPU machine with no network: `just test -m gpu` on the kit's tiny model (tests/test_gpu_worker.py).
+# On a GPU machine with no network: `just test -m gpu` on the kit's tiny model (tests/worker/test_gpu_worker.py).
 # Needs, beside the checkout, .gpu-kit/ (`just gpu-kit`) and .whl/ with the CPython 3.12 wheels of the test
 # tools the machine lacks (2026-11-30: openai, httpx2, httpcore2, truststore, jiter, distro, sniffio, anyio,
 # idna, h11, asyncssh, cryptography, cffi, pycparser, pytest, pluggy, iniconfig, pytest-asyncio,
@@ -13,5 +13,5 @@ export PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 CUDA_HOME=/usr/
 export CPLUS_INCLUDE_PATH=$(ls -d /opt/torch/.venv/lib/python3.12/site-packages/nvidia/*/include 2>/dev/null | paste -sd:)
 export RBEE_GPU_TEST_MODEL=$PWD/.gpu-kit/model
 python3 -c "import exllamav2, openai, asyncssh, pytest_asyncio, rbee_fleet; print('imports ok', rbee_fleet.__file__)" || exit 1
-timeout 400 python3 -m pytest -m gpu -s -v -p no:cacheprovider tests/test_gpu_worker.py 2>&1 | tee "${OUT:-.}/gpu-tests.log"
+timeout 400 python3 -m pytest -m gpu -s -v -p no:cacheprovider tests/worker/test_gpu_worker.py 2>&1 | tee "${OUT:-.}/gpu-tests.log"
 echo "pytest exit: $?"

@@ -13,7 +13,7 @@ from rbee_fleet.hive import devices
 from rbee_fleet.hive.devices import GpuProbeError, NoNvidiaDriver
 from tests.support import pynvml_standin as nv
 
-FIXTURES = Path(__file__).parent / "fixtures" / "nvidia"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "nvidia"
 
 
 def fixture(name: str) -> str:

@@ -147,7 +147,7 @@ async def test_logprobs(client):
 
 
 async def test_suffix_is_refused_not_ignored(client):
-    # SmolLM2 has no fill-in-the-middle tokens (tests/test_fill_in_the_middle.py: a model that has them).
+    # SmolLM2 has no fill-in-the-middle tokens (tests/queen/test_fill_in_the_middle.py: a model that has them).
     with pytest.raises(openai.BadRequestError) as info:
         await client.completions.create(model="smollm2", prompt="def add(a, b):", suffix="\n", max_tokens=4)
     assert info.value.body["param"] == "suffix" and info.value.body["code"] == "unsupported_parameter"

@@ -105,7 +105,7 @@ class QueenAndWorker:
         self.tmp = tmp
         self.port = procs.free_port()
         # The worker's model is in the embedded hive's catalog too: with on-demand loading the queen would
-        # start a worker of its own when this one falls silent (see tests/test_on_demand.py).
+        # start a worker of its own when this one falls silent (see tests/queen/test_on_demand.py).
         self.inv = no_workers_inventory(tmp / "inv.toml", self.port, "on_demand = false")
         self.home = tmp / "home"
         self.queen = procs.start_queen(tmp, self.inv, self.home, self.port)

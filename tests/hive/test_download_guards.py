@@ -17,7 +17,7 @@ from rbee_fleet.hive import disk_guard
 from rbee_fleet.hive.catalog import Catalog
 from tests.support import procs
 from tests.support.hf_standin import HubStandIn, ServedHub
-from tests.test_catalog import run_download
+from tests.hive.test_catalog import run_download
 
 TIB = 2**40
 

@@ -18,7 +18,7 @@ import pytest
 from tests.gpu_proof import fleet, proof
 from tests.gpu_proof.report import Check, Report, tail
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- arguments, deadlines, children ------------------------------------------------------------------

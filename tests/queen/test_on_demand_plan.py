@@ -1,7 +1,7 @@
 """Where the queen loads a model on demand, on a real queen's registry fed with hive and worker heartbeats.
 
 Several machines cannot run here, so the hives are heartbeats (the queen knows hives only by them); the
-real-process tests are in tests/test_on_demand.py.
+real-process tests are in tests/queen/test_on_demand.py.
 """
 
 from __future__ import annotations

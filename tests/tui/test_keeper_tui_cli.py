@@ -1,5 +1,5 @@
 """The keeper binary's TUI entry points, and CLI paths moved onto the shared service layer that
-tests/test_keeper_cli.py does not cover; the real binary against a real queen and worker."""
+tests/keeper/test_keeper_cli.py does not cover; the real binary against a real queen and worker."""
 
 from __future__ import annotations
 

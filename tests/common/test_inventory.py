@@ -6,7 +6,7 @@ import pytest
 
 from rbee_fleet.common.inventory import InventoryError, default_inventory, load_inventory, parse_inventory
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_localhost_inventory_is_the_builtin_default():
