@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rbee_fleet.contracts.openai import error_body
+from rbee_fleet.contracts.errors import error_body
 
 
 class ApiError(Exception):

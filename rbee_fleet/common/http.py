@@ -18,7 +18,7 @@ from rbee_fleet.common import body_limits
 from rbee_fleet.common.client_limits import ClientLimits, body_deadline_middleware, busy_middleware, guard
 from rbee_fleet.common.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, Unauthorized
 from rbee_fleet.common.net import is_loopback
-from rbee_fleet.contracts.openai import error_body
+from rbee_fleet.contracts.errors import error_body
 
 log = logging.getLogger(__name__)
 

@@ -353,3 +353,8 @@ class FleetStatus(BaseModel):
     workers: list[WorkerView]
     models: list[str]
     catalog: list[ModelView] = []  # every model of the fleet with its state (what /v1/models lists)
+
+    def worker_ready(self, worker_id: str) -> bool:
+        """Whether the queen has ``worker_id`` live and ready (in rotation)."""
+        return any(w.heartbeat.worker_id == worker_id and w.live and w.heartbeat.state is WorkerState.READY
+                   for w in self.workers)

@@ -185,11 +185,6 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``, keys in that order."""
-    return ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
-
-
 class _OmitsNone(BaseModel):
     """Leaves out the fields named in ``_omit_none`` while they are None, as OpenAI's own bodies do."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from rbee_fleet.contracts.openai import error_body
+from rbee_fleet.contracts.errors import error_body
 
 USAGE_COMMENT = "usage "  # the text of the closing comment starts with this
 USAGE_MARK = b": " + USAGE_COMMENT.encode()  # the comment as it appears on the wire

@@ -20,7 +20,7 @@ from rbee_fleet.deploy.converge import plan_workers
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.steps import hive_answers
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
-from rbee_fleet.keeper.worker_converge import WorkerConverger, worker_ready
+from rbee_fleet.keeper.worker_converge import WorkerConverger
 
 HIVE_TIMEOUT_S = 15.0
 WORKERS_TIMEOUT_S = 60.0
@@ -75,7 +75,7 @@ async def _workers_ready(spec: HostSpec, client: QueenClient, converger: WorkerC
             status = await client.status()
         except QueenUnreachable as exc:
             raise GateFailed("workers", str(exc)) from None
-        not_ready = [wid for wid in ids if not worker_ready(status, wid)]
+        not_ready = [wid for wid in ids if not status.worker_ready(wid)]
         if not pending and not not_ready:
             return ids
         if time.monotonic() > deadline:

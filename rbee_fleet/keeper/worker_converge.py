@@ -127,7 +127,7 @@ class WorkerConverger:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if worker_ready(await self.client.status(), worker_id):
+                if (await self.client.status()).worker_ready(worker_id):
                     return
             except QueenUnreachable as exc:
                 raise DeployError(spec.alias, str(exc)) from None
@@ -161,8 +161,3 @@ def no_room_for_second(status: FleetStatus, hive_id: str, model: str, gpu: bool,
             return (f"a second {model} worker needs about {need} MB and the host's memory budget has {left} MB left "
                     f"({budget_mb} MB, {used} MB taken by its workers)")
     return None
-
-
-def worker_ready(status: FleetStatus, worker_id: str) -> bool:
-    return any(w.heartbeat.worker_id == worker_id and w.live and w.heartbeat.state.value == "ready"
-               for w in status.workers)

@@ -15,9 +15,9 @@ from rbee_fleet.common.jobs import JobClient
 from rbee_fleet.contracts.fleet import ModelDownloadOp
 from rbee_fleet.hive import disk_guard
 from rbee_fleet.hive.catalog import Catalog
+from tests.hive.test_catalog import run_download
 from tests.support import procs
 from tests.support.hf_standin import HubStandIn, ServedHub
-from tests.hive.test_catalog import run_download
 
 TIB = 2**40
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 
 from rich.markup import escape
 from rich.table import Table
@@ -16,14 +15,6 @@ from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.fleet_change import audit_log
 
 RESULT_STYLE = {"ok": "green", "failed": "red", "cancelled": "magenta"}
-
-
-def add_parser(cmd: Callable[..., argparse.ArgumentParser]) -> None:
-    p = cmd("audit", "show the audit log: who changed the fleet, when, what, on which hosts, with what result", audit)
-    p.add_argument("--since", metavar="DURATION_OR_TIME",
-                   help="only entries since then: a duration back from now (30m, 2h, 1d) or a UTC time (2026-11-30T22:00)")
-    p.add_argument("-n", "--last", type=int, metavar="N", help="only the last N entries")
-    p.add_argument("--json", action="store_true", help="print the entries as JSON lines on stdout (as they are stored)")
 
 
 def audit_table(entries: list[AuditEntry]) -> Table:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Callable
-from typing import Any
 
 from rich.markup import escape
 
@@ -23,18 +21,6 @@ from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_probe import HostProbe
 from rbee_fleet.keeper.host_service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
-
-
-def add_wait_flag(p: argparse.ArgumentParser) -> None:
-    """``--wait-lock SECONDS`` on a command that changes the fleet."""
-    p.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
-                   help="when another operation holds the fleet lock, wait up to this long for it (default: refuse at once)")
-
-
-def add_forget_key_parser(hsub: Any, cmd: Callable[..., argparse.ArgumentParser]) -> None:
-    p = cmd("forget-key", "remove the host's key from the keeper's own known_hosts (after a reinstall)", forget_key, hsub)
-    p.add_argument("alias", help="the hive's alias in the inventory")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
 def host_service(args: argparse.Namespace, queen: QueenService) -> HostService:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee_fleet.common.inventory import InventoryError
-from rbee_fleet.contracts.vocabulary import HIVE_COMMANDS, ExitCode, HiveAction
+from rbee_fleet.contracts.vocabulary import ExitCode, HiveAction
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.runner import SKIPPED, HostResult, RunContext
@@ -23,55 +23,6 @@ from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
 from rbee_fleet.keeper.rollout import RolloutPolicy
-
-
-def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``deploy`` and ``hive`` on the keeper's subcommand parser."""
-    p = cmd("deploy", "bring every host of the inventory to its declared state: the local queen with its embedded "
-                      "hive, installed hives (over SSH or locally), then each host's workers",
-            deploy_command)
-    _deploy_flags(p)
-    p.add_argument("--check", action="store_true", help="show what would change on each host; change nothing")
-    p.add_argument("--limit", metavar="A,B", help="only these hive aliases")
-    p.add_argument("--parallel", type=int, default=8, metavar="N", help="hosts at a time (default 8)")
-    rollout_flags(p)
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    fleet_ops.add_wait_flag(p)
-
-    hive = sub.add_parser("hive", help="manage one installed hive (over SSH, or locally)", parents=[common],
-                          description="Manage the hive of one installed host of the inventory, over SSH or, "
-                                      "for a hive with transport = \"local\", on this machine.")
-    hsub = hive.add_subparsers(dest="hive_command", metavar="ACTION", required=True)
-    for action, help in HIVE_COMMANDS.items():
-        p = cmd(action, help, _hive_command(action), hsub)
-        p.add_argument("alias", help="the hive's alias in the inventory")
-        if action in ("install", "upgrade"):
-            _deploy_flags(p)
-        else:
-            p.add_argument("--accept-new-host-keys", action="store_true",
-                           help="trust and record the key of a host seen for the first time")
-        if action == "logs":
-            p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C stops)")
-            p.add_argument("-n", "--lines", type=int, default=100, help="lines to show first (default 100)")
-        if action in ("install", "upgrade", "status", "start", "stop", "restart", "uninstall"):
-            p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-        if action in ("install", "upgrade", "start", "stop", "restart", "uninstall"):
-            fleet_ops.add_wait_flag(p)
-    fleet_ops.add_forget_key_parser(hsub, cmd)
-
-
-def rollout_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", metavar="N|P%",
-                   help="deploy hosts in batches of N hosts (or P%% of them), each batch health-gated (default: all at once)")
-    p.add_argument("--max-fail", type=int, metavar="N",
-                   help="stop the rollout once N hosts have failed; hosts not yet reached are skipped (default: never stop)")
-
-
-def _deploy_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--accept-new-host-keys", action="store_true",
-                   help="trust and record the key of a host seen for the first time (a changed key is always refused)")
-    p.add_argument("--source", metavar="DIR", help="ship rbee-fleet from this checkout (default: the keeper's own)")
-
 
 # -- shared set-up ---------------------------------------------------------------------------------
 
@@ -156,25 +107,24 @@ async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
 # -- hive ACTION ALIAS -----------------------------------------------------------------------------
 
 
-def _hive_command(action: str) -> Callable[[argparse.Namespace, KeeperContext], Awaitable[int]]:
-    async def command(args: argparse.Namespace, ctx: KeeperContext) -> int:
-        queen = QueenService(ctx)
-        try:
-            hosts = fleet_ops.host_service(args, queen)
-            specs = hosts.specs(args.alias)
-            if action in ("install", "upgrade"):
-                return await _install(args, hosts, specs, upgrade=action == "upgrade")
-            return await _on_host(args, hosts, specs[0], action)
-        except InventoryError as exc:
-            err.print(f"[red]inventory error:[/] {exc}", highlight=False)
-            return ExitCode.USAGE
-        except WheelhouseError as exc:
-            fail(args, str(exc))
-            return ExitCode.FAILED
-        finally:
-            await queen.close()
-
-    return command
+async def hive_command(args: argparse.Namespace, ctx: KeeperContext) -> int:
+    """``rbee-keeper hive ACTION ALIAS``."""
+    action = args.hive_command
+    queen = QueenService(ctx)
+    try:
+        hosts = fleet_ops.host_service(args, queen)
+        specs = hosts.specs(args.alias)
+        if action in ("install", "upgrade"):
+            return await _install(args, hosts, specs, upgrade=action == "upgrade")
+        return await _on_host(args, hosts, specs[0], action)
+    except InventoryError as exc:
+        err.print(f"[red]inventory error:[/] {exc}", highlight=False)
+        return ExitCode.USAGE
+    except WheelhouseError as exc:
+        fail(args, str(exc))
+        return ExitCode.FAILED
+    finally:
+        await queen.close()
 
 
 async def _install(args: argparse.Namespace, hosts: HostService, specs: list[HostSpec], upgrade: bool) -> int:

@@ -15,13 +15,12 @@ from rich.markup import escape
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.contracts.vocabulary import ExitCode
 from rbee_fleet.keeper.chat import ChatStream, openai_client, openai_message
-from rbee_fleet.keeper.cli import fleet_ops, tables
+from rbee_fleet.keeper.cli import tables
 from rbee_fleet.keeper.cli.console import emit_json, err, out
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.local_queen import requests_in_flight, start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
 from rbee_fleet.keeper.queen_service import ensure_workers
-from rbee_fleet.keeper.worker_converge import worker_ready
 
 # -- the local fleet ---------------------------------------------------------------------------------
 
@@ -64,7 +63,7 @@ async def _ready_status(client: QueenClient, worker_ids: list[str], timeout: flo
     deadline = time.monotonic() + timeout
     while True:
         status = await client.status()
-        if all(worker_ready(status, wid) for wid in worker_ids) or time.monotonic() > deadline:
+        if all(status.worker_ready(wid) for wid in worker_ids) or time.monotonic() > deadline:
             return status
         await asyncio.sleep(0.1)
 
@@ -83,6 +82,8 @@ async def _wait_foreground(proc: Any) -> None:
 
 async def down(args: argparse.Namespace, ctx: KeeperContext) -> int:
     if args.fleet:
+        from rbee_fleet.keeper.cli import fleet_ops  # SSH and deploys: only for --fleet
+
         return await fleet_ops.down_fleet(args, ctx)
     async with ctx.client() as client:
         in_flight = await requests_in_flight(client)
@@ -105,7 +106,11 @@ async def down(args: argparse.Namespace, ctx: KeeperContext) -> int:
 async def status(args: argparse.Namespace, ctx: KeeperContext) -> int:
     async with ctx.client() as client:
         st = await client.status()
-    probes = {} if args.no_probe else await fleet_ops.probe_unseen(ctx, st)
+    probes = {}
+    if not args.no_probe and any(not h.embedded for h in ctx.inventory.hives.values()):
+        from rbee_fleet.keeper.cli import fleet_ops  # SSH: only for an inventory with installed hosts
+
+        probes = await fleet_ops.probe_unseen(ctx, st)
     if args.json:
         emit_json({**st.model_dump(mode="json"),
                    "probed": {a: {"state": p.state, "reason": p.reason, "version": p.version} for a, p in probes.items()}})

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
 
 from rich.markup import escape
 
@@ -13,19 +11,6 @@ from rbee_fleet.contracts.vocabulary import ExitCode
 from rbee_fleet.keeper.cli.console import emit_json, err, out
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.fleet_change import audit_log, fleet_lock
-
-
-def add_parsers(sub: Any, common: argparse.ArgumentParser, cmd: Callable[..., argparse.ArgumentParser]) -> None:
-    lock = sub.add_parser("lock", help="show or release the fleet lock of the inventory", parents=[common],
-                          description="The fleet lock keeps two operations that change the same inventory's fleet "
-                                      "(deploy, hive install/upgrade/start/stop/restart/uninstall, down --fleet) apart.")
-    lsub = lock.add_subparsers(dest="lock_command", metavar="ACTION", required=True)
-    p = cmd("status", "show who holds the fleet lock (exit 0 when free, 1 when held)", lock_status, lsub)
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    p = cmd("release", "remove the fleet lock of a holder that is gone (a live one only with --force)",
-            lock_release, lsub)
-    p.add_argument("--force", action="store_true", help="remove it even though its holder may still run")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
 async def lock_status(args: argparse.Namespace, ctx: KeeperContext) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
 
 from rbee_fleet.common.inventory import InventoryError
@@ -15,17 +14,6 @@ from rbee_fleet.keeper.cli.hosts import _run_context, _run_with_view
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.host_service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
-
-
-def add_parser(cmd: Callable[..., argparse.ArgumentParser]) -> None:
-    p = cmd("rollback", "switch remote hosts back to their previous installed version (no reinstall), "
-                        "bring their workers back and health-gate them", rollback_command)
-    p.add_argument("--limit", metavar="A,B", help="only these hive aliases (default: every remote hive)")
-    p.add_argument("--parallel", type=int, default=8, metavar="N", help="hosts at a time (default 8)")
-    p.add_argument("--accept-new-host-keys", action="store_true",
-                   help="trust and record the key of a host seen for the first time")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    fleet_ops.add_wait_flag(p)
 
 
 async def rollback_command(args: argparse.Namespace, ctx: KeeperContext) -> int:

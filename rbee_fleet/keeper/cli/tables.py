@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -12,7 +13,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Ta
 from rich.table import Table
 
 from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, JobEvent, ModelEntry, ModelView, WorkerView
-from rbee_fleet.keeper.host_probe import HostProbe
+
+if TYPE_CHECKING:  # a probe reaches hosts over SSH: its module loads only where probes are made
+    from rbee_fleet.keeper.host_probe import HostProbe
 
 
 def _cells(*values: object) -> list[str]:
