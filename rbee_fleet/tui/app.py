@@ -27,7 +27,7 @@ from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import InventoryError
 from rbee_fleet.contracts.fleet import JobState, WorkerSpawnOp
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.host_service import HostService
+from rbee_fleet.keeper.hosts.service import HostService
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink, QueenService
 from rbee_fleet.tui.host_ops import HostOpsMixin, ProbeCache

@@ -22,8 +22,8 @@ from rbee_fleet.common.errors import ApiError, OperationFailed
 from rbee_fleet.common.inventory import Inventory
 from rbee_fleet.contracts.fleet import FleetStatus
 from rbee_fleet.contracts.vocabulary import HiveAction
-from rbee_fleet.keeper.host_probe import HostProbe
-from rbee_fleet.keeper.host_service import PARALLEL, HostService
+from rbee_fleet.keeper.hosts.probe import HostProbe
+from rbee_fleet.keeper.hosts.service import PARALLEL, HostService
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink
 from rbee_fleet.tui.host_rows import host_rows, needs_probe

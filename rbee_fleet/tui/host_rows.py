@@ -14,7 +14,7 @@ from enum import Enum
 
 from rbee_fleet.common.inventory import HiveDecl, Inventory
 from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, HiveView, ProcessState, SupervisedWorker, WorkerView
-from rbee_fleet.keeper.host_probe import HostProbe
+from rbee_fleet.keeper.hosts.probe import HostProbe
 
 
 class HostState(str, Enum):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from rbee_fleet.common.inventory import Inventory
 from rbee_fleet.contracts.fleet import FleetStatus
-from rbee_fleet.keeper.host_probe import HostProbe
+from rbee_fleet.keeper.hosts.probe import HostProbe
 from rbee_fleet.tui.host_rows import HostRow, RateMeter, host_rows
 
 HISTORY = 60  # samples of tokens/s kept per worker

@@ -23,8 +23,8 @@ from rbee_fleet.deploy.converge import plan_workers
 from rbee_fleet.deploy.facts import parse_facts
 from rbee_fleet.deploy.plan import marker, marker_json, plan_host
 from rbee_fleet.deploy.rollback import previous_version
-from rbee_fleet.keeper.rollout import batch_size
-from rbee_fleet.keeper.worker_converge import no_room_for_second
+from rbee_fleet.keeper.hosts.rollout import batch_size
+from rbee_fleet.keeper.hosts.worker_converge import no_room_for_second
 from tests.deploy.test_facts import FRESH_DEBIAN
 from tests.deploy.test_plan import RELEASE, TOKEN, deployed_facts, spec
 

@@ -24,7 +24,7 @@ from rbee_fleet.deploy.hosts import host_spec, select
 from rbee_fleet.deploy.local_transport import CHUNK, LocalTransport, login_environment
 from rbee_fleet.deploy.targets import LocalTarget, SSHTarget
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.host_service import HostService
+from rbee_fleet.keeper.hosts.service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
 from rbee_fleet.keeper.ssh_login import ssh_command
 from tests.support.procs import wait_until

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from rbee_fleet.deploy.runner import CHANGED, FAILED, OK, SKIPPED, HostResult, RunContext
-from rbee_fleet.keeper.health_gate import GateFailed
-from rbee_fleet.keeper.rollout import RolloutPolicy, rollout
+from rbee_fleet.keeper.hosts.health_gate import GateFailed
+from rbee_fleet.keeper.hosts.rollout import RolloutPolicy, rollout
 from tests.deploy.test_plan import spec
 
 ALIASES = ["h0", "h1", "h2", "h3", "h4"]

@@ -39,7 +39,7 @@ def test_every_command_names_a_handler_that_exists():
 
 
 # SSH, the TUI, deploys (plans render templates with jinja2), the OpenAI client and request models.
-HEAVY = ("asyncssh", "textual", "jinja2", "openai", "rbee_fleet.tui", "rbee_fleet.keeper.host_service",
+HEAVY = ("asyncssh", "textual", "jinja2", "openai", "rbee_fleet.tui", "rbee_fleet.keeper.hosts.service",
          "rbee_fleet.deploy.plan", "rbee_fleet.deploy.steps", "rbee_fleet.deploy.ssh_transport",
          "rbee_fleet.deploy.wheelhouse", "rbee_fleet.contracts.openai")
 

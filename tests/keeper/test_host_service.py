@@ -16,7 +16,7 @@ from rbee_fleet.common.inventory import parse_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.contracts.vocabulary import HiveAction
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.host_service import HostService
+from rbee_fleet.keeper.hosts.service import HostService
 from rbee_fleet.keeper.log_follow import follow_file
 from rbee_fleet.keeper.queen_service import QueenService
 from tests.support import procs

@@ -9,7 +9,7 @@ from pathlib import Path
 from rbee_fleet.common.inventory import load_inventory
 from rbee_fleet.common.paths import Layout
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.host_service import HostService
+from rbee_fleet.keeper.hosts.service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
 from tests.support import procs
 

@@ -19,9 +19,9 @@ from rbee_fleet.common.paths import Layout
 from rbee_fleet.deploy.errors import ConnectRefused
 from rbee_fleet.deploy.facts import parse_facts
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.host_probe import probe_host, probe_result
-from rbee_fleet.keeper.host_service import installed_specs, run_context
-from rbee_fleet.keeper.remote_hive import control_hive, stream_log
+from rbee_fleet.keeper.hosts.probe import probe_host, probe_result
+from rbee_fleet.keeper.hosts.remote_hive import control_hive, stream_log
+from rbee_fleet.keeper.hosts.service import installed_specs, run_context
 from rbee_fleet.keeper.ssh_login import ssh_command
 from tests.deploy.test_facts import DEPLOYED, FRESH_DEBIAN
 from tests.support import procs

@@ -30,8 +30,8 @@ from rbee_fleet.contracts.fleet import (
     WorkerState,
     WorkerView,
 )
-from rbee_fleet.keeper.host_probe import HostProbe
-from rbee_fleet.keeper.host_service import HostService, PlanStep
+from rbee_fleet.keeper.hosts.probe import HostProbe
+from rbee_fleet.keeper.hosts.service import HostService, PlanStep
 from rbee_fleet.keeper.queen_service import QueenService
 
 NOW = 1_800_000_000.0  # the stand-in's wall clock

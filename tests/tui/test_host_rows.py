@@ -15,7 +15,7 @@ from rbee_fleet.contracts.fleet import (
     WorkerState,
     WorkerView,
 )
-from rbee_fleet.keeper.host_probe import HostProbe
+from rbee_fleet.keeper.hosts.probe import HostProbe
 from rbee_fleet.tui.format import spark
 from rbee_fleet.tui.host_rows import (
     HostState,

@@ -18,8 +18,8 @@ from rbee_fleet.deploy.runner import HostResult
 from rbee_fleet.keeper.cli.console import err, out
 from rbee_fleet.keeper.cli.deploy_view import DeployView, results_table, summary
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.host_probe import HostProbe
-from rbee_fleet.keeper.host_service import HostService
+from rbee_fleet.keeper.hosts.probe import HostProbe
+from rbee_fleet.keeper.hosts.service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
 
 

@@ -20,9 +20,9 @@ from rbee_fleet.keeper.cli import fleet_ops
 from rbee_fleet.keeper.cli.console import err, fail, out
 from rbee_fleet.keeper.cli.deploy_view import DeployView, results_table, summary
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.host_service import HostService
+from rbee_fleet.keeper.hosts.rollout import RolloutPolicy
+from rbee_fleet.keeper.hosts.service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
-from rbee_fleet.keeper.rollout import RolloutPolicy
 
 # -- shared set-up ---------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from rbee_fleet.keeper.cli.console import err
 from rbee_fleet.keeper.cli.deploy_view import DeployView
 from rbee_fleet.keeper.cli.hosts import _run_context, _run_with_view
 from rbee_fleet.keeper.context import KeeperContext
-from rbee_fleet.keeper.host_service import HostService
+from rbee_fleet.keeper.hosts.service import HostService
 from rbee_fleet.keeper.queen_service import QueenService
 
 

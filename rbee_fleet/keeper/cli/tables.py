@@ -15,7 +15,7 @@ from rich.table import Table
 from rbee_fleet.contracts.fleet import DeviceInfo, FleetStatus, JobEvent, ModelEntry, ModelView, WorkerView
 
 if TYPE_CHECKING:  # a probe reaches hosts over SSH: its module loads only where probes are made
-    from rbee_fleet.keeper.host_probe import HostProbe
+    from rbee_fleet.keeper.hosts.probe import HostProbe
 
 
 def _cells(*values: object) -> list[str]:

@@ -10,7 +10,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label
 
-from rbee_fleet.keeper.host_service import PlanStep
+from rbee_fleet.keeper.hosts.service import PlanStep
 
 STEP_STYLES = {"ok": "green", "change": "yellow", "failed": "red"}
 

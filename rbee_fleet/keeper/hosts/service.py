@@ -45,16 +45,16 @@ from rbee_fleet.deploy.targets import SSHTarget
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.fleet_change import FleetChanges
-from rbee_fleet.keeper.health_gate import GateFailed, health_gate
-from rbee_fleet.keeper.host_probe import PROBE_GRACE_S, HostProbe, probe_host
+from rbee_fleet.keeper.hosts.health_gate import GateFailed, health_gate
+from rbee_fleet.keeper.hosts.probe import PROBE_GRACE_S, HostProbe, probe_host
+from rbee_fleet.keeper.hosts.remote_hive import HiveNotInstalled, HiveOutcome, control_hive, hive_status, stream_log
+from rbee_fleet.keeper.hosts.rollout import RolloutPolicy, rollout
+from rbee_fleet.keeper.hosts.worker_converge import WorkerConverger
 from rbee_fleet.keeper.local_queen import local_queen, start_queen, stop_queen
 from rbee_fleet.keeper.log_follow import follow_file
 from rbee_fleet.keeper.queen_client import QueenUnreachable
 from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers
-from rbee_fleet.keeper.remote_hive import HiveNotInstalled, HiveOutcome, control_hive, hive_status, stream_log
-from rbee_fleet.keeper.rollout import RolloutPolicy, rollout
 from rbee_fleet.keeper.ssh_login import ssh_command
-from rbee_fleet.keeper.worker_converge import WorkerConverger
 
 PARALLEL = 8  # hosts deployed or checked at a time
 

@@ -19,8 +19,8 @@ from rbee_fleet.contracts.vocabulary import PIN_HEADER
 from rbee_fleet.deploy.converge import plan_workers
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.steps import hive_answers
+from rbee_fleet.keeper.hosts.worker_converge import WorkerConverger
 from rbee_fleet.keeper.queen_client import QueenClient, QueenUnreachable
-from rbee_fleet.keeper.worker_converge import WorkerConverger
 
 HIVE_TIMEOUT_S = 15.0
 WORKERS_TIMEOUT_S = 60.0

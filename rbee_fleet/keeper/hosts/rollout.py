@@ -20,7 +20,7 @@ from rbee_fleet.deploy.errors import DeployError
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.rollback import switch_back
 from rbee_fleet.deploy.runner import CHANGED, FAILED, SKIPPED, HostResult, RunContext, run_hosts
-from rbee_fleet.keeper.health_gate import GateFailed
+from rbee_fleet.keeper.hosts.health_gate import GateFailed
 
 Job = Callable[[HostSpec, HostResult], Awaitable[None]]
 Gate = Callable[[HostSpec], Awaitable[None]]  # raises GateFailed
