@@ -199,5 +199,5 @@ async def test_follow_file_waits_tails_and_survives_truncation_and_replacement(t
 
 async def test_operations_at_once_share_one_wheelhouse_builder(actions: HostService):
     """The TUI deploys each host as its own operation: they must not build the same wheelhouse twice at once."""
-    first, second = actions._run(None), actions._run(None)
+    first, second = actions.tui_run(None), actions.tui_run(None)
     assert first is not second and first.builder is second.builder

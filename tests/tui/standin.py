@@ -183,7 +183,7 @@ class StandInHostService(HostService):
                         PlanStep("gpu-box", "restart", "change", "restart the hive on the new configuration"),
                         PlanStep("gpu-box", "wait", "ok", "hive answers at http://10.0.0.7:9000"),
                         PlanStep("gpu-box", "marker", "change", "record the installed version and configuration"),
-                        *self._worker_steps("gpu-box", status)],
+                        *self.worker_steps("gpu-box", status)],
             "old-laptop": [PlanStep("old-laptop", "host", "failed",
                                     "no answer within 10 s connecting to 10.0.0.12")],
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -37,21 +38,24 @@ class GateFailed(Exception):
 
 
 async def health_gate(spec: HostSpec, client: QueenClient, converger: WorkerConverger, *,
-                      embedded: bool = False) -> None:
-    """Raise ``GateFailed`` unless the host's hive answers (the embedded hive: the queen that runs it), its
+                      hive_check: Callable[[], Awaitable[None]]) -> None:
+    """Raise ``GateFailed`` unless the host's hive answers (``hive_check``: each kind of host knows how), its
     declared workers are ready and a test completion through the queen to each of its models succeeds."""
-    if embedded:
-        if not await client.healthy():
-            raise GateFailed("hive", f"the queen that runs {spec.alias}'s hive does not answer at {client.url}")
-    else:
-        await _hive_answers(spec, converger.token)
+    await hive_check()
     await _workers_ready(spec, client, converger)
     models = sorted({op.model for op in spec.workers if not op.embeddings})
     for model in models:
         await _completion(spec, client, converger.token, model)
 
 
-async def _hive_answers(spec: HostSpec, token: str) -> None:
+async def queen_answers(spec: HostSpec, client: QueenClient) -> None:
+    """The embedded hive's check: the queen that runs it answers."""
+    if not await client.healthy():
+        raise GateFailed("hive", f"the queen that runs {spec.alias}'s hive does not answer at {client.url}")
+
+
+async def hive_answers_at_its_address(spec: HostSpec, token: str) -> None:
+    """An installed hive's check: it answers at its advertised URL, as this very hive."""
     deadline = time.monotonic() + HIVE_TIMEOUT_S
     last = "no answer"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:

@@ -21,12 +21,12 @@ from typing import Any, Literal
 from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import HiveDecl, InventoryError
 from rbee_fleet.common.secrets import load_or_create
-from rbee_fleet.contracts.fleet import FleetStatus, JobEvent
+from rbee_fleet.contracts.fleet import FleetStatus
 from rbee_fleet.contracts.vocabulary import HiveAction
 from rbee_fleet.deploy.converge import WorkerChange, plan_workers
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.host_keys import HostKey, known_hosts_pattern
-from rbee_fleet.deploy.hosts import host_spec, select, ssh_target
+from rbee_fleet.deploy.hosts import host_spec, select
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.rollback import switch_back
 from rbee_fleet.deploy.runner import (
@@ -45,15 +45,15 @@ from rbee_fleet.deploy.targets import SSHTarget
 from rbee_fleet.deploy.wheelhouse import Release, WheelhouseBuilder
 from rbee_fleet.keeper.context import KeeperContext
 from rbee_fleet.keeper.fleet_change import FleetChanges
-from rbee_fleet.keeper.hosts.health_gate import GateFailed, health_gate
+from rbee_fleet.keeper.hosts.health_gate import GateFailed
+from rbee_fleet.keeper.hosts.kinds import EmbeddedHost, Host, InstalledHost, say
 from rbee_fleet.keeper.hosts.probe import PROBE_GRACE_S, HostProbe, probe_host
 from rbee_fleet.keeper.hosts.remote_hive import HiveNotInstalled, HiveOutcome, control_hive, hive_status, stream_log
 from rbee_fleet.keeper.hosts.rollout import RolloutPolicy, rollout
 from rbee_fleet.keeper.hosts.worker_converge import WorkerConverger
-from rbee_fleet.keeper.local_queen import local_queen, start_queen, stop_queen
-from rbee_fleet.keeper.log_follow import follow_file
+from rbee_fleet.keeper.local_queen import start_queen, stop_queen
 from rbee_fleet.keeper.queen_client import QueenUnreachable
-from rbee_fleet.keeper.queen_service import EventSink, QueenService, ensure_workers
+from rbee_fleet.keeper.queen_service import EventSink, QueenService
 from rbee_fleet.keeper.ssh_login import ssh_command
 
 PARALLEL = 8  # hosts deployed or checked at a time
@@ -130,6 +130,11 @@ class HostService:
         except ValueError as exc:  # a jump host that loops or cannot be parsed
             raise OperationFailed(f"{alias}: {exc}") from None
 
+    def host(self, alias: str) -> Host:
+        """The host of ``alias`` as its kind (the embedded hive, or an installed one); ``OperationFailed`` for
+        an alias the inventory lacks."""
+        return (EmbeddedHost if self._decl(alias).embedded else InstalledHost)(self, self._spec(alias))
+
     def specs(self, limit: str | None, *, embedded: bool = False) -> list[HostSpec]:
         """The inventory's installed hosts, and with ``embedded`` the embedded one first (``limit``: only these
         aliases); ``InventoryError`` for a bad one."""
@@ -141,8 +146,8 @@ class HostService:
         workers to the inventory through the queen (their job events to ``sink``), or in check mode says what
         that would change; raises ``WheelhouseError``."""
         run = run_context(self.ctx, source=source, accept_new=accept_new, check=check,
-                          update=update or (lambda alias, message: _say(sink, alias, message)), builders=self._builders)
-        workers = self._converger(run, sink)
+                          update=update or (lambda alias, message: say(sink, alias, message)), builders=self._builders)
+        workers = self.converger(run, sink)
 
         async def plan(spec: HostSpec, restarts: bool) -> list[WorkerChange]:
             return plan_workers(list(spec.workers), []) if restarts else await workers.plan(spec)
@@ -154,15 +159,11 @@ class HostService:
             "host-key accept", [known_hosts_pattern(host, port)], "ok", "trusted on first use (--accept-new-host-keys)")
         return run
 
-    def _converger(self, run: RunContext, sink: EventSink | None = None) -> WorkerConverger:
+    def converger(self, run: RunContext, sink: EventSink | None = None) -> WorkerConverger:
         embedded = {alias for alias, decl in self.ctx.inventory.hives.items() if decl.embedded}
         return WorkerConverger(self.queen.client, run.token, sink, run.update, embedded)
 
-    async def _gate(self, spec: HostSpec, run: RunContext) -> None:
-        """The health gate of a host; the embedded hive answers through the queen, not at an address of its own."""
-        await health_gate(spec, self.queen.client, self._converger(run), embedded=self._decl(spec.alias).embedded)
-
-    def _run(self, sink: EventSink | None, *, check: bool = False) -> RunContext:
+    def tui_run(self, sink: EventSink | None, *, check: bool = False) -> RunContext:
         """``run_context`` for the TUI: new host keys are never trusted implicitly; failures as ``OperationFailed``."""
         try:
             return self.run_context(sink, check=check)
@@ -175,7 +176,13 @@ class HostService:
             started, _ = await start_queen(self.ctx, self.queen.client)
         if started:
             self._queen_started = True
-            _say(sink, "queen", f"queen started at {self.ctx.queen_url}")
+            say(sink, "queen", f"queen started at {self.ctx.queen_url}")
+        return started
+
+    async def start_local_queen(self) -> bool:
+        """Start the local queen unless it answers (one start at a time); True if this call started it."""
+        async with self._queen_lock:
+            started, _ = await start_queen(self.ctx, self.queen.client)
         return started
 
     # -- hive lifecycle ----------------------------------------------------------------------------
@@ -188,7 +195,7 @@ class HostService:
         async with self.changes.change(f"hive {'upgrade' if upgrade else 'install'}", [s.alias for s in specs]) as change:
             change.results = results
             return await rollout(specs, lambda s, r: deploy_host(s, run, r, require_installed=upgrade), run,
-                                 parallel=1, policy=RolloutPolicy(), gate=lambda spec: self._gate(spec, run),
+                                 parallel=1, policy=RolloutPolicy(), gate=lambda spec: self.host(spec.alias).gate(run),
                                  results=results)
 
     async def rollback(self, specs: list[HostSpec], run: RunContext, parallel: int = PARALLEL,
@@ -201,7 +208,7 @@ class HostService:
                 result.version, result.previous = now, was
                 if run.ensure_workers is not None:
                     result.workers = await run.ensure_workers(spec)
-                await self._gate(spec, run)
+                await self.host(spec.alias).gate(run)
                 result.gate = "passed"
                 result.status = CHANGED if now != was else OK
                 result.reason = f"switched to {now} (was {was})" if now != was else f"already on {now}"
@@ -236,47 +243,7 @@ class HostService:
 
     async def hive(self, alias: str, action: HiveAction, sink: EventSink | None = None) -> dict[str, Any]:
         """One lifecycle action on one host, as one operation (the TUI's host menu); ``OperationFailed``."""
-        if self._decl(alias).embedded:
-            return await self._local_hive(alias, action, sink)
-        spec = self._spec(alias)
-        run = self._run(sink)
-        if action in (HiveAction.INSTALL, HiveAction.UPGRADE):
-            await self.with_queen(sink)
-            (result,) = await self.install([spec], run, upgrade=action is HiveAction.UPGRADE)
-            if not result.ok:
-                raise OperationFailed(f"{alias}: {result.reason}")
-            return {"changed": result.status == CHANGED, "message": result.reason, "version": result.version}
-        try:
-            outcome = await self.control(spec, run, action)
-        except DeployError as exc:
-            raise OperationFailed(f"{alias}: {exc.reason}") from None
-        _say(sink, alias, outcome.message)
-        return {"changed": outcome.changed, "message": outcome.message}
-
-    async def _local_hive(self, alias: str, action: HiveAction, sink: EventSink | None) -> dict[str, Any]:
-        if action in (HiveAction.INSTALL, HiveAction.UPGRADE, HiveAction.UNINSTALL):
-            raise OperationFailed(f"{alias} runs the embedded hive, part of this keeper's own rbee-fleet install: "
-                                  f"{action.value} applies to remote hosts")
-        result: dict[str, Any] = {}
-        async with self.changes.change(f"hive {action.value}", [alias]):
-            if action in (HiveAction.STOP, HiveAction.RESTART):
-                _say(sink, alias, "stopping the local queen and its workers")
-                result["stopped"] = await stop_queen(self.ctx, self.queen.client)
-            if action in (HiveAction.START, HiveAction.RESTART):
-                result.update(await self._start_local(alias, sink))
-        return result
-
-    async def _start_local(self, alias: str, sink: EventSink | None) -> dict[str, Any]:
-        _say(sink, alias, f"starting the queen at {self.ctx.queen_url}")
-        async with self._queen_lock:
-            started, _ = await start_queen(self.ctx, self.queen.client)
-        _say(sink, alias, "queen started" if started else "queen already running")
-        results = await ensure_workers(self.ctx, self.queen.client, sink)
-        failed = [f"{wid}: {err}" for wid, _, err in results if err]
-        if failed:
-            raise OperationFailed("; ".join(failed))
-        changed = started or any((r or {}).get("changed") for _, r, _ in results)
-        return {"started": started, "changed": changed, "workers": [wid for wid, _, _ in results]}
+        return await self.host(alias).act(action, sink)
 
     # -- deploy ----------------------------------------------------------------------------------
 
@@ -291,10 +258,7 @@ class HostService:
         queen_started, self._queen_started = self._queen_started, False
 
         async def job(spec: HostSpec, result: HostResult) -> None:
-            if self._decl(spec.alias).embedded:
-                await self._deploy_embedded(spec, run, result, sink, queen_started)
-            else:
-                await deploy_host(spec, run, result)
+            await self.host(spec.alias).deploy(run, result, sink, queen_started)
 
         if run.check:  # changes nothing: no lock, no audit entry, no gate
             return await rollout(specs, job, run, parallel=parallel, policy=policy or RolloutPolicy(), gate=None,
@@ -303,46 +267,16 @@ class HostService:
         async with self.changes.change("deploy", [s.alias for s in specs]) as change:
             change.results = results
             return await rollout(specs, job, run, parallel=parallel, policy=policy or RolloutPolicy(),
-                                 gate=lambda spec: self._gate(spec, run), results=results)
-
-    async def _deploy_embedded(self, spec: HostSpec, run: RunContext, result: HostResult,
-                               sink: EventSink | None, queen_started: bool = False) -> None:
-        """The embedded host: the local queen running (it is that hive), then its workers; ``queen_started``
-        says this run's ``with_queen`` already started it."""
-        up = await self.queen.client.healthy()
-        if run.check:
-            if up and run.plan_workers is not None:
-                result.workers = [c for c in await run.plan_workers(spec, False) if c.changes]
-            changes = ([] if up else [f"start the queen at {self.ctx.queen_url}"]) + [c.describe() for c in result.workers]
-            result.steps = changes
-            result.status = CHANGED if changes else OK
-            result.reason = ("would " + "; ".join(changes)) if changes else "nothing to change"
-            return
-        try:
-            _say(sink, spec.alias, f"starting the queen at {self.ctx.queen_url}")
-            async with self._queen_lock:
-                started, _ = await start_queen(self.ctx, self.queen.client)
-            started = started or queen_started
-            if run.ensure_workers is not None:
-                result.workers = await run.ensure_workers(spec)
-        except (OperationFailed, QueenUnreachable) as exc:
-            result.status, result.reason, result.error_kind = FAILED, str(exc), "local"
-            return
-        except DeployError as exc:
-            result.status, result.reason, result.error_kind = FAILED, exc.reason, exc.kind
-            return
-        result.steps = ([f"started the queen at {self.ctx.queen_url}"] if started else []) + \
-            [c.describe(done=True) for c in result.workers]
-        result.status = CHANGED if result.steps else OK
-        result.reason = "; ".join(result.steps) if result.steps else "nothing to change"
+                                 gate=lambda spec: self.host(spec.alias).gate(run), results=results)
 
     async def deploy(self, aliases: list[str], sink: EventSink | None = None) -> list[HostResult]:
         """Deploy these hosts as the TUI does: new host keys are never trusted, and each failure is reported
         to ``sink`` as an error event."""
         try:
-            specs = [self._spec(a) for a in aliases]
-            run = self._run(sink)
-            if any(not self._decl(a).embedded for a in aliases):
+            hosts = [self.host(a) for a in aliases]
+            specs = [h.spec for h in hosts]
+            run = self.tui_run(sink)
+            if any(h.installed for h in hosts):
                 await self.with_queen(sink)
         except (OperationFailed, QueenUnreachable) as exc:
             results = [HostResult(a, FAILED, str(exc)) for a in aliases]
@@ -350,7 +284,7 @@ class HostService:
             results = await self.deploy_specs(specs, run, PARALLEL, sink=sink)
         for r in results:
             if not r.ok:
-                _say(sink, r.alias, f"failed: {r.reason}", error=True)
+                say(sink, r.alias, f"failed: {r.reason}", error=True)
         return results
 
     async def stop_fleet(self, specs: list[HostSpec], run: RunContext, parallel: int = PARALLEL,
@@ -392,26 +326,19 @@ class HostService:
             status = await self.queen.status()
         except QueenUnreachable:
             status = None
-        remote = [a for a in aliases if not self._decl(a).embedded]
+        hosts = {a: self.host(a) for a in aliases}
+        remote = [a for a, h in hosts.items() if h.installed]
         by_host = await self.plan_remote(remote, status) if remote else {}
         plan: list[PlanStep] = []
-        for alias in aliases:
-            if alias in by_host:
-                plan += by_host[alias]
-                continue
-            plan.append(PlanStep(alias, "queen", "ok" if status else "change",
-                                 f"running at {self.ctx.queen_url}" if status else f"start at {self.ctx.queen_url}"))
-            hive = next((h for h in status.hives if h.hive_id == alias), None) if status else None
-            changes = ([c for c in plan_workers(self.ctx.inventory.spawn_ops(alias), hive.workers) if c.changes]
-                       if hive is not None else None)
-            plan += self._worker_steps(alias, status, changes)
+        for alias, host in hosts.items():
+            plan += by_host[alias] if alias in by_host else host.plan(status)  # type: ignore[union-attr]
         return plan
 
     async def plan_remote(self, aliases: list[str], status: FleetStatus | None) -> dict[str, list[PlanStep]]:
         """The deploy's check mode: each step of each host's plan, ok or change, or why the host fails."""
         try:
             specs = [self._spec(a) for a in aliases]
-            run = self._run(None, check=True)
+            run = self.tui_run(None, check=True)
         except OperationFailed as exc:
             return {a: [PlanStep(a, "host", "failed", str(exc))] for a in aliases}
         by_host: dict[str, list[PlanStep]] = {}
@@ -422,13 +349,13 @@ class HostService:
             host_steps: list[PlanStep] = []
             for step in r.plan.steps:
                 if step.action == "workers":
-                    host_steps += self._worker_steps(r.alias, status, r.workers)
+                    host_steps += self.worker_steps(r.alias, status, r.workers)
                 else:
                     host_steps.append(PlanStep(r.alias, step.action, "change" if step.changes else "ok", step.detail))
             by_host[r.alias] = host_steps
         return by_host
 
-    def _worker_steps(self, alias: str, status: FleetStatus | None,
+    def worker_steps(self, alias: str, status: FleetStatus | None,
                       changes: list[WorkerChange] | None = None) -> list[PlanStep]:
         """The host's declared workers: serving already, or to be spawned through the queen; for a remote host
         checked over SSH, its converge plan's changes (start, replace, stop) and the workers it keeps."""
@@ -445,19 +372,10 @@ class HostService:
 
     # -- host keys -------------------------------------------------------------------------------
 
-    def _ssh_target(self, alias: str, embedded_why: str) -> SSHTarget:
-        """The SSH target of a host reached over SSH; ``OperationFailed`` for the embedded one, a local one or a
-        bad declaration."""
-        decl = self._decl(alias)
-        if decl.embedded:
-            raise OperationFailed(f"{alias} is the queen's own machine: {embedded_why}")
-        if decl.transport == "local":
-            raise OperationFailed(f'{alias} is on this machine (transport = "local"): it is not reached over SSH '
-                                  "and has no host key")
-        try:
-            return ssh_target(self.ctx.inventory, alias)
-        except ValueError as exc:
-            raise OperationFailed(f"{alias}: {exc}") from None
+    def _ssh_target(self, alias: str, why_not: str) -> SSHTarget:
+        """The SSH target of a host reached over SSH; ``OperationFailed`` for any other (``why_not`` says what
+        the embedded host lacks)."""
+        return self.host(alias).ssh_target(why_not)
 
     async def host_key(self, alias: str) -> HostKey:
         """The key the host (or its jump host, when that one is not trusted yet) presents; records nothing."""
@@ -515,40 +433,4 @@ class HostService:
 
     def follow_log(self, alias: str, lines: int = 200) -> AsyncIterator[str]:
         """The hive's log, last ``lines`` lines first, then new lines as they are written."""
-        if self._decl(alias).embedded:
-            return follow_file(local_queen(self.ctx).logfile, lines)
-        return self._follow_remote(self._spec(alias), lines)
-
-    async def _follow_remote(self, spec: HostSpec, lines: int) -> AsyncIterator[str]:
-        """``hive logs -f`` as an iterator: the SSH connection lives as long as the iteration."""
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        tail = asyncio.ensure_future(self.logs(spec, self._run(None), lines, True, queue.put_nowait))
-        getter: asyncio.Future[str] | None = None
-        try:
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter, tail}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                    continue
-                getter.cancel()
-                while not queue.empty():
-                    yield queue.get_nowait()
-                try:
-                    code = tail.result()
-                except DeployError as exc:
-                    raise OperationFailed(f"{spec.alias}: {exc.reason}") from None
-                yield f"(the log ended: tail exited with {code})"
-                return
-        finally:
-            for task in (getter, tail):
-                if task is not None:
-                    task.cancel()
-            await asyncio.gather(tail, return_exceptions=True)
-
-
-def _say(sink: EventSink | None, label: str, message: str, error: bool = False) -> None:
-    """Report a step of a host action through the same sink job events use."""
-    if sink is None:
-        return
-    sink(label, JobEvent(job_id="", seq=0, type="error" if error else "log", message=message, ts=time.time()))
+        return self.host(alias).follow_log(lines)
