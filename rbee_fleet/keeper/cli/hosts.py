@@ -97,10 +97,12 @@ async def _deploy(args: argparse.Namespace, hosts: HostService) -> int:
         return ExitCode.FAILED
     if not args.check:
         await hosts.changes.wait_free(f"deploy {','.join(s.alias for s in specs)}")
-    if not args.check and await hosts.with_queen():
+    started = not args.check and await hosts.with_queen()
+    if started:
         err.print(f"[bold]queen[/]: started at {ctx.queen_url}")
     return await _run_with_view(args, specs, view,
-                                lambda results: hosts.deploy_specs(specs, run, args.parallel, results, policy=policy),
+                                lambda results: hosts.deploy_specs(specs, run, args.parallel, results, policy=policy,
+                                                                   queen_started=started),
                                 "deploy --check" if args.check else "deploy")
 
 

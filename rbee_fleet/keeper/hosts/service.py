@@ -109,7 +109,6 @@ class HostService:
         self.queen = queen
         self._queen_lock = asyncio.Lock()
         self._builders: dict[str, WheelhouseBuilder] = {}
-        self._queen_started = False  # ``with_queen`` started it, and no deploy has reported that yet
         # The fleet lock and the audit log: every action that changes the fleet goes through ``changes.change``.
         self.changes = FleetChanges(queen.ctx)
 
@@ -175,7 +174,6 @@ class HostService:
         async with self._queen_lock:
             started, _ = await start_queen(self.ctx, self.queen.client)
         if started:
-            self._queen_started = True
             say(sink, "queen", f"queen started at {self.ctx.queen_url}")
         return started
 
@@ -249,13 +247,13 @@ class HostService:
 
     async def deploy_specs(self, specs: list[HostSpec], run: RunContext, parallel: int = PARALLEL,
                            results: list[HostResult] | None = None, sink: EventSink | None = None,
-                           policy: RolloutPolicy | None = None) -> list[HostResult]:
+                           policy: RolloutPolicy | None = None, queen_started: bool = False) -> list[HostResult]:
         """Bring each host to the inventory's state, at most ``parallel`` at a time, in ``policy``'s batches;
         a failing host stops the others only at ``policy.max_fail``. An installed host is checked, installed
         and started over its transport (SSH, or local processes); the embedded one by starting the local
         queen; then each host's workers are brought to the inventory through the queen, and a host that
-        changed passes the health gate or (an installed one) goes back to its previous version."""
-        queen_started, self._queen_started = self._queen_started, False
+        changed passes the health gate or (an installed one) goes back to its previous version.
+        ``queen_started``: the caller's ``with_queen`` started the local queen (the embedded host reports it)."""
 
         async def job(spec: HostSpec, result: HostResult) -> None:
             await self.host(spec.alias).deploy(run, result, sink, queen_started)
@@ -276,12 +274,11 @@ class HostService:
             hosts = [self.host(a) for a in aliases]
             specs = [h.spec for h in hosts]
             run = self.tui_run(sink)
-            if any(h.installed for h in hosts):
-                await self.with_queen(sink)
+            started = await self.with_queen(sink) if any(h.installed for h in hosts) else False
         except (OperationFailed, QueenUnreachable) as exc:
             results = [HostResult(a, FAILED, str(exc)) for a in aliases]
         else:
-            results = await self.deploy_specs(specs, run, PARALLEL, sink=sink)
+            results = await self.deploy_specs(specs, run, PARALLEL, sink=sink, queen_started=started)
         for r in results:
             if not r.ok:
                 say(sink, r.alias, f"failed: {r.reason}", error=True)
