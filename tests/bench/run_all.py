@@ -11,6 +11,7 @@ BENCHES = [
     "tests.bench.bench_prefix",
     "tests.bench.bench_exllamav2_path",
     "tests.bench.bench_deploy",
+    "tests.bench.bench_keeper_start",
 ]
 
 
