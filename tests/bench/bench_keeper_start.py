@@ -14,6 +14,7 @@ import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +26,18 @@ DEFAULT_BASELINE = "61cb9de"  # before the keeper's commands were imported on de
 COMMANDS = (["status", "--json"], ["status"], ["lock", "status"], ["--help"])
 
 
-def _time(python_path: Path, args: list[str], env: dict[str, str]) -> float:
+SITE = sysconfig.get_paths()["purelib"]
+
+
+def _time(code: Path, args: list[str], env: dict[str, str], cwd: Path) -> float:
+    """One run of the keeper whose code is at ``code``. ``-S`` with the venv's site-packages on the path: the
+    venv's editable install of this checkout would otherwise win over any other copy of rbee-fleet (both
+    sides are run the same way, so both skip the same site processing), from ``cwd``, outside both copies
+    (Python puts the working directory first on the path)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "rbee_fleet.keeper", *args], env={**env, "PYTHONPATH": str(python_path)},
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=False)
+    subprocess.run([sys.executable, "-S", "-m", "rbee_fleet.keeper", *args],
+                   env={**env, "PYTHONPATH": f"{code}{os.pathsep}{SITE}"},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=False, cwd=cwd)
     return time.perf_counter() - start
 
 
@@ -54,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
             for command in COMMANDS:
                 now: list[float] = []
                 then: list[float] = []
-                _time(REPO, command, env), _time(base, command, env)  # warm the file cache and bytecode
+                _time(REPO, command, env, tmp_path), _time(base, command, env, tmp_path)  # warm caches, bytecode
                 for _ in range(args.runs):
-                    now.append(_time(REPO, command, env))
-                    then.append(_time(base, command, env))
+                    now.append(_time(REPO, command, env, tmp_path))
+                    then.append(_time(base, command, env, tmp_path))
                 a, b = statistics.median(now), statistics.median(then)
                 print(f"{' '.join(command):<24} {a * 1000:>9.0f} ms {b * 1000:>14.0f} ms {a / b:>7.2f}")
         finally:
