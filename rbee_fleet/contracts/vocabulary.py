@@ -92,6 +92,25 @@ class HiveAction(str, Enum):
         return self in (HiveAction.STOP, HiveAction.RESTART, HiveAction.UNINSTALL)
 
 
+class StepAction(str, Enum):
+    """A step of a host's deploy plan, in the order a plan lists them (``deploy --check`` and ``--json``
+    show them by these words)."""
+
+    INSTALL = "install"
+    GPU_CHECK = "gpu-check"
+    CONFIG = "config"
+    SWITCH = "switch"
+    START = "start"
+    RESTART = "restart"
+    WAIT = "wait"
+    MARKER = "marker"
+    PRUNE = "prune"
+    WORKERS = "workers"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
 # Every ``rbee-keeper hive COMMAND``: the lifecycle actions and the two that only read, in help order.
 HIVE_COMMANDS: dict[str, str] = {
     "install": "install (or update) the hive on a host, start it and spawn its workers",

@@ -19,7 +19,7 @@ import jinja2
 
 from rbee_fleet.common.paths import CLUSTER_TOKEN
 from rbee_fleet.contracts.fleet import WorkerSpawnOp
-from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS
+from rbee_fleet.contracts.vocabulary import BUILTIN_MODELS, StepAction
 from rbee_fleet.deploy.facts import HostFacts, preflight_problems
 from rbee_fleet.deploy.targets import Target
 
@@ -145,7 +145,7 @@ def marker(release_id: str, version: str, cfg_hash: str, spec: HostSpec, facts: 
 
 @dataclass(frozen=True)
 class Step:
-    action: str  # install | config | switch | gpu-check | start | restart | wait | marker | prune | workers
+    action: StepAction
     detail: str
     changes: bool = True
 
@@ -165,7 +165,7 @@ class HostPlan:
     def changes(self) -> bool:
         return any(s.changes for s in self.steps)
 
-    def has(self, action: str) -> bool:
+    def has(self, action: StepAction) -> bool:
         return any(s.action == action for s in self.steps)
 
     def describe(self) -> str:
@@ -193,37 +193,37 @@ def plan_host(spec: HostSpec, facts: HostFacts, release_id: str, token: str) -> 
     mark = facts.marker or {}
     steps: list[Step] = []
     if not installed:
-        steps.append(Step("install", f"install rbee-fleet {release_id} ({spec.install_source}, Python {facts.python_tag})"))
+        steps.append(Step(StepAction.INSTALL, f"install rbee-fleet {release_id} ({spec.install_source}, Python {facts.python_tag})"))
     if spec.needs_gpu and mark.get("release") != release_id:
         # Before anything the running hive uses changes: a failing check leaves the host as it was. The
         # marker is written only at the end of a deploy, so a check that failed runs again next time.
-        steps.append(Step("gpu-check", "check the NVIDIA driver, CUDA torch and exllamav2 (rbee-hive --check)",
+        steps.append(Step(StepAction.GPU_CHECK, "check the NVIDIA driver, CUDA torch and exllamav2 (rbee-hive --check)",
                           changes=False))
     config_changed = mark.get("config_hash") != cfg
     if config_changed:
-        steps.append(Step("config", "write the hive's configuration" if mark else "write the hive's configuration (first time)"))
+        steps.append(Step(StepAction.CONFIG, "write the hive's configuration" if mark else "write the hive's configuration (first time)"))
     switched = facts.current != release_id
     if switched:
         was = f" (was {facts.current})" if facts.current else ""
-        steps.append(Step("switch", f"switch current to {release_id}{was}"))
+        steps.append(Step(StepAction.SWITCH, f"switch current to {release_id}{was}"))
     if not facts.hive_running:
-        steps.append(Step("start", f"start the hive ({supervision_mode(facts)})"))
+        steps.append(Step(StepAction.START, f"start the hive ({supervision_mode(facts)})"))
     elif switched or config_changed:
-        steps.append(Step("restart", "restart the hive on the new " + ("version" if switched else "configuration")))
-    steps.append(Step("wait", f"hive answers at {spec.url}", changes=False))
+        steps.append(Step(StepAction.RESTART, "restart the hive on the new " + ("version" if switched else "configuration")))
+    steps.append(Step(StepAction.WAIT, f"hive answers at {spec.url}", changes=False))
     previous = facts.current if switched else mark.get("previous")
     if previous == release_id:
         previous = None
     new_marker = marker(release_id, release_id.split("-", 1)[0], cfg, spec, facts, previous)
     if {k: mark.get(k) for k in new_marker} != new_marker:
-        steps.append(Step("marker", "record the installed version and configuration"))
+        steps.append(Step(StepAction.MARKER, "record the installed version and configuration"))
     keep = {release_id, *(v for v in (facts.current, previous) if v in facts.versions)}
     old = tuple(v for v in facts.versions if v not in keep)
     extra = len(keep) + len(old) - KEEP_VERSIONS
     prune = old[:max(0, extra)]
     if prune:
-        steps.append(Step("prune", f"remove old version{'s' if len(prune) > 1 else ''} {', '.join(prune)}"))
-    steps.append(Step("workers", f"{len(spec.workers)} declared worker(s) through the queen", changes=False))
+        steps.append(Step(StepAction.PRUNE, f"remove old version{'s' if len(prune) > 1 else ''} {', '.join(prune)}"))
+    steps.append(Step(StepAction.WORKERS, f"{len(spec.workers)} declared worker(s) through the queen", changes=False))
     return HostPlan(spec.alias, steps=tuple(steps), files=tuple(files), config_hash=cfg, release_id=release_id, prune=prune,
                     previous=previous)
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rbee_fleet.contracts.vocabulary import StepAction
 from rbee_fleet.deploy import steps
 from rbee_fleet.deploy.connect import open_transport
 from rbee_fleet.deploy.converge import WorkerChange
@@ -110,7 +111,7 @@ async def deploy_host(spec: HostSpec, ctx: RunContext, result: HostResult, *, re
         result.steps = [s.detail for s in plan.steps if s.changes]
         if ctx.check:
             if ctx.plan_workers is not None:
-                restarts = plan.has("start") or plan.has("restart")
+                restarts = plan.has(StepAction.START) or plan.has(StepAction.RESTART)
                 result.workers = [c for c in await ctx.plan_workers(spec, restarts) if c.changes]
             worker_lines = [c.describe() for c in result.workers]
             result.steps += worker_lines

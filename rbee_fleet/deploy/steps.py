@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from rbee_fleet.contracts.vocabulary import GPU_BACKEND_NAMES, gpu_backend_of
+from rbee_fleet.contracts.vocabulary import GPU_BACKEND_NAMES, StepAction, gpu_backend_of
 from rbee_fleet.deploy import llama_build
 from rbee_fleet.deploy.errors import CommandFailed, HiveNotReady
 from rbee_fleet.deploy.facts import HostFacts, parse_facts, probe_command
@@ -273,23 +273,23 @@ async def execute(t: Transport, spec: HostSpec, facts: HostFacts, plan: HostPlan
                   builder: WheelhouseBuilder, token: str, say: Say) -> None:
     """Carry out every step of ``plan`` except ``workers`` (the queen does those)."""
     for step in plan.steps:
-        if step.action == "install":
+        if step.action is StepAction.INSTALL:
             await install(t, spec, facts, release, builder, say)
             continue
         say(step.detail)
-        if step.action == "config":
+        if step.action is StepAction.CONFIG:
             await write_files(t, spec.python, list(plan.files))
-        elif step.action == "switch":
+        elif step.action is StepAction.SWITCH:
             await switch(t, facts, plan.release_id)
-        elif step.action == "gpu-check":
+        elif step.action is StepAction.GPU_CHECK:
             await gpu_check(t, facts, plan.release_id)
-        elif step.action in ("start", "restart"):
-            await start(t, facts, restart=step.action == "restart")
-        elif step.action == "wait":
+        elif step.action in (StepAction.START, StepAction.RESTART):
+            await start(t, facts, restart=step.action is StepAction.RESTART)
+        elif step.action is StepAction.WAIT:
             await wait_hive(t, spec, facts, token)
-        elif step.action == "marker":
+        elif step.action is StepAction.MARKER:
             await write_marker(t, spec, facts, plan)
-        elif step.action == "prune":
+        elif step.action is StepAction.PRUNE:
             await prune(t, facts, plan.prune)
 
 

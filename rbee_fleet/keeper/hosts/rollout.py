@@ -16,6 +16,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from rbee_fleet.contracts.vocabulary import StepAction
 from rbee_fleet.deploy.errors import DeployError
 from rbee_fleet.deploy.plan import HostSpec
 from rbee_fleet.deploy.rollback import switch_back
@@ -88,7 +89,7 @@ async def rollout(specs: list[HostSpec], job: Job, run: RunContext, *, parallel:
 def _switched(result: HostResult) -> bool:
     """Whether this run moved the host off the version it ran (then a failure sends it back)."""
     return bool(result.previous and result.version and result.previous != result.version
-                and result.plan is not None and result.plan.has("switch"))
+                and result.plan is not None and result.plan.has(StepAction.SWITCH))
 
 
 async def _switch_back(spec: HostSpec, result: HostResult, run: RunContext, gate: Gate | None) -> None:

@@ -22,7 +22,7 @@ from rbee_fleet.common.errors import OperationFailed
 from rbee_fleet.common.inventory import HiveDecl, InventoryError
 from rbee_fleet.common.secrets import load_or_create
 from rbee_fleet.contracts.fleet import FleetStatus
-from rbee_fleet.contracts.vocabulary import HiveAction
+from rbee_fleet.contracts.vocabulary import HiveAction, StepAction
 from rbee_fleet.deploy.converge import WorkerChange, plan_workers
 from rbee_fleet.deploy.errors import DeployError, WheelhouseError
 from rbee_fleet.deploy.host_keys import HostKey, known_hosts_pattern
@@ -345,7 +345,7 @@ class HostService:
                 continue
             host_steps: list[PlanStep] = []
             for step in r.plan.steps:
-                if step.action == "workers":
+                if step.action is StepAction.WORKERS:
                     host_steps += self.worker_steps(r.alias, status, r.workers)
                 else:
                     host_steps.append(PlanStep(r.alias, step.action, "change" if step.changes else "ok", step.detail))
