@@ -26,8 +26,12 @@ def fleet(tmp_path: Path):
     port = procs.free_port()
     inv = procs.write_inventory(tmp_path / "inv.toml", port=port, worker_port_base=procs.free_port_range(8),
                                 workers=[{"model": "smollm2", "threads": 1, "ctx_size": 1024, "count": 2, "slots": 1}],
-                                queen_extra=f"drain_timeout_s = {DRAIN_TIMEOUT_S}")
-    inv.write_text(inv.read_text().replace("admission_timeout_s = 5", "admission_timeout_s = 60"))
+                                queen_extra=f"drain_timeout_s = {DRAIN_TIMEOUT_S}\npulse_timeout_s = 10.0")
+    # Not a liveness test: the tests' 2-second heartbeat timeout would let a worker starved of CPU for two
+    # seconds on a busy CI machine (two one-thread workers, the queen and this client on 2 cores) drop out
+    # of rotation and change the counts this test reads.
+    inv.write_text(inv.read_text().replace("admission_timeout_s = 5", "admission_timeout_s = 60")
+                   .replace("heartbeat_timeout_s = 2.0", "heartbeat_timeout_s = 10.0"))
     queen = procs.start_queen(tmp_path, inv, tmp_path / "home", port)
     procs.wait_workers_ready(queen, 2)
     yield queen

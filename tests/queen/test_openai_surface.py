@@ -40,7 +40,11 @@ def fleet(module_tmp):
     inv = procs.write_inventory(module_tmp / "fleet.toml", port=port, worker_port_base=procs.free_port_range(10),
                                 workers=[{"model": "smollm2", "name": "chat", "slots": 4, "ctx_size": 2048},
                                          {"model": "smollm2", "name": "embed", "embeddings": True, "slots": 1,
-                                          "ctx_size": 512}])
+                                          "ctx_size": 512}],
+                                queen_extra="pulse_timeout_s = 10.0")
+    # Not a liveness test (see test_drain.py): a worker starved of CPU for the tests' 2-second heartbeat
+    # timeout must not drop out of rotation in the middle of a timing check.
+    inv.write_text(inv.read_text().replace("heartbeat_timeout_s = 2.0", "heartbeat_timeout_s = 10.0"))
     queen = procs.start_queen(module_tmp, inv, module_tmp / "home", port)
     procs.wait_workers_ready(queen, 2)
     yield queen
